@@ -1,0 +1,120 @@
+//! The command line: `run`, `check` and `dev`, logging setup, and exit codes
+//! (0 fine, 1 failed at run time, 2 bad config or usage).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::clock::SystemClock;
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "token-sidecar",
+    version,
+    about = "Injects per-merchant OAuth access tokens into requests to partner payment APIs",
+    long_about = "Applications send plain HTTP to the sidecar on localhost; it matches each request to a \
+                  configured route, takes that merchant's access token from an expiry-aware cache \
+                  (fetching it once however many requests wait), injects it and forwards the request \
+                  over TLS to the provider.\n\nWith only --config, `run` is implied."
+)]
+pub struct Cli {
+    /// Config file (TOML)
+    #[arg(long, global = true, env = "TOKEN_SIDECAR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log line format; the filter comes from TOKEN_SIDECAR_LOG (e.g. `info`, `token_sidecar=debug`)
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve: the proxy listener and the admin listener
+    Run,
+    /// Validate the config and every secret it references; exit 0 with a summary or 2 with every problem
+    Check,
+    /// Self-contained demo: local stand-ins for the four token endpoint shapes and an echo upstream
+    Dev(crate::dev::DevArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+/// Parses arguments, runs the command, and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("token-sidecar: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match cli.command {
+        Some(Command::Dev(args)) => runtime_result(runtime.block_on(crate::dev::run(args))),
+        Some(Command::Check) => check(cli.config),
+        Some(Command::Run) | None => {
+            let Some(config) = load(cli.config) else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            runtime_result(runtime.block_on(crate::server::run(config, Arc::new(SystemClock))).map_err(Into::into))
+        }
+    }
+}
+
+fn check(path: Option<PathBuf>) -> ExitCode {
+    match load(path) {
+        Some(config) => {
+            println!("config OK: {}", config.summary());
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::from(EXIT_CONFIG),
+    }
+}
+
+fn load(path: Option<PathBuf>) -> Option<Config> {
+    let Some(path) = path else {
+        eprintln!("token-sidecar: no config: pass --config FILE or set TOKEN_SIDECAR_CONFIG (or try `token-sidecar dev`)");
+        return None;
+    };
+    match Config::load(&path) {
+        Ok(config) => Some(config),
+        Err(err) => {
+            eprintln!("{err}");
+            None
+        }
+    }
+}
+
+fn runtime_result(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("token-sidecar: {err:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("TOKEN_SIDECAR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

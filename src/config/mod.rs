@@ -1,0 +1,226 @@
+//! Configuration: the TOML file read into a serde mirror ([`raw`]), then validated into the
+//! types the rest of the sidecar uses ([`Config`]). Every problem found names the file, the line
+//! and the key path, and all of them are reported at once.
+
+mod locate;
+pub mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, HeaderValue};
+use rustls::pki_types::CertificateDer;
+
+pub use locate::KeyPath;
+
+use crate::token::dialect::{ResponseSpec, TokenRequest};
+use crate::token::lifetime::RefreshPolicy;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    /// Extra trusted roots (`[tls] ca_file`) for upstreams and token endpoints.
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    pub cache: CacheSettings,
+    pub providers: Vec<Arc<ProviderSpec>>,
+    pub credentials: Vec<Arc<CredentialSpec>>,
+    pub routes: Vec<Arc<RouteSpec>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    pub refresh: RefreshPolicy,
+    /// First pause after a failed token fetch; it doubles per consecutive failure.
+    pub failure_backoff: Duration,
+    pub max_failure_backoff: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            refresh: RefreshPolicy::default(),
+            failure_backoff: Duration::from_secs(1),
+            max_failure_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How to reach one token endpoint.
+#[derive(Debug, Clone)]
+pub struct ProviderSpec {
+    pub name: Arc<str>,
+    pub kind: ProviderKind,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    OAuth2,
+    Nuapay,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OAuth2 => "oauth2",
+            Self::Nuapay => "nuapay",
+        }
+    }
+}
+
+/// One merchant's identity at one provider: one cached token.
+#[derive(Debug, Clone)]
+pub struct CredentialSpec {
+    pub name: Arc<str>,
+    pub provider: Arc<ProviderSpec>,
+    pub request: TokenRequest,
+    pub response: ResponseSpec,
+    pub prefetch: bool,
+}
+
+/// Which requests get which credential and where they go.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    /// `routes[N]`, for errors and logs.
+    pub label: String,
+    /// The route's name in metrics: its path prefix and/or host.
+    pub name: String,
+    /// Lower-case host name to match, without port.
+    pub host: Option<String>,
+    /// Path prefix without trailing slash (`""` for `/`).
+    pub path_prefix: Option<String>,
+    pub upstream: Upstream,
+    pub credential: CredentialChoice,
+    pub inject: Inject,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub timeout: Duration,
+}
+
+/// Where a route forwards to.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// The upstream URL's path without trailing slash (`""` for none).
+    pub base_path: String,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum CredentialChoice {
+    Fixed(Arc<CredentialSpec>),
+    /// The request names its credential in `header`, from an allow-list.
+    FromHeader {
+        header: HeaderName,
+        allowed: Vec<Arc<CredentialSpec>>,
+    },
+}
+
+/// How the token goes into the forwarded request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inject {
+    /// `Authorization: Bearer <token>`
+    Bearer,
+    /// `Authorization: Basic base64("<token>:")`
+    BasicUsername,
+    /// `<header>: <prefix><token><suffix>`
+    Header {
+        name: HeaderName,
+        prefix: String,
+        suffix: String,
+    },
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the config file: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(.path, .problems))]
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: Option<usize>,
+    pub key_path: String,
+    pub message: String,
+}
+
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| {
+            let location = match p.line {
+                Some(line) => format!("{}:{line}", path.display()),
+                None => path.display().to_string(),
+            };
+            if p.key_path.is_empty() {
+                format!("{location}: {}", p.message)
+            } else {
+                format!("{location}: {}: {}", p.key_path, p.message)
+            }
+        })
+        .collect();
+    lines.join("\n")
+}
+
+impl Config {
+    /// Reads and validates a config file, resolving every secret it references.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&source, path)
+    }
+
+    /// Validates config text; `path` names it in errors and anchors relative file paths.
+    pub fn from_toml(source: &str, path: &Path) -> Result<Config, ConfigError> {
+        validate::validate(source).map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+
+    /// One line for `check`: what the file configures.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} provider(s), {} credential(s), {} route(s); listening on {}{}",
+            self.providers.len(),
+            self.credentials.len(),
+            self.routes.len(),
+            self.server.listen,
+            self.server
+                .admin_listen
+                .map(|admin| format!(", admin on {admin}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,245 @@
+//! The TOML file as written: a serde mirror of the contract's keys, with no meaning attached.
+//!
+//! Every struct denies unknown keys. Validation into real types lives in `validate.rs`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub tls: RawTls,
+    #[serde(default)]
+    pub cache: RawCache,
+    #[serde(default)]
+    pub providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    pub credentials: BTreeMap<String, RawCredential>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub refresh_fraction: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_refresh_ahead: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_expiry_margin: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub failure_backoff: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_failure_backoff: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawProviderKind {
+    Oauth2,
+    Nuapay,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawBodyEncoding {
+    Form,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawClientAuth {
+    Body,
+    Basic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawTimeUnit {
+    S,
+    Ms,
+}
+
+/// A `[providers.NAME]` table; which keys apply depends on `kind`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub kind: Option<RawProviderKind>,
+    // oauth2
+    pub token_url: Option<String>,
+    pub body: Option<RawBodyEncoding>,
+    pub client_auth: Option<RawClientAuth>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<RawSecret>,
+    pub token_field: Option<String>,
+    pub expires_in_field: Option<String>,
+    pub expires_at_field: Option<String>,
+    pub expires_at_unit: Option<RawTimeUnit>,
+    #[serde(default, with = "humantime_serde")]
+    pub default_ttl: Option<Duration>,
+    pub scopes: Option<Vec<String>>,
+    // nuapay
+    pub base_url: Option<String>,
+    pub api_key: Option<RawSecret>,
+    #[serde(default, with = "humantime_serde")]
+    pub expires_in: Option<Duration>,
+    // both
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+/// A `[credentials.NAME]` table: one merchant at one provider.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredential {
+    pub provider: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<RawSecret>,
+    pub organisation: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    #[serde(default)]
+    pub prefetch: bool,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub path_prefix: Option<String>,
+    pub host: Option<String>,
+    pub upstream: Option<String>,
+    pub credential: Option<String>,
+    pub credential_header: Option<String>,
+    pub credentials: Option<Vec<String>>,
+    pub inject: Option<RawInject>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+/// `"literal"`, `{ env = "NAME" }` or `{ file = "/path" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawSecret {
+    Literal(String),
+    Env(String),
+    File(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for RawSecret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SecretVisitor;
+
+        impl<'de> Visitor<'de> for SecretVisitor {
+            type Value = RawSecret;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a string, { env = "NAME" } or { file = "/path" }"#)
+            }
+
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<RawSecret, E> {
+                Ok(RawSecret::Literal(value.to_owned()))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawSecret, A::Error> {
+                let Some(key) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom(
+                        r#"empty secret table: expected { env = "NAME" } or { file = "/path" }"#,
+                    ));
+                };
+                let secret = match key.as_str() {
+                    "env" => RawSecret::Env(map.next_value()?),
+                    "file" => RawSecret::File(map.next_value()?),
+                    other => return Err(de::Error::unknown_field(other, &["env", "file"])),
+                };
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(de::Error::custom(format!(
+                        "a secret takes exactly one of `env` or `file`, found also `{extra}`"
+                    )));
+                }
+                Ok(secret)
+            }
+        }
+
+        deserializer.deserialize_any(SecretVisitor)
+    }
+}
+
+/// `"bearer"`, `"basic-username"` or `{ header = "X-Auth", format = "{token}" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawInject {
+    Bearer,
+    BasicUsername,
+    Header {
+        header: String,
+        format: Option<String>,
+    },
+}
+
+impl<'de> Deserialize<'de> for RawInject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct InjectVisitor;
+
+        impl<'de> Visitor<'de> for InjectVisitor {
+            type Value = RawInject;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#""bearer", "basic-username" or { header = "X-Name", format = "{token}" }"#)
+            }
+
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<RawInject, E> {
+                match value {
+                    "bearer" => Ok(RawInject::Bearer),
+                    "basic-username" => Ok(RawInject::BasicUsername),
+                    other => Err(de::Error::unknown_variant(other, &["bearer", "basic-username"])),
+                }
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawInject, A::Error> {
+                let mut header = None;
+                let mut format = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "header" => header = Some(map.next_value()?),
+                        "format" => format = Some(map.next_value()?),
+                        other => return Err(de::Error::unknown_field(other, &["header", "format"])),
+                    }
+                }
+                let header = header.ok_or_else(|| de::Error::missing_field("header"))?;
+                Ok(RawInject::Header { header, format })
+            }
+        }
+
+        deserializer.deserialize_any(InjectVisitor)
+    }
+}

@@ -1,0 +1,861 @@
+//! Raw config → validated [`Config`], collecting every problem with its line and key path.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use http::{HeaderName, HeaderValue};
+use rustls::pki_types::CertificateDer;
+
+use super::locate::{KeyPath, SourceMap};
+use super::raw::*;
+use super::*;
+use crate::secret::Secret;
+use crate::token::dialect::{BodyEncoding, BodyValue, ResponseSpec, TimeUnit, TokenRequest};
+
+const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+const NUAPAY_MIN_EXPIRES_IN: Duration = Duration::from_secs(10);
+const NUAPAY_MAX_EXPIRES_IN: Duration = Duration::from_secs(31_556_926);
+const NUAPAY_DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+/// Headers a route may not set or inject: the sidecar owns them.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+pub(super) fn validate(source: &str) -> Result<Config, Vec<Problem>> {
+    let map = SourceMap::new(source);
+    let raw = parse(source, &map)?;
+    let mut v = Validator { map, problems: Vec::new() };
+    let root = KeyPath::root();
+
+    let server = v.server(&root.key("server"), &raw.server);
+    let extra_roots = v.tls(&root.key("tls"), &raw.tls);
+    let cache = v.cache(&root.key("cache"), &raw.cache);
+    let providers: BTreeMap<&str, Option<ProviderDraft>> = raw
+        .providers
+        .iter()
+        .map(|(name, p)| (name.as_str(), v.provider(&root.key("providers").key(name), name, p)))
+        .collect();
+    let credentials: BTreeMap<&str, Option<Arc<CredentialSpec>>> = raw
+        .credentials
+        .iter()
+        .map(|(name, c)| {
+            let spec = v.credential(&root.key("credentials").key(name), name, c, &providers);
+            (name.as_str(), spec)
+        })
+        .collect();
+    let routes = v.routes(&root.key("routes"), &raw.routes, &credentials);
+
+    if !v.problems.is_empty() {
+        return Err(v.problems);
+    }
+    let (Some(server), Some(extra_roots), Some(cache)) = (server, extra_roots, cache) else {
+        return Err(vec![internal_problem()]);
+    };
+    Ok(Config {
+        server,
+        extra_roots,
+        cache,
+        providers: providers.into_values().flatten().map(|draft| draft.spec).collect(),
+        credentials: credentials.into_values().flatten().collect(),
+        routes,
+    })
+}
+
+fn internal_problem() -> Problem {
+    Problem {
+        line: None,
+        key_path: String::new(),
+        message: "internal error: validation failed without naming a problem".into(),
+    }
+}
+
+/// TOML syntax and shape (unknown keys, wrong types): serde stops at the first such problem.
+fn parse(source: &str, map: &SourceMap) -> Result<RawConfig, Vec<Problem>> {
+    let deserializer = toml::Deserializer::new(source);
+    serde_path_to_error::deserialize::<_, RawConfig>(deserializer).map_err(|err| {
+        let mut key_path = err.path().to_string();
+        if key_path == "." {
+            key_path.clear();
+        }
+        let inner = err.into_inner();
+        let message = inner.message().trim().to_owned();
+        if let Some(field) = unknown_field_name(&message) {
+            if !key_path.ends_with(field) {
+                key_path = if key_path.is_empty() { field.to_owned() } else { format!("{key_path}.{field}") };
+            }
+        }
+        let line = inner.span().map(|span| map.line_of(span.start));
+        vec![Problem { line, key_path, message }]
+    })
+}
+
+fn unknown_field_name(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+/// Draft of a provider, kept until its credentials are built.
+struct ProviderDraft {
+    spec: Arc<ProviderSpec>,
+    endpoint: Endpoint,
+    scopes: Vec<String>,
+    response: ResponseSpec,
+}
+
+enum Endpoint {
+    OAuth2 {
+        url: reqwest::Url,
+        encoding: BodyEncoding,
+        client_auth: RawClientAuth,
+        client_id: Option<String>,
+        client_secret: Option<Secret>,
+    },
+    Nuapay {
+        base_url: reqwest::Url,
+        api_key: Secret,
+        expires_in: Option<Duration>,
+    },
+}
+
+struct Validator {
+    map: SourceMap,
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, path: &KeyPath, message: impl Into<String>) {
+        self.problems.push(Problem {
+            line: self.map.line_of_path(path),
+            key_path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn server(&mut self, path: &KeyPath, raw: &RawServer) -> Option<ServerSettings> {
+        let listen = match &raw.listen {
+            Some(text) => self.socket_addr(&path.key("listen"), text, raw.allow_non_loopback)?,
+            None => DEFAULT_LISTEN,
+        };
+        let admin_listen = match &raw.admin_listen {
+            Some(text) => Some(self.socket_addr(&path.key("admin_listen"), text, raw.allow_non_loopback)?),
+            None => None,
+        };
+        Some(ServerSettings { listen, admin_listen })
+    }
+
+    fn socket_addr(&mut self, path: &KeyPath, text: &str, allow_non_loopback: bool) -> Option<SocketAddr> {
+        let parsed = text
+            .strip_prefix("localhost:")
+            .map(|port| format!("127.0.0.1:{port}"))
+            .unwrap_or_else(|| text.to_owned())
+            .parse::<SocketAddr>();
+        let Ok(addr) = parsed else {
+            self.problem(path, format!("`{text}` is not an address such as \"127.0.0.1:8080\""));
+            return None;
+        };
+        if !addr.ip().is_loopback() && !allow_non_loopback {
+            self.problem(
+                path,
+                format!(
+                    "{addr} is not a loopback address: anyone who reaches it acts as your merchants; \
+                     set server.allow_non_loopback = true if that is intended"
+                ),
+            );
+            return None;
+        }
+        Some(addr)
+    }
+
+    fn tls(&mut self, path: &KeyPath, raw: &RawTls) -> Option<Vec<CertificateDer<'static>>> {
+        let Some(file) = &raw.ca_file else { return Some(Vec::new()) };
+        let path = path.key("ca_file");
+        let pem = match std::fs::read(file) {
+            Ok(pem) => pem,
+            Err(err) => {
+                self.problem(&path, format!("cannot read {}: {err}", file.display()));
+                return None;
+            }
+        };
+        let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut pem.as_slice()).collect();
+        match certs {
+            Ok(certs) if !certs.is_empty() => Some(certs),
+            Ok(_) => {
+                self.problem(&path, format!("{} holds no PEM certificate", file.display()));
+                None
+            }
+            Err(err) => {
+                self.problem(&path, format!("{} is not valid PEM: {err}", file.display()));
+                None
+            }
+        }
+    }
+
+    fn cache(&mut self, path: &KeyPath, raw: &RawCache) -> Option<CacheSettings> {
+        let defaults = CacheSettings::default();
+        let mut ok = true;
+        if let Some(fraction) = raw.refresh_fraction {
+            if !(fraction > 0.0 && fraction < 1.0) {
+                self.problem(&path.key("refresh_fraction"), "must be between 0 and 1, e.g. 0.25");
+                ok = false;
+            }
+        }
+        let mut duration = |key: &str, value: Option<Duration>, default: Duration| match value {
+            Some(d) if d.is_zero() => {
+                self.problem(&path.key(key), "must not be zero");
+                ok = false;
+                default
+            }
+            Some(d) => d,
+            None => default,
+        };
+        let settings = CacheSettings {
+            refresh: RefreshPolicy {
+                refresh_fraction: raw.refresh_fraction.unwrap_or(defaults.refresh.refresh_fraction),
+                max_refresh_ahead: duration(
+                    "max_refresh_ahead",
+                    raw.max_refresh_ahead,
+                    defaults.refresh.max_refresh_ahead,
+                ),
+                max_expiry_margin: duration(
+                    "max_expiry_margin",
+                    raw.max_expiry_margin,
+                    defaults.refresh.max_expiry_margin,
+                ),
+            },
+            failure_backoff: duration("failure_backoff", raw.failure_backoff, defaults.failure_backoff),
+            max_failure_backoff: duration("max_failure_backoff", raw.max_failure_backoff, defaults.max_failure_backoff),
+        };
+        ok.then_some(settings)
+    }
+
+    fn provider(&mut self, path: &KeyPath, name: &str, raw: &RawProvider) -> Option<ProviderDraft> {
+        let kind = match raw.kind.unwrap_or(RawProviderKind::Oauth2) {
+            RawProviderKind::Oauth2 => ProviderKind::OAuth2,
+            RawProviderKind::Nuapay => ProviderKind::Nuapay,
+        };
+        self.reject_keys_of_other_kind(path, kind, raw);
+        let connect_timeout = self.nonzero(&path.key("connect_timeout"), raw.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        let timeout = self.nonzero(&path.key("timeout"), raw.timeout, DEFAULT_FETCH_TIMEOUT);
+        let default_ttl = match raw.default_ttl {
+            Some(ttl) if ttl.is_zero() => {
+                self.problem(&path.key("default_ttl"), "must not be zero");
+                None
+            }
+            other => other,
+        };
+        let (endpoint, response) = match kind {
+            ProviderKind::OAuth2 => self.oauth2_endpoint(path, raw, default_ttl)?,
+            ProviderKind::Nuapay => self.nuapay_endpoint(path, raw, default_ttl)?,
+        };
+        Some(ProviderDraft {
+            spec: Arc::new(ProviderSpec {
+                name: name.into(),
+                kind,
+                connect_timeout,
+                timeout,
+            }),
+            endpoint,
+            scopes: raw.scopes.clone().unwrap_or_default(),
+            response,
+        })
+    }
+
+    fn reject_keys_of_other_kind(&mut self, path: &KeyPath, kind: ProviderKind, raw: &RawProvider) {
+        let oauth2_only = [
+            ("token_url", raw.token_url.is_some()),
+            ("body", raw.body.is_some()),
+            ("client_auth", raw.client_auth.is_some()),
+            ("client_id", raw.client_id.is_some()),
+            ("client_secret", raw.client_secret.is_some()),
+            ("token_field", raw.token_field.is_some()),
+            ("expires_in_field", raw.expires_in_field.is_some()),
+            ("expires_at_field", raw.expires_at_field.is_some()),
+            ("expires_at_unit", raw.expires_at_unit.is_some()),
+        ];
+        let nuapay_only = [
+            ("base_url", raw.base_url.is_some()),
+            ("api_key", raw.api_key.is_some()),
+            ("expires_in", raw.expires_in.is_some()),
+        ];
+        let foreign = match kind {
+            ProviderKind::OAuth2 => &nuapay_only[..],
+            ProviderKind::Nuapay => &oauth2_only[..],
+        };
+        for (key, present) in foreign {
+            if *present {
+                self.problem(&path.key(key), format!("not a key of a {} provider", kind.as_str()));
+            }
+        }
+    }
+
+    fn oauth2_endpoint(
+        &mut self,
+        path: &KeyPath,
+        raw: &RawProvider,
+        default_ttl: Option<Duration>,
+    ) -> Option<(Endpoint, ResponseSpec)> {
+        let url = self.required_url(&path.key("token_url"), raw.token_url.as_deref(), raw.allow_plaintext, false);
+        let client_secret = match &raw.client_secret {
+            Some(secret) => Some(self.secret(&path.key("client_secret"), secret)?),
+            None => None,
+        };
+        let pointer = |v: &mut Self, key: &str, value: &Option<String>, default: Option<&str>| {
+            match value.as_deref().or(default) {
+                Some(p) if p.starts_with('/') => Some(Some(p.to_owned())),
+                Some(p) => {
+                    v.problem(
+                        &path.key(key),
+                        format!("`{p}` is not a JSON pointer; write it as \"/{}\"", p.replace('.', "/")),
+                    );
+                    None
+                }
+                None => Some(None),
+            }
+        };
+        let token = pointer(self, "token_field", &raw.token_field, Some("/access_token"));
+        let expires_in = pointer(self, "expires_in_field", &raw.expires_in_field, Some("/expires_in"));
+        let expires_at = pointer(self, "expires_at_field", &raw.expires_at_field, None);
+        if raw.expires_at_unit.is_some() && raw.expires_at_field.is_none() {
+            self.problem(&path.key("expires_at_unit"), "needs expires_at_field");
+        }
+        let unit = match raw.expires_at_unit.unwrap_or(RawTimeUnit::S) {
+            RawTimeUnit::S => TimeUnit::Seconds,
+            RawTimeUnit::Ms => TimeUnit::Millis,
+        };
+        let endpoint = Endpoint::OAuth2 {
+            url: url?,
+            encoding: match raw.body.unwrap_or(RawBodyEncoding::Form) {
+                RawBodyEncoding::Form => BodyEncoding::Form,
+                RawBodyEncoding::Json => BodyEncoding::Json,
+            },
+            client_auth: raw.client_auth.unwrap_or(RawClientAuth::Body),
+            client_id: raw.client_id.clone(),
+            client_secret,
+        };
+        let response = ResponseSpec {
+            token: token??,
+            expires_in: expires_in?,
+            expires_at: expires_at?.map(|p| (p, unit)),
+            issued_at: None,
+            token_id: None,
+            default_ttl,
+        };
+        Some((endpoint, response))
+    }
+
+    fn nuapay_endpoint(
+        &mut self,
+        path: &KeyPath,
+        raw: &RawProvider,
+        default_ttl: Option<Duration>,
+    ) -> Option<(Endpoint, ResponseSpec)> {
+        let base_url = self.required_url(&path.key("base_url"), raw.base_url.as_deref(), raw.allow_plaintext, true);
+        let api_key = match &raw.api_key {
+            Some(secret) => self.secret(&path.key("api_key"), secret),
+            None => {
+                self.problem(&path.key("api_key"), "missing: a nuapay provider needs its API key");
+                None
+            }
+        };
+        if let Some(expires_in) = raw.expires_in {
+            if !(NUAPAY_MIN_EXPIRES_IN..=NUAPAY_MAX_EXPIRES_IN).contains(&expires_in) {
+                self.problem(&path.key("expires_in"), "Nuapay accepts 10s up to 31556926s (one year)");
+            }
+        }
+        let endpoint = Endpoint::Nuapay {
+            base_url: base_url?,
+            api_key: api_key?,
+            expires_in: raw.expires_in,
+        };
+        let response = ResponseSpec {
+            token: "/data/accessToken".into(),
+            expires_in: None,
+            expires_at: Some(("/data/expiryTime".into(), TimeUnit::Millis)),
+            issued_at: Some(("/data/createdTimestamp".into(), TimeUnit::Millis)),
+            token_id: Some("/data/id".into()),
+            default_ttl: default_ttl.or(Some(raw.expires_in.unwrap_or(NUAPAY_DEFAULT_TTL))),
+        };
+        Some((endpoint, response))
+    }
+
+    fn credential(
+        &mut self,
+        path: &KeyPath,
+        name: &str,
+        raw: &RawCredential,
+        providers: &BTreeMap<&str, Option<ProviderDraft>>,
+    ) -> Option<Arc<CredentialSpec>> {
+        let Some(provider_name) = raw.provider.as_deref() else {
+            self.problem(&path.key("provider"), "missing: which provider issues this credential's tokens");
+            return None;
+        };
+        let provider = match providers.get(provider_name) {
+            Some(Some(provider)) => provider,
+            Some(None) => return None, // the provider's own problems are reported already
+            None => {
+                self.problem(&path.key("provider"), format!("no provider named `{provider_name}` in [providers]"));
+                return None;
+            }
+        };
+        let scopes = raw.scopes.clone().unwrap_or_else(|| provider.scopes.clone());
+        let request = match &provider.endpoint {
+            Endpoint::OAuth2 { .. } => self.oauth2_request(path, raw, provider, scopes)?,
+            Endpoint::Nuapay { .. } => self.nuapay_request(path, raw, provider, scopes)?,
+        };
+        Some(Arc::new(CredentialSpec {
+            name: name.into(),
+            provider: provider.spec.clone(),
+            request,
+            response: provider.response.clone(),
+            prefetch: raw.prefetch,
+        }))
+    }
+
+    fn oauth2_request(
+        &mut self,
+        path: &KeyPath,
+        raw: &RawCredential,
+        provider: &ProviderDraft,
+        scopes: Vec<String>,
+    ) -> Option<TokenRequest> {
+        let Endpoint::OAuth2 { url, encoding, client_auth, client_id, client_secret } = &provider.endpoint else {
+            return None;
+        };
+        if raw.organisation.is_some() {
+            self.problem(&path.key("organisation"), "only nuapay credentials name an organisation");
+        }
+        let own_secret = match &raw.client_secret {
+            Some(secret) => Some(self.secret(&path.key("client_secret"), secret)?),
+            None => None,
+        };
+        let client_id = raw.client_id.clone().or_else(|| client_id.clone());
+        let client_secret = own_secret.or_else(|| client_secret.clone());
+        let provider_name = &provider.spec.name;
+        let (Some(client_id), Some(client_secret)) = (client_id, client_secret) else {
+            self.problem(
+                path,
+                format!("needs client_id and client_secret, here or on provider `{provider_name}`"),
+            );
+            return None;
+        };
+        let mut fields = vec![("grant_type".to_owned(), BodyValue::Text("client_credentials".into()))];
+        let authorization = match client_auth {
+            RawClientAuth::Body => {
+                fields.push(("client_id".into(), BodyValue::Text(client_id)));
+                fields.push(("client_secret".into(), BodyValue::Secret(client_secret)));
+                None
+            }
+            RawClientAuth::Basic => {
+                // RFC 6749 §2.3.1: both parts form-encoded before Basic encoding.
+                let user = form_encode(&client_id);
+                let password = form_encode(client_secret.expose());
+                Some(Secret::new(format!("Basic {}", STANDARD.encode(format!("{user}:{password}")))))
+            }
+        };
+        if !scopes.is_empty() {
+            fields.push(("scope".into(), BodyValue::Text(scopes.join(" "))));
+        }
+        Some(TokenRequest {
+            url: url.clone(),
+            encoding: *encoding,
+            fields,
+            authorization,
+        })
+    }
+
+    fn nuapay_request(
+        &mut self,
+        path: &KeyPath,
+        raw: &RawCredential,
+        provider: &ProviderDraft,
+        scopes: Vec<String>,
+    ) -> Option<TokenRequest> {
+        let Endpoint::Nuapay { base_url, api_key, expires_in } = &provider.endpoint else {
+            return None;
+        };
+        for (key, present) in [("client_id", raw.client_id.is_some()), ("client_secret", raw.client_secret.is_some())] {
+            if present {
+                self.problem(&path.key(key), "nuapay credentials use the provider's api_key, not client credentials");
+            }
+        }
+        let organisation = match raw.organisation.as_deref() {
+            Some(org) if !org.is_empty() && org.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => org,
+            Some(org) => {
+                self.problem(&path.key("organisation"), format!("`{org}` is not an encoded organisation id"));
+                return None;
+            }
+            None => {
+                self.problem(&path.key("organisation"), "missing: the merchant's encoded organisation id");
+                return None;
+            }
+        };
+        if scopes.is_empty() {
+            self.problem(&path.key("scopes"), "Nuapay requires at least one scope, e.g. [\"openbanking_pisp\"]");
+            return None;
+        }
+        let mut url = base_url.clone();
+        let base_path = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base_path}/organisations/{organisation}/tokens"));
+        let mut fields = vec![("scopes".to_owned(), BodyValue::List(scopes))];
+        if let Some(expires_in) = expires_in {
+            fields.push(("expiresIn".into(), BodyValue::Number(expires_in.as_secs())));
+        }
+        Some(TokenRequest {
+            url,
+            encoding: BodyEncoding::Json,
+            fields,
+            authorization: Some(Secret::new(format!("Basic {}", STANDARD.encode(format!("{}:", api_key.expose()))))),
+        })
+    }
+
+    fn routes(
+        &mut self,
+        path: &KeyPath,
+        raw: &[RawRoute],
+        credentials: &BTreeMap<&str, Option<Arc<CredentialSpec>>>,
+    ) -> Vec<Arc<RouteSpec>> {
+        let mut routes: Vec<Arc<RouteSpec>> = Vec::new();
+        for (index, raw_route) in raw.iter().enumerate() {
+            let route_path = path.index(index);
+            let Some(route) = self.route(&route_path, raw_route, credentials) else { continue };
+            if let Some(earlier) = routes
+                .iter()
+                .find(|r| r.host == route.host && r.path_prefix == route.path_prefix)
+            {
+                self.problem(
+                    &route_path,
+                    format!("matches the same requests as {} (same host and path_prefix)", earlier.label),
+                );
+                continue;
+            }
+            routes.push(Arc::new(route));
+        }
+        routes
+    }
+
+    fn route(
+        &mut self,
+        path: &KeyPath,
+        raw: &RawRoute,
+        credentials: &BTreeMap<&str, Option<Arc<CredentialSpec>>>,
+    ) -> Option<RouteSpec> {
+        let errors_before = self.problems.len();
+        if raw.path_prefix.is_none() && raw.host.is_none() {
+            self.problem(path, "needs path_prefix or host (or both) to match requests");
+        }
+        let path_prefix = raw.path_prefix.as_deref().and_then(|p| self.path_prefix(&path.key("path_prefix"), p));
+        let host = raw.host.as_deref().and_then(|h| self.host(&path.key("host"), h));
+        let upstream = self
+            .required_url(&path.key("upstream"), raw.upstream.as_deref(), raw.allow_plaintext, true)
+            .and_then(|url| self.upstream(&path.key("upstream"), &url));
+        let credential = self.credential_choice(path, raw, credentials);
+        let inject = self.inject(&path.key("inject"), raw.inject.as_ref());
+        let headers = self.static_headers(&path.key("headers"), &raw.headers);
+        let timeout = self.nonzero(&path.key("timeout"), raw.timeout, DEFAULT_UPSTREAM_TIMEOUT);
+        if self.problems.len() > errors_before {
+            return None;
+        }
+        let name = match (&host, &path_prefix) {
+            (Some(host), Some(prefix)) => format!("{host}{}", display_prefix(prefix)),
+            (Some(host), None) => host.clone(),
+            (None, Some(prefix)) => display_prefix(prefix).to_owned(),
+            (None, None) => String::new(),
+        };
+        Some(RouteSpec {
+            label: path.to_string(),
+            name,
+            host,
+            path_prefix,
+            upstream: upstream?,
+            credential: credential?,
+            inject: inject?,
+            headers: headers?,
+            timeout,
+        })
+    }
+
+    fn path_prefix(&mut self, path: &KeyPath, prefix: &str) -> Option<String> {
+        if !prefix.starts_with('/') {
+            self.problem(path, format!("`{prefix}` must start with '/'"));
+            return None;
+        }
+        if prefix.contains(['?', '#', ' ']) || prefix.split('/').any(|s| s == "." || s == "..") {
+            self.problem(path, format!("`{prefix}` must be a plain path without query, fragment or dot segments"));
+            return None;
+        }
+        Some(prefix.trim_end_matches('/').to_owned())
+    }
+
+    fn host(&mut self, path: &KeyPath, host: &str) -> Option<String> {
+        let valid = !host.is_empty()
+            && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+        if !valid {
+            self.problem(path, format!("`{host}` must be a bare host name, without scheme, port or path"));
+            return None;
+        }
+        Some(host.to_ascii_lowercase())
+    }
+
+    fn upstream(&mut self, path: &KeyPath, url: &reqwest::Url) -> Option<Upstream> {
+        if url.query().is_some() || url.fragment().is_some() {
+            self.problem(path, "an upstream URL takes no query or fragment");
+            return None;
+        }
+        let authority = url[url::Position::BeforeHost..url::Position::AfterPort].parse().ok();
+        let Some(authority) = authority else {
+            self.problem(path, "upstream host is not valid");
+            return None;
+        };
+        let scheme = if url.scheme() == "https" { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP };
+        Some(Upstream {
+            scheme,
+            authority,
+            base_path: url.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    fn credential_choice(
+        &mut self,
+        path: &KeyPath,
+        raw: &RawRoute,
+        credentials: &BTreeMap<&str, Option<Arc<CredentialSpec>>>,
+    ) -> Option<CredentialChoice> {
+        match (&raw.credential, &raw.credential_header, &raw.credentials) {
+            (Some(name), None, None) => Some(CredentialChoice::Fixed(
+                self.credential_ref(&path.key("credential"), name, credentials)?,
+            )),
+            (None, Some(header), Some(names)) => {
+                let header_path = path.key("credential_header");
+                let header = self.header_name(&header_path, header)?;
+                if header == http::header::AUTHORIZATION {
+                    self.problem(&header_path, "authorization is never forwarded; pick another header");
+                    return None;
+                }
+                if names.is_empty() {
+                    self.problem(&path.key("credentials"), "lists no credential");
+                    return None;
+                }
+                let list_path = path.key("credentials");
+                let allowed: Vec<_> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| self.credential_ref(&list_path.index(i), name, credentials))
+                    .collect();
+                Some(CredentialChoice::FromHeader {
+                    header,
+                    allowed: allowed.into_iter().collect::<Option<Vec<_>>>()?,
+                })
+            }
+            (None, None, None) => {
+                self.problem(&path.key("credential"), "missing: which credential's token this route injects");
+                None
+            }
+            (Some(_), _, _) => {
+                self.problem(&path.key("credential"), "use either credential or credential_header + credentials");
+                None
+            }
+            (None, Some(_), None) => {
+                self.problem(&path.key("credentials"), "missing: the allow-list for credential_header");
+                None
+            }
+            (None, None, Some(_)) => {
+                self.problem(&path.key("credential_header"), "missing: the header that names the credential");
+                None
+            }
+        }
+    }
+
+    fn credential_ref(
+        &mut self,
+        path: &KeyPath,
+        name: &str,
+        credentials: &BTreeMap<&str, Option<Arc<CredentialSpec>>>,
+    ) -> Option<Arc<CredentialSpec>> {
+        match credentials.get(name) {
+            Some(spec) => spec.clone(), // an invalid credential reports its own problems
+            None => {
+                self.problem(path, format!("no credential named `{name}` in [credentials]"));
+                None
+            }
+        }
+    }
+
+    fn inject(&mut self, path: &KeyPath, raw: Option<&RawInject>) -> Option<Inject> {
+        match raw {
+            None | Some(RawInject::Bearer) => Some(Inject::Bearer),
+            Some(RawInject::BasicUsername) => Some(Inject::BasicUsername),
+            Some(RawInject::Header { header, format }) => {
+                let name = self.header_name(&path.key("header"), header)?;
+                if RESERVED_HEADERS.contains(&name.as_str()) {
+                    self.problem(&path.key("header"), format!("`{name}` is managed by the sidecar"));
+                    return None;
+                }
+                let format = format.as_deref().unwrap_or("{token}");
+                let Some((prefix, suffix)) = format.split_once("{token}") else {
+                    self.problem(&path.key("format"), "must contain {token}, where the token goes");
+                    return None;
+                };
+                if suffix.contains("{token}") || HeaderValue::from_str(&format!("{prefix}{suffix}")).is_err() {
+                    self.problem(&path.key("format"), "must contain {token} once and only header-safe text");
+                    return None;
+                }
+                Some(Inject::Header {
+                    name,
+                    prefix: prefix.to_owned(),
+                    suffix: suffix.to_owned(),
+                })
+            }
+        }
+    }
+
+    fn static_headers(
+        &mut self,
+        path: &KeyPath,
+        raw: &BTreeMap<String, String>,
+    ) -> Option<Vec<(HeaderName, HeaderValue)>> {
+        let mut headers = Vec::new();
+        let mut ok = true;
+        for (name, value) in raw {
+            let key_path = path.key(name);
+            let Some(header) = self.header_name(&key_path, name) else {
+                ok = false;
+                continue;
+            };
+            if RESERVED_HEADERS.contains(&header.as_str()) || header == http::header::AUTHORIZATION {
+                self.problem(&key_path, format!("`{header}` is managed by the sidecar"));
+                ok = false;
+                continue;
+            }
+            match HeaderValue::from_str(value) {
+                Ok(value) => headers.push((header, value)),
+                Err(_) => {
+                    self.problem(&key_path, "not a valid header value");
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(headers)
+    }
+
+    fn header_name(&mut self, path: &KeyPath, name: &str) -> Option<HeaderName> {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(header) => Some(header),
+            Err(_) => {
+                self.problem(path, format!("`{name}` is not a valid header name"));
+                None
+            }
+        }
+    }
+
+    /// A URL that must be present; `https` unless `allow_plaintext`.
+    fn required_url(
+        &mut self,
+        path: &KeyPath,
+        text: Option<&str>,
+        allow_plaintext: bool,
+        is_base: bool,
+    ) -> Option<reqwest::Url> {
+        let Some(text) = text else {
+            self.problem(path, "missing");
+            return None;
+        };
+        let url = match reqwest::Url::parse(text) {
+            Ok(url) if url.host_str().is_some() => url,
+            Ok(_) | Err(_) => {
+                self.problem(path, format!("`{text}` is not an absolute http(s) URL"));
+                return None;
+            }
+        };
+        match url.scheme() {
+            "https" => {}
+            "http" if allow_plaintext => {}
+            "http" => {
+                self.problem(
+                    path,
+                    "http:// would send tokens and secrets in clear text; use https:// \
+                     (or allow_plaintext = true on this table for a local test server)",
+                );
+                return None;
+            }
+            other => {
+                self.problem(path, format!("scheme `{other}` is not http or https"));
+                return None;
+            }
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            self.problem(path, "credentials in the URL are not allowed; use the secret keys");
+            return None;
+        }
+        if is_base && url.query().is_some() {
+            self.problem(path, "must not carry a query");
+            return None;
+        }
+        Some(url)
+    }
+
+    fn nonzero(&mut self, path: &KeyPath, value: Option<Duration>, default: Duration) -> Duration {
+        match value {
+            Some(d) if d.is_zero() => {
+                self.problem(path, "must not be zero");
+                default
+            }
+            Some(d) => d,
+            None => default,
+        }
+    }
+
+    fn secret(&mut self, path: &KeyPath, raw: &RawSecret) -> Option<Secret> {
+        let value = match raw {
+            RawSecret::Literal(value) => value.clone(),
+            RawSecret::Env(name) => match std::env::var(name) {
+                Ok(value) => value,
+                Err(_) => {
+                    self.problem(path, format!("environment variable {name} is not set"));
+                    return None;
+                }
+            },
+            RawSecret::File(file) => match std::fs::read_to_string(file) {
+                Ok(contents) => contents.trim_end_matches(['\n', '\r']).to_owned(),
+                Err(err) => {
+                    self.problem(path, format!("cannot read secret file {}: {err}", file.display()));
+                    return None;
+                }
+            },
+        };
+        if value.is_empty() {
+            self.problem(path, "the secret is empty");
+            return None;
+        }
+        Some(Secret::new(value))
+    }
+}
+
+fn display_prefix(prefix: &str) -> &str {
+    if prefix.is_empty() {
+        "/"
+    } else {
+        prefix
+    }
+}
+
+fn form_encode(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}

@@ -1,0 +1,163 @@
+//! Forwarding: the shared pooled hyper client over rustls (HTTP/1.1 and HTTP/2 by ALPN), the
+//! upstream URI, header hygiene and token injection. Pure functions except the client itself.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
+use http::Uri;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{Inject, Upstream};
+use crate::error::ProxyBody;
+use crate::route::join_path;
+use crate::secret::AccessToken;
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The one client every route forwards through; connections are pooled per upstream.
+pub fn upstream_client(tls: rustls::ClientConfig) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(https)
+}
+
+/// `upstream` + the path after the route's prefix + the original query.
+pub fn upstream_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    let path = join_path(&upstream.base_path, rest);
+    let path_and_query = match query {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1), and proxy credentials.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including any that `Connection` names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Prepares a client's headers for the upstream: no hop-by-hop headers, no client credentials
+/// (`Authorization`), no `Host` (the client sets the upstream's), nothing in `strip`.
+pub fn clean_request_headers(headers: &mut HeaderMap, strip: &[&HeaderName]) {
+    remove_hop_by_hop(headers);
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::HOST);
+    for name in strip {
+        headers.remove(*name);
+    }
+}
+
+/// Puts the token into `headers` as the route asks, marked sensitive (HPACK never indexes it,
+/// and `Debug` does not print it).
+pub fn inject_token(headers: &mut HeaderMap, inject: &Inject, token: &AccessToken) -> Result<(), InvalidHeaderValue> {
+    let (name, value) = match inject {
+        Inject::Bearer => (header::AUTHORIZATION, format!("Bearer {}", token.expose())),
+        Inject::BasicUsername => (
+            header::AUTHORIZATION,
+            format!("Basic {}", STANDARD.encode(format!("{}:", token.expose()))),
+        ),
+        Inject::Header { name, prefix, suffix } => (name.clone(), format!("{prefix}{}{suffix}", token.expose())),
+    };
+    let mut value = HeaderValue::from_str(&value)?;
+    value.set_sensitive(true);
+    headers.insert(name, value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(base_path: &str) -> Upstream {
+        Upstream {
+            scheme: http::uri::Scheme::HTTPS,
+            authority: "h.test:8443".parse().unwrap(),
+            base_path: base_path.into(),
+        }
+    }
+
+    #[test]
+    fn prefix_rest_joins_onto_base_path_and_keeps_the_query() {
+        let uri = upstream_uri(&upstream("/api"), "/payments", Some("x=1&y=%20")).unwrap();
+        assert_eq!(uri.to_string(), "https://h.test:8443/api/payments?x=1&y=%20");
+        assert_eq!(upstream_uri(&upstream(""), "", None).unwrap().to_string(), "https://h.test:8443/");
+    }
+
+    #[test]
+    fn client_credentials_and_hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer client-own"));
+        headers.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic eA=="));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-private"));
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("x-merchant", HeaderValue::from_static("acme"));
+        headers.insert(header::HOST, HeaderValue::from_static("localhost:8080"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert("x-keep", HeaderValue::from_static("yes"));
+        let merchant = HeaderName::from_static("x-merchant");
+        clean_request_headers(&mut headers, &[&merchant]);
+        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-keep"]);
+    }
+
+    #[test]
+    fn injection_modes() {
+        let token = AccessToken::new("tok");
+        let mut headers = HeaderMap::new();
+        inject_token(&mut headers, &Inject::Bearer, &token).unwrap();
+        assert_eq!(headers[header::AUTHORIZATION], "Bearer tok");
+        assert!(headers[header::AUTHORIZATION].is_sensitive());
+        inject_token(&mut headers, &Inject::BasicUsername, &token).unwrap();
+        assert_eq!(headers[header::AUTHORIZATION], format!("Basic {}", STANDARD.encode("tok:")));
+        let custom = Inject::Header {
+            name: HeaderName::from_static("x-auth-token"),
+            prefix: "Token ".into(),
+            suffix: "".into(),
+        };
+        inject_token(&mut headers, &custom, &token).unwrap();
+        assert_eq!(headers["x-auth-token"], "Token tok");
+    }
+}

@@ -1,0 +1,27 @@
+//! token-sidecar: a local HTTP proxy that injects per-merchant OAuth access tokens.
+//!
+//! The request path, top to bottom (see [`proxy`]):
+//! 1. [`route`] matches a request to a configured route and picks its credential (or 404/400);
+//! 2. [`token::cache`] hands out that credential's token, fetching it once however many requests
+//!    wait and refreshing it ahead of expiry by the [`token::lifetime`] policy;
+//! 3. [`forward`] rewrites the URI, cleans the headers, injects the token and streams the request
+//!    to the route's upstream over rustls, and the response back.
+//!
+//! Around it: [`config`] (TOML → validated types), [`server`] (listeners, shutdown),
+//! [`admin`] (health, readiness, metrics, token admin), [`error`] (the sidecar's JSON errors),
+//! [`dev`] (the self-contained demo and the test doubles it shares with the tests).
+
+pub mod admin;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod forward;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod secret;
+pub mod server;
+pub mod tls;
+pub mod token;

@@ -1,0 +1,160 @@
+//! Prometheus metrics, all named `token_sidecar_*`. Labels are route names, credential names,
+//! statuses and outcomes: never a token or a secret.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    pub credential: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabels {
+    pub credential: String,
+}
+
+/// Every metric the sidecar records, cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram>,
+    token_fetches: Family<FetchLabels, Counter>,
+    cache_hits: Family<CredentialLabels, Counter>,
+    cache_misses: Family<CredentialLabels, Counter>,
+    upstream_401_retries: Family<RouteLabels, Counter>,
+    connections: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        let token_fetches = Family::<FetchLabels, Counter>::default();
+        let cache_hits = Family::<CredentialLabels, Counter>::default();
+        let cache_misses = Family::<CredentialLabels, Counter>::default();
+        let upstream_401_retries = Family::<RouteLabels, Counter>::default();
+        let connections = Gauge::default();
+        registry.register(
+            "token_sidecar_requests",
+            "Requests handled, by route (\"none\" when nothing matched) and status",
+            requests.clone(),
+        );
+        registry.register(
+            "token_sidecar_request_duration_seconds",
+            "Time from request to response headers, by route",
+            request_duration.clone(),
+        );
+        registry.register(
+            "token_sidecar_token_fetches",
+            "Token endpoint requests, by credential and outcome",
+            token_fetches.clone(),
+        );
+        registry.register(
+            "token_sidecar_token_cache_hits",
+            "Requests served a cached token",
+            cache_hits.clone(),
+        );
+        registry.register(
+            "token_sidecar_token_cache_misses",
+            "Requests that found no usable cached token",
+            cache_misses.clone(),
+        );
+        registry.register(
+            "token_sidecar_upstream_401_retries",
+            "Requests resent with a fresh token after the upstream answered 401",
+            upstream_401_retries.clone(),
+        );
+        registry.register(
+            "token_sidecar_open_connections",
+            "Client connections currently open on the proxy listener",
+            connections.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            requests,
+            request_duration,
+            token_fetches,
+            cache_hits,
+            cache_misses,
+            upstream_401_retries,
+            connections,
+        }
+    }
+
+    pub fn request(&self, route: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels { route: route.to_owned(), status })
+            .inc();
+        self.request_duration
+            .get_or_create(&RouteLabels { route: route.to_owned() })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn token_fetch(&self, credential: &str, outcome: &str) {
+        self.token_fetches
+            .get_or_create(&FetchLabels {
+                credential: credential.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn cache_lookup(&self, credential: &str, hit: bool) {
+        let family = if hit { &self.cache_hits } else { &self.cache_misses };
+        family
+            .get_or_create(&CredentialLabels { credential: credential.to_owned() })
+            .inc();
+    }
+
+    pub fn upstream_401_retry(&self, route: &str) {
+        self.upstream_401_retries
+            .get_or_create(&RouteLabels { route: route.to_owned() })
+            .inc();
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.dec();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,202 @@
+//! The request path, top to bottom: route → credential → token → forward, and the one replay
+//! after an upstream 401. Every error becomes the contract's JSON answer here, at the edge.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body, Incoming};
+
+use crate::config::{CredentialChoice, CredentialSpec, RouteSpec};
+use crate::error::{full_body, ProxyBody, ProxyError};
+use crate::forward::{clean_request_headers, inject_token, remove_hop_by_hop, upstream_uri, UpstreamClient};
+use crate::metrics::Metrics;
+use crate::route::{request_host, Router};
+use crate::token::cache::{CachedToken, TokenCache};
+
+/// Request bodies up to this size are kept so the request can be resent after a 401.
+pub const REPLAY_BODY_LIMIT: u64 = 1024 * 1024;
+
+/// The metrics label for requests that matched no route.
+const NO_ROUTE: &str = "none";
+
+pub struct Proxy {
+    router: Router,
+    tokens: Arc<TokenCache>,
+    client: UpstreamClient,
+    metrics: Metrics,
+}
+
+impl Proxy {
+    pub fn new(router: Router, tokens: Arc<TokenCache>, client: UpstreamClient, metrics: Metrics) -> Self {
+        Self {
+            router,
+            tokens,
+            client,
+            metrics,
+        }
+    }
+
+    /// Handles one request from the application; never fails, errors are JSON answers.
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let (route_name, result) = self.route_and_forward(request).await;
+        let response = result.unwrap_or_else(|err| {
+            tracing::warn!(route = %route_name, %method, code = err.code(), error = %err, "request failed");
+            err.into_response()
+        });
+        tracing::debug!(route = %route_name, %method, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
+        self.metrics
+            .request(&route_name, response.status().as_u16(), started.elapsed());
+        response
+    }
+
+    async fn route_and_forward(&self, request: Request<Incoming>) -> (String, Result<Response<ProxyBody>, ProxyError>) {
+        if request.method() == Method::CONNECT {
+            return (NO_ROUTE.into(), Err(ProxyError::ConnectNotSupported));
+        }
+        let host = request_host(&request);
+        let Some(matched) = self.router.find(host.as_deref(), request.uri().path()) else {
+            return (NO_ROUTE.into(), Err(ProxyError::NoRoute));
+        };
+        let route = matched.route.clone();
+        let uri = upstream_uri(&route.upstream, matched.rest, request.uri().query());
+        let result = match uri {
+            Ok(uri) => self.forward(&route, uri, request).await,
+            Err(err) => Err(ProxyError::Internal(format!("cannot build upstream URI: {err}"))),
+        };
+        (route.name.clone(), result)
+    }
+
+    async fn forward(&self, route: &RouteSpec, uri: Uri, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        let credential = select_credential(route, request.headers())?.clone();
+        let (mut parts, body) = request.into_parts();
+        let strip: Vec<_> = match &route.credential {
+            CredentialChoice::FromHeader { header, .. } => vec![header],
+            CredentialChoice::Fixed(_) => vec![],
+        };
+        clean_request_headers(&mut parts.headers, &strip);
+        for (name, value) in &route.headers {
+            parts.headers.insert(name.clone(), value.clone());
+        }
+        let outgoing = Outgoing {
+            method: parts.method,
+            uri,
+            headers: parts.headers,
+        };
+
+        let (first_body, replay_body) = match keep_for_replay(&outgoing.headers, body).await? {
+            KeptBody::Kept(bytes) => (full_body(bytes.clone()), Some(bytes)),
+            KeptBody::Streaming(body) => (body, None),
+        };
+        let token = self.tokens.token(&credential.name).await?;
+        let response = self.send(route, &outgoing, first_body, &token).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+
+        // The upstream refused the token: drop it (unless already replaced) and resend once.
+        self.tokens.purge(&credential.name, &token.token).await;
+        let Some(bytes) = replay_body else {
+            return Ok(response);
+        };
+        self.metrics.upstream_401_retry(&route.name);
+        let fresh = self.tokens.token(&credential.name).await?;
+        tracing::info!(route = %route.name, credential = %credential.name, "upstream answered 401; resending once with a fresh token");
+        self.send(route, &outgoing, full_body(bytes), &fresh).await
+    }
+
+    async fn send(
+        &self,
+        route: &RouteSpec,
+        outgoing: &Outgoing,
+        body: ProxyBody,
+        token: &CachedToken,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let mut request = Request::new(body);
+        *request.method_mut() = outgoing.method.clone();
+        *request.uri_mut() = outgoing.uri.clone();
+        *request.headers_mut() = outgoing.headers.clone();
+        inject_token(request.headers_mut(), &route.inject, &token.token)
+            .map_err(|_| ProxyError::Internal("token is not a valid header value".into()))?;
+        let upstream = route.upstream.to_string();
+        let response = match tokio::time::timeout(route.timeout, self.client.request(request)).await {
+            Err(_) => return Err(ProxyError::UpstreamTimeout { upstream, timeout: route.timeout }),
+            Ok(Err(err)) => {
+                return Err(ProxyError::UpstreamUnreachable {
+                    upstream,
+                    cause: error_chain(&err),
+                })
+            }
+            Ok(Ok(response)) => response,
+        };
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()))
+    }
+}
+
+/// The parts of the forwarded request that survive a replay.
+struct Outgoing {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+/// A request body: kept whole when small enough to resend, else streamed once.
+enum KeptBody {
+    Kept(Bytes),
+    Streaming(ProxyBody),
+}
+
+/// Keeps bodies that are empty or declare a length within [`REPLAY_BODY_LIMIT`]; streams the rest.
+async fn keep_for_replay(headers: &HeaderMap, body: Incoming) -> Result<KeptBody, ProxyError> {
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let small = body.is_end_stream() || declared.is_some_and(|len| len <= REPLAY_BODY_LIMIT);
+    if !small {
+        return Ok(KeptBody::Streaming(body.map_err(Into::into).boxed_unsync()));
+    }
+    let collected = Limited::new(body, REPLAY_BODY_LIMIT as usize)
+        .collect()
+        .await
+        .map_err(|err| ProxyError::RequestBody(err.to_string()))?;
+    Ok(KeptBody::Kept(collected.to_bytes()))
+}
+
+/// The credential a request gets: the route's own, or the one its header names from the
+/// route's allow-list — never any other.
+fn select_credential<'r>(route: &'r RouteSpec, headers: &HeaderMap) -> Result<&'r Arc<CredentialSpec>, ProxyError> {
+    match &route.credential {
+        CredentialChoice::Fixed(credential) => Ok(credential),
+        CredentialChoice::FromHeader { header, allowed } => {
+            let Some(value) = headers.get(header) else {
+                return Err(ProxyError::UnknownCredential(format!(
+                    "header {header} is missing; it must name one of this route's credentials"
+                )));
+            };
+            let value = value.to_str().unwrap_or_default();
+            allowed
+                .iter()
+                .find(|credential| &*credential.name == value)
+                .ok_or_else(|| ProxyError::UnknownCredential(format!("header {header} names none of this route's credentials")))
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

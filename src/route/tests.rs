@@ -1,0 +1,117 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::config::{CredentialChoice, CredentialSpec, Inject, ProviderKind, ProviderSpec, RouteSpec, Upstream};
+use crate::token::dialect::{BodyEncoding, ResponseSpec, TokenRequest};
+
+fn credential() -> Arc<CredentialSpec> {
+    Arc::new(CredentialSpec {
+        name: "c".into(),
+        provider: Arc::new(ProviderSpec {
+            name: "p".into(),
+            kind: ProviderKind::OAuth2,
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+        }),
+        request: TokenRequest {
+            url: "https://t.test/token".parse().unwrap(),
+            encoding: BodyEncoding::Form,
+            fields: vec![],
+            authorization: None,
+        },
+        response: ResponseSpec {
+            token: "/access_token".into(),
+            expires_in: None,
+            expires_at: None,
+            issued_at: None,
+            token_id: None,
+            default_ttl: None,
+        },
+        prefetch: false,
+    })
+}
+
+fn route(label: &str, host: Option<&str>, prefix: Option<&str>) -> Arc<RouteSpec> {
+    Arc::new(RouteSpec {
+        label: label.into(),
+        name: label.into(),
+        host: host.map(str::to_owned),
+        path_prefix: prefix.map(str::to_owned),
+        upstream: Upstream {
+            scheme: http::uri::Scheme::HTTPS,
+            authority: "h.test".parse().unwrap(),
+            base_path: String::new(),
+        },
+        credential: CredentialChoice::Fixed(credential()),
+        inject: Inject::Bearer,
+        headers: vec![],
+        timeout: Duration::from_secs(1),
+    })
+}
+
+fn router() -> Router {
+    Router::new(&[
+        route("acme", None, Some("/acme")),
+        route("acme-nuapay", None, Some("/acme/nuapay")),
+        route("root", None, Some("")),
+        route("payu-host", Some("payu.acme.localhost"), None),
+        route("payu-host-v2", Some("payu.acme.localhost"), Some("/v2")),
+    ])
+}
+
+fn found(host: Option<&str>, path: &str) -> Option<(String, String)> {
+    let router = router();
+    router
+        .find(host, path)
+        .map(|m| (m.route.label.clone(), m.rest.to_owned()))
+}
+
+#[test]
+fn longest_prefix_wins_on_whole_segments() {
+    assert_eq!(found(None, "/acme/nuapay/payments"), Some(("acme-nuapay".into(), "/payments".into())));
+    assert_eq!(found(None, "/acme/nuapay"), Some(("acme-nuapay".into(), "".into())));
+    assert_eq!(found(None, "/acme/nuapayments"), Some(("acme".into(), "/nuapayments".into())));
+    assert_eq!(found(None, "/acmex"), Some(("root".into(), "/acmex".into())));
+}
+
+#[test]
+fn host_routes_come_before_path_routes() {
+    assert_eq!(found(Some("payu.acme.localhost"), "/acme/x"), Some(("payu-host".into(), "/acme/x".into())));
+    assert_eq!(found(Some("payu.acme.localhost"), "/v2/links"), Some(("payu-host-v2".into(), "/links".into())));
+    assert_eq!(found(Some("other.localhost"), "/acme/x"), Some(("acme".into(), "/x".into())));
+}
+
+#[test]
+fn nothing_matches_without_a_catch_all() {
+    let router = Router::new(&[route("acme", None, Some("/acme"))]);
+    assert!(router.find(None, "/globex/x").is_none());
+    assert!(router.find(None, "/").is_none());
+}
+
+#[test]
+fn dot_segments_match_no_route() {
+    assert!(found(None, "/acme/../globex").is_none());
+    assert!(found(None, "/acme/%2E%2e/x").is_none());
+    assert!(found(None, "/acme/./x").is_none());
+}
+
+#[test]
+fn paths_join_onto_the_upstream_base_path() {
+    assert_eq!(join_path("/api", "/payments"), "/api/payments");
+    assert_eq!(join_path("/api", ""), "/api");
+    assert_eq!(join_path("", ""), "/");
+    assert_eq!(join_path("", "/x/y"), "/x/y");
+}
+
+#[test]
+fn host_comes_from_absolute_form_uri_or_host_header_without_port() {
+    let absolute = Request::get("http://PayU.Acme.localhost:8080/x").body(()).unwrap();
+    assert_eq!(request_host(&absolute).as_deref(), Some("payu.acme.localhost"));
+    let origin = Request::get("/x").header("host", "payu.acme.localhost:8080").body(()).unwrap();
+    assert_eq!(request_host(&origin).as_deref(), Some("payu.acme.localhost"));
+    let v6 = Request::get("/x").header("host", "[::1]:8080").body(()).unwrap();
+    assert_eq!(request_host(&v6).as_deref(), Some("[::1]"));
+    let none = Request::get("/x").body(()).unwrap();
+    assert_eq!(request_host(&none), None);
+}

@@ -1,0 +1,113 @@
+//! Secret values (client secrets, API keys) and access tokens: types that never print themselves.
+//!
+//! `Debug` and `Display` show a fingerprint (the first 12 hex characters of the value's SHA-256),
+//! which is enough to tell two values apart in logs and `/tokens` but useless to an attacker.
+
+use std::fmt;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+/// The first 12 hex characters of the SHA-256 of `value`.
+pub fn fingerprint(value: &str) -> String {
+    let digest = Sha256::digest(value.as_bytes());
+    hex::encode(&digest[..6])
+}
+
+/// A configured secret: a client secret, an API key, a shared header value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it goes on the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret(sha256:{})", fingerprint(&self.0))
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", fingerprint(&self.0))
+    }
+}
+
+/// An access token issued by a provider, with its fingerprint computed once.
+#[derive(Clone)]
+pub struct AccessToken {
+    value: Arc<str>,
+    fingerprint: Arc<str>,
+}
+
+impl AccessToken {
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        let value = value.into();
+        let fingerprint = fingerprint(&value).into();
+        Self { value, fingerprint }
+    }
+
+    /// The token itself; call only where it is injected into a request.
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+}
+
+impl PartialEq for AccessToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+impl Eq for AccessToken {}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AccessToken(sha256:{})", self.fingerprint)
+    }
+}
+
+impl fmt::Display for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.fingerprint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_never_show_the_value() {
+        let secret = Secret::new("hunter2-very-secret");
+        let token = AccessToken::new("eyJhbGciOi.payload.sig");
+        for printed in [
+            format!("{secret:?}"),
+            format!("{secret}"),
+            format!("{token:?}"),
+            format!("{token}"),
+        ] {
+            assert!(!printed.contains("hunter2"), "{printed}");
+            assert!(!printed.contains("eyJhbGciOi"), "{printed}");
+            assert!(printed.contains("sha256:"), "{printed}");
+        }
+    }
+
+    #[test]
+    fn fingerprint_is_twelve_hex_chars_of_sha256() {
+        // sha256("abc") = ba7816bf8f01cfea...
+        assert_eq!(fingerprint("abc"), "ba7816bf8f01");
+    }
+}

@@ -1,0 +1,243 @@
+//! Listeners and lifecycle: builds the sidecar from a [`Config`], serves the proxy and admin
+//! listeners, prefetches tokens, and shuts down gracefully on SIGINT/SIGTERM.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admin::{self, AdminState};
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::error::ProxyBody;
+use crate::forward;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::route::Router;
+use crate::tls;
+use crate::token::cache::TokenCache;
+use crate::token::fetch::TokenFetcher;
+
+/// How long open requests may take to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Slow clients get this long to send their request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot build the token endpoint client: {0}")]
+    TokenClient(#[source] reqwest::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A request handler: what a listener calls for each request.
+pub type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxedResponse + Send + Sync>;
+pub type BoxedResponse = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
+
+/// A started sidecar.
+pub struct RunningSidecar {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub tokens: Arc<TokenCache>,
+    pub metrics: Metrics,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningSidecar {
+    /// Stops accepting, lets open requests finish (up to a grace period), and returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Binds the listeners and starts serving; returns once both listen.
+pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar, StartError> {
+    let tls = tls::client_config(&config.extra_roots)?;
+    let metrics = Metrics::new();
+    let fetcher = TokenFetcher::new(&config.providers, &tls, clock.clone()).map_err(StartError::TokenClient)?;
+    let tokens = TokenCache::new(&config.credentials, fetcher, config.cache, clock, metrics.clone());
+    let proxy = Arc::new(Proxy::new(
+        Router::new(&config.routes),
+        tokens.clone(),
+        forward::upstream_client(tls),
+        metrics.clone(),
+    ));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+
+    let listener = bind(config.server.listen).await?;
+    let proxy_addr = local_addr(&listener, config.server.listen);
+    let proxy_handler: Handler = Arc::new(move |request| Box::pin(proxy.clone().handle(request)));
+    let mut tasks = vec![tokio::spawn(serve(listener, None, proxy_handler, shutdown_rx.clone(), Some(metrics.clone())))];
+
+    let mut admin_addr = None;
+    if let Some(addr) = config.server.admin_listen {
+        let listener = bind(addr).await?;
+        admin_addr = Some(local_addr(&listener, addr));
+        let state = Arc::new(AdminState::new(tokens.clone(), metrics.clone()));
+        let admin_handler: Handler = Arc::new(move |request| Box::pin(admin::handle(state.clone(), request)));
+        tasks.push(tokio::spawn(serve(listener, None, admin_handler, shutdown_rx.clone(), None)));
+    }
+    prefetch(&tokens);
+    tracing::info!(%proxy_addr, admin_addr = ?admin_addr, routes = config.routes.len(), "token-sidecar listening");
+    Ok(RunningSidecar {
+        proxy_addr,
+        admin_addr,
+        tokens,
+        metrics,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Serves until SIGINT or SIGTERM, then shuts down gracefully.
+pub async fn run(config: Config, clock: SharedClock) -> Result<(), StartError> {
+    let running = start(config, clock).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+fn prefetch(tokens: &Arc<TokenCache>) {
+    for credential in tokens.prefetch_credentials() {
+        let tokens = tokens.clone();
+        tokio::spawn(async move {
+            if let Err(err) = tokens.token(&credential).await {
+                tracing::warn!(credential = %credential, error = %err, "prefetch failed");
+            }
+        });
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+}
+
+fn local_addr(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(fallback)
+}
+
+/// Accepts connections until `shutdown` turns true, serving HTTP/1.1 and HTTP/2 (over TLS
+/// when `tls` is given), then lets open connections finish within the grace period.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handler: Handler,
+    mut shutdown: watch::Receiver<bool>,
+    metrics: Option<Metrics>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let connection = Connection {
+            builder: builder.clone(),
+            handler: handler.clone(),
+            watcher: graceful.watcher(),
+            metrics: metrics.clone(),
+        };
+        tokio::spawn(connection.serve(stream, tls.clone()));
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("open connections did not finish within the grace period");
+    }
+}
+
+struct Connection {
+    builder: auto::Builder<TokioExecutor>,
+    handler: Handler,
+    watcher: hyper_util::server::graceful::Watcher,
+    metrics: Option<Metrics>,
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream, tls: Option<TlsAcceptor>) {
+        let _ = stream.set_nodelay(true);
+        if let Some(metrics) = &self.metrics {
+            metrics.connection_opened();
+        }
+        let handler = self.handler.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let response = handler(request);
+            async move { Ok::<_, Infallible>(response.await) }
+        });
+        let result = match tls {
+            None => {
+                let connection = self.builder.serve_connection(TokioIo::new(stream), service);
+                self.watcher.watch(connection.into_owned()).await
+            }
+            Some(acceptor) => match acceptor.accept(stream).await {
+                Ok(stream) => {
+                    let connection = self.builder.serve_connection(TokioIo::new(stream), service);
+                    self.watcher.watch(connection.into_owned()).await
+                }
+                Err(err) => Err(err.into()),
+            },
+        };
+        if let Err(err) = result {
+            tracing::debug!(error = %err, "connection ended with an error");
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.connection_closed();
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Provider dialects as data: what to send to a token endpoint and how to read its answer.
+//!
+//! Every provider, OAuth2 or Nuapay, compiles at config load into a [`TokenRequest`] (URL,
+//! encoding, body fields, client authentication) and a [`ResponseSpec`] (JSON pointers and
+//! units). [`parse_response`] is the one place that turns an endpoint's answer into a token.
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+
+use super::error::FetchError;
+use super::jwt;
+use crate::secret::{AccessToken, Secret};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEncoding {
+    Form,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeUnit {
+    Seconds,
+    Millis,
+}
+
+/// One field of a token request body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodyValue {
+    Text(String),
+    Secret(Secret),
+    List(Vec<String>),
+    Number(u64),
+}
+
+/// Everything needed to ask one token endpoint for one credential's token.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub url: reqwest::Url,
+    pub encoding: BodyEncoding,
+    pub fields: Vec<(String, BodyValue)>,
+    /// A ready `Authorization` header value (`Basic …`), when the client authenticates that way.
+    pub authorization: Option<Secret>,
+}
+
+impl TokenRequest {
+    /// The body as bytes, with its content type. Secrets are exposed here and nowhere else.
+    pub fn encode_body(&self) -> (&'static str, Vec<u8>) {
+        match self.encoding {
+            BodyEncoding::Form => {
+                let pairs: Vec<(&str, String)> = self
+                    .fields
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), form_text(value)))
+                    .collect();
+                let body = serde_urlencoded::to_string(pairs).unwrap_or_default();
+                ("application/x-www-form-urlencoded", body.into_bytes())
+            }
+            BodyEncoding::Json => {
+                let object: serde_json::Map<String, Value> = self
+                    .fields
+                    .iter()
+                    .map(|(name, value)| (name.clone(), json_value(value)))
+                    .collect();
+                ("application/json", Value::Object(object).to_string().into_bytes())
+            }
+        }
+    }
+}
+
+fn form_text(value: &BodyValue) -> String {
+    match value {
+        BodyValue::Text(text) => text.clone(),
+        BodyValue::Secret(secret) => secret.expose().to_owned(),
+        BodyValue::List(items) => items.join(" "),
+        BodyValue::Number(number) => number.to_string(),
+    }
+}
+
+fn json_value(value: &BodyValue) -> Value {
+    match value {
+        BodyValue::Text(text) => Value::from(text.as_str()),
+        BodyValue::Secret(secret) => Value::from(secret.expose()),
+        BodyValue::List(items) => Value::from(items.clone()),
+        BodyValue::Number(number) => Value::from(*number),
+    }
+}
+
+/// Where the token and its expiry sit in an endpoint's JSON answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseSpec {
+    /// JSON pointer to the token, e.g. `/access_token` or `/data/accessToken`.
+    pub token: String,
+    /// JSON pointer to a lifetime in seconds from now.
+    pub expires_in: Option<String>,
+    /// JSON pointer to an absolute expiry since the epoch.
+    pub expires_at: Option<(String, TimeUnit)>,
+    /// JSON pointer to the provider's issue time; with `expires_at` it yields a lifetime that
+    /// does not depend on the provider's clock agreeing with ours.
+    pub issued_at: Option<(String, TimeUnit)>,
+    /// JSON pointer to the provider's id for the token (Nuapay's, for revocation).
+    pub token_id: Option<String>,
+    /// Lifetime when neither the answer nor the JWT says.
+    pub default_ttl: Option<Duration>,
+}
+
+/// A token read from an endpoint's answer, with its expiry on our clock.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub token: AccessToken,
+    pub expires_at: SystemTime,
+    pub lifetime: Duration,
+    pub token_id: Option<String>,
+}
+
+/// The largest token answer we read; anything bigger is an error.
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+
+/// Reads a 2xx answer. `requested_at` is when we sent the request: lifetimes count from then,
+/// so time spent in flight is never added to a token's life.
+pub fn parse_response(
+    spec: &ResponseSpec,
+    body: &[u8],
+    requested_at: SystemTime,
+) -> Result<IssuedToken, FetchError> {
+    let json: Value = serde_json::from_slice(body).map_err(|_| FetchError::malformed("answer is not JSON"))?;
+    let token = match json.pointer(&spec.token) {
+        Some(Value::String(token)) if !token.is_empty() => token,
+        Some(Value::String(_)) => return Err(FetchError::malformed("token field is empty")),
+        Some(_) => return Err(FetchError::malformed("token field is not a string")),
+        None => return Err(FetchError::malformed("answer has no token field")),
+    };
+    if token.len() > 16 * 1024 || token.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(FetchError::malformed("token is not a header-safe string"));
+    }
+    let expires_at = expiry(spec, &json, token, requested_at)?;
+    let lifetime = expires_at
+        .duration_since(requested_at)
+        .ok()
+        .filter(|lifetime| !lifetime.is_zero())
+        .ok_or_else(|| FetchError::malformed("token had expired when it arrived"))?;
+    let token_id = spec
+        .token_id
+        .as_deref()
+        .and_then(|pointer| json.pointer(pointer))
+        .and_then(|id| id.as_str().map(str::to_owned));
+    Ok(IssuedToken {
+        token: AccessToken::new(token.as_str()),
+        expires_at,
+        lifetime,
+        token_id,
+    })
+}
+
+/// The earliest expiry the answer and the JWT state; `default_ttl` only when neither does.
+fn expiry(spec: &ResponseSpec, json: &Value, token: &str, requested_at: SystemTime) -> Result<SystemTime, FetchError> {
+    let mut candidates = Vec::new();
+    if let Some(pointer) = &spec.expires_in {
+        if let Some(seconds) = read_number(json, pointer, "expires_in field is not a number")? {
+            candidates.push(requested_at + duration_from_secs(seconds));
+        }
+    }
+    if let Some((pointer, unit)) = &spec.expires_at {
+        if let Some(at) = read_number(json, pointer, "expiry time field is not a number")? {
+            let issued = match &spec.issued_at {
+                Some((pointer, unit)) => read_number(json, pointer, "issue time field is not a number")?
+                    .map(|issued| to_seconds(issued, *unit)),
+                None => None,
+            };
+            candidates.push(absolute_expiry(to_seconds(at, *unit), issued, requested_at));
+        }
+    }
+    if let Some(times) = jwt::read_times(token) {
+        if let Some(exp) = times.expires_at {
+            candidates.push(absolute_expiry(exp, times.issued_at, requested_at));
+        }
+    }
+    if candidates.is_empty() {
+        let ttl = spec
+            .default_ttl
+            .ok_or_else(|| FetchError::malformed("answer states no expiry and no default_ttl is configured"))?;
+        candidates.push(requested_at + ttl);
+    }
+    Ok(candidates.into_iter().min().unwrap_or(requested_at))
+}
+
+/// An absolute expiry on our clock. With the provider's own issue time we keep only the
+/// lifetime (`exp - iat`), which is immune to skew between its clock and ours.
+fn absolute_expiry(expires_secs: f64, issued_secs: Option<f64>, requested_at: SystemTime) -> SystemTime {
+    match issued_secs {
+        Some(issued) if issued <= expires_secs => requested_at + duration_from_secs(expires_secs - issued),
+        _ => SystemTime::UNIX_EPOCH + duration_from_secs(expires_secs),
+    }
+}
+
+fn read_number(json: &Value, pointer: &str, wrong_type: &'static str) -> Result<Option<f64>, FetchError> {
+    match json.pointer(pointer) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(number)) => number.as_f64().map(Some).ok_or_else(|| FetchError::malformed(wrong_type)),
+        Some(Value::String(text)) => text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite())
+            .map(Some)
+            .ok_or_else(|| FetchError::malformed(wrong_type)),
+        Some(_) => Err(FetchError::malformed(wrong_type)),
+    }
+}
+
+fn to_seconds(value: f64, unit: TimeUnit) -> f64 {
+    match unit {
+        TimeUnit::Seconds => value,
+        TimeUnit::Millis => value / 1000.0,
+    }
+}
+
+/// Seconds as a duration; negative or absurd values clamp to zero or ~100 years.
+fn duration_from_secs(seconds: f64) -> Duration {
+    const HUNDRED_YEARS: f64 = 100.0 * 365.0 * 86_400.0;
+    Duration::from_secs_f64(seconds.clamp(0.0, HUNDRED_YEARS))
+}
+
+#[cfg(test)]
+mod tests;

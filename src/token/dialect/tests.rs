@@ -1,0 +1,156 @@
+use std::time::{Duration, SystemTime};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+
+use super::*;
+
+fn at(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+fn oauth2_spec() -> ResponseSpec {
+    ResponseSpec {
+        token: "/access_token".into(),
+        expires_in: Some("/expires_in".into()),
+        expires_at: None,
+        issued_at: None,
+        token_id: None,
+        default_ttl: None,
+    }
+}
+
+fn nuapay_spec() -> ResponseSpec {
+    ResponseSpec {
+        token: "/data/accessToken".into(),
+        expires_in: None,
+        expires_at: Some(("/data/expiryTime".into(), TimeUnit::Millis)),
+        issued_at: Some(("/data/createdTimestamp".into(), TimeUnit::Millis)),
+        token_id: Some("/data/id".into()),
+        default_ttl: Some(Duration::from_secs(10)),
+    }
+}
+
+fn jwt(exp: u64, iat: u64) -> String {
+    format!(
+        "eyJhbGciOiJIUzI1NiJ9.{}.c2ln",
+        URL_SAFE_NO_PAD.encode(format!(r#"{{"exp":{exp},"iat":{iat}}}"#))
+    )
+}
+
+#[test]
+fn payu_expires_in_counts_from_when_we_asked() {
+    let body = br#"{"access_token":"82c38b64e0","token_type":"Bearer","expires_in":7200,"scope":"s","created_at":1595411399}"#;
+    let issued = parse_response(&oauth2_spec(), body, at(1_000)).unwrap();
+    assert_eq!(issued.token.expose(), "82c38b64e0");
+    assert_eq!(issued.expires_at, at(8_200));
+    assert_eq!(issued.lifetime, Duration::from_secs(7200));
+}
+
+#[test]
+fn nuapay_lifetime_comes_from_expiry_minus_creation_not_from_its_clock() {
+    // The provider's clock is 1000 s behind ours; its 10 s token is still 10 s long for us.
+    let body = br#"{"data":{"id":"3fe40be4","accessToken":"tok","tokenType":"BEARER","expiryTime":1010000,"createdTimestamp":1000000}}"#;
+    let issued = parse_response(&nuapay_spec(), body, at(2_000)).unwrap();
+    assert_eq!(issued.expires_at, at(2_010));
+    assert_eq!(issued.token_id.as_deref(), Some("3fe40be4"));
+}
+
+#[test]
+fn setu_lifetime_comes_from_the_jwt_when_the_answer_has_none() {
+    let spec = ResponseSpec {
+        token: "/accessToken".into(),
+        expires_in: None,
+        default_ttl: Some(Duration::from_secs(900)),
+        ..oauth2_spec()
+    };
+    let token = jwt(1_637_242_869, 1_637_242_569);
+    let body = format!(r#"{{"accessToken":"{token}","refreshToken":"r"}}"#);
+    let issued = parse_response(&spec, body.as_bytes(), at(5_000)).unwrap();
+    assert_eq!(issued.lifetime, Duration::from_secs(300), "JWT says 300 s; default_ttl is only a fallback");
+}
+
+#[test]
+fn the_earlier_of_expires_in_and_jwt_exp_wins() {
+    let token = jwt(1_000 + 60, 1_000);
+    let body = format!(r#"{{"access_token":"{token}","expires_in":3600}}"#);
+    let issued = parse_response(&oauth2_spec(), body.as_bytes(), at(1_000)).unwrap();
+    assert_eq!(issued.lifetime, Duration::from_secs(60));
+}
+
+#[test]
+fn default_ttl_applies_only_when_nothing_states_an_expiry() {
+    let spec = ResponseSpec {
+        default_ttl: Some(Duration::from_secs(900)),
+        ..oauth2_spec()
+    };
+    let issued = parse_response(&spec, br#"{"access_token":"opaque"}"#, at(0)).unwrap();
+    assert_eq!(issued.lifetime, Duration::from_secs(900));
+    let err = parse_response(&oauth2_spec(), br#"{"access_token":"opaque"}"#, at(0)).unwrap_err();
+    assert_eq!(err, FetchError::malformed("answer states no expiry and no default_ttl is configured"));
+}
+
+#[test]
+fn numeric_strings_are_accepted_for_expiry() {
+    let issued = parse_response(&oauth2_spec(), br#"{"access_token":"t","expires_in":"3600"}"#, at(0)).unwrap();
+    assert_eq!(issued.lifetime, Duration::from_secs(3600));
+}
+
+#[test]
+fn unusable_answers_are_typed_errors() {
+    let cases: &[(&[u8], &str)] = &[
+        (b"<html>oops</html>", "answer is not JSON"),
+        (b"\xff\xfe\x00", "answer is not JSON"),
+        (br#"{"token":"x","expires_in":10}"#, "answer has no token field"),
+        (br#"{"access_token":42,"expires_in":10}"#, "token field is not a string"),
+        (br#"{"access_token":"","expires_in":10}"#, "token field is empty"),
+        (br#"{"access_token":"a b","expires_in":10}"#, "token is not a header-safe string"),
+        (br#"{"access_token":"t","expires_in":{"x":1}}"#, "expires_in field is not a number"),
+        (br#"{"access_token":"t","expires_in":0}"#, "token had expired when it arrived"),
+        (br#"{"access_token":"t","expires_in":-5}"#, "token had expired when it arrived"),
+        (br#"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]"#, "answer is not JSON"),
+    ];
+    for (body, reason) in cases {
+        let err = parse_response(&oauth2_spec(), body, at(100)).unwrap_err();
+        assert_eq!(err, FetchError::malformed(reason), "body {:?}", String::from_utf8_lossy(body));
+    }
+}
+
+#[test]
+fn absolute_expiry_in_the_past_is_rejected() {
+    let spec = ResponseSpec {
+        expires_in: None,
+        expires_at: Some(("/exp".into(), TimeUnit::Seconds)),
+        ..oauth2_spec()
+    };
+    let err = parse_response(&spec, br#"{"access_token":"t","exp":50}"#, at(100)).unwrap_err();
+    assert_eq!(err, FetchError::malformed("token had expired when it arrived"));
+}
+
+#[test]
+fn form_body_joins_lists_with_spaces_and_json_keeps_them() {
+    let mut request = TokenRequest {
+        url: "https://example.test/oauth/token".parse().unwrap(),
+        encoding: BodyEncoding::Form,
+        fields: vec![
+            ("grant_type".into(), BodyValue::Text("client_credentials".into())),
+            ("client_secret".into(), BodyValue::Secret(Secret::new("s&cret"))),
+            ("scope".into(), BodyValue::List(vec!["create_payment_links".into(), "read_payment_links".into()])),
+        ],
+        authorization: None,
+    };
+    let (content_type, body) = request.encode_body();
+    assert_eq!(content_type, "application/x-www-form-urlencoded");
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        "grant_type=client_credentials&client_secret=s%26cret&scope=create_payment_links+read_payment_links"
+    );
+    request.encoding = BodyEncoding::Json;
+    request.fields = vec![
+        ("scopes".into(), BodyValue::List(vec!["openbanking_pisp".into()])),
+        ("expiresIn".into(), BodyValue::Number(360)),
+    ];
+    let (content_type, body) = request.encode_body();
+    assert_eq!(content_type, "application/json");
+    assert_eq!(String::from_utf8(body).unwrap(), r#"{"scopes":["openbanking_pisp"],"expiresIn":360}"#);
+}

@@ -1,0 +1,118 @@
+//! Asks a token endpoint for a token: one reqwest client per provider (its own timeouts), no
+//! redirects followed (a redirect would carry our secrets elsewhere), answers capped in size.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, StatusCode};
+
+use super::dialect::{parse_response, IssuedToken, MAX_RESPONSE_BYTES};
+use super::error::{error_code_from_body, FetchError};
+use crate::clock::SharedClock;
+use crate::config::{CredentialSpec, ProviderSpec};
+
+/// Fetches tokens for any configured credential.
+pub struct TokenFetcher {
+    clients: HashMap<Arc<str>, reqwest::Client>,
+    clock: SharedClock,
+}
+
+impl TokenFetcher {
+    pub fn new(
+        providers: &[Arc<ProviderSpec>],
+        tls: &rustls::ClientConfig,
+        clock: SharedClock,
+    ) -> Result<Self, reqwest::Error> {
+        let mut clients = HashMap::new();
+        for provider in providers {
+            let mut tls = tls.clone();
+            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let client = reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .connect_timeout(provider.connect_timeout)
+                .timeout(provider.timeout)
+                .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
+                .build()?;
+            clients.insert(provider.name.clone(), client);
+        }
+        Ok(Self { clients, clock })
+    }
+
+    /// One request to the credential's token endpoint; no retries here.
+    pub async fn fetch(&self, credential: &CredentialSpec) -> Result<IssuedToken, FetchError> {
+        let client = self
+            .clients
+            .get(&credential.provider.name)
+            .ok_or_else(|| FetchError::Unreachable { reason: "no client for provider".into() })?;
+        let request = &credential.request;
+        let (content_type, body) = request.encode_body();
+        let mut builder = client
+            .post(request.url.clone())
+            .header(CONTENT_TYPE, content_type)
+            .header(ACCEPT, "application/json")
+            .body(body);
+        if let Some(authorization) = &request.authorization {
+            let mut value = HeaderValue::from_str(authorization.expose())
+                .map_err(|_| FetchError::Unreachable { reason: "client credentials are not header-safe".into() })?;
+            value.set_sensitive(true);
+            builder = builder.header(AUTHORIZATION, value);
+        }
+        let requested_at = self.clock.now();
+        let response = builder.send().await.map_err(transport_error)?;
+        let status = response.status();
+        let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+        let body = read_capped(response).await?;
+        classify(status, retry_after, &body)?;
+        parse_response(&credential.response, &body, requested_at)
+    }
+}
+
+fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Result<(), FetchError> {
+    match status.as_u16() {
+        200..=299 => Ok(()),
+        400 | 401 | 403 => Err(FetchError::Rejected {
+            status: status.as_u16(),
+            reason: error_code_from_body(body),
+        }),
+        429 => Err(FetchError::RateLimited { retry_after }),
+        other => Err(FetchError::Status { status: other }),
+    }
+}
+
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, FetchError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(FetchError::malformed("answer is larger than 256 KiB"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare for token endpoints and ignored).
+pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
+    let seconds: u64 = value.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(seconds.min(3600)))
+}
+
+fn transport_error(err: reqwest::Error) -> FetchError {
+    if err.is_timeout() {
+        return FetchError::Timeout;
+    }
+    // The innermost cause names the real problem (refused, unknown issuer, …) and holds no secret.
+    let mut cause: &dyn std::error::Error = &err;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    let reason = if err.is_connect() {
+        format!("connect failed: {cause}")
+    } else {
+        format!("request failed: {cause}")
+    };
+    FetchError::Unreachable { reason }
+}
