@@ -46,7 +46,11 @@ impl Proxy {
         let method = request.method().clone();
         let (route_name, result) = self.route_and_forward(request).await;
         let response = result.unwrap_or_else(|err| {
-            tracing::warn!(route = %route_name, %method, code = err.code(), error = %err, "request failed");
+            if err.status().is_server_error() {
+                tracing::warn!(route = %route_name, %method, code = err.code(), error = %err, "request failed");
+            } else {
+                tracing::info!(route = %route_name, %method, code = err.code(), error = %err, "request refused");
+            }
             err.into_response()
         });
         tracing::debug!(route = %route_name, %method, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
