@@ -71,7 +71,11 @@ pub fn main() -> ExitCode {
             let Some(config) = load(cli.config) else {
                 return ExitCode::from(EXIT_CONFIG);
             };
-            runtime_result(runtime.block_on(crate::server::run(config, Arc::new(SystemClock))).map_err(Into::into))
+            runtime_result(
+                runtime
+                    .block_on(crate::server::run(config, Arc::new(SystemClock)))
+                    .map_err(Into::into),
+            )
         }
     }
 }

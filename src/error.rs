@@ -25,7 +25,9 @@ pub enum ProxyError {
     NoRoute,
     #[error("{0}")]
     UnknownCredential(String),
-    #[error("CONNECT is not supported: HTTPS cannot be injected; send plain http:// requests to the sidecar")]
+    #[error(
+        "CONNECT is not supported: HTTPS cannot be injected; send plain http:// requests to the sidecar"
+    )]
     ConnectNotSupported,
     #[error("no usable token for credential `{credential}`: {cause}")]
     TokenUnavailable {
@@ -72,12 +74,16 @@ impl ProxyError {
 
     pub fn into_response(self) -> Response<ProxyBody> {
         let retry_after = match &self {
-            Self::TokenUnavailable { retry_after, .. } => Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+            Self::TokenUnavailable { retry_after, .. } => {
+                Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
+            }
             _ => None,
         };
         let mut response = error_response(self.status(), self.code(), &self.to_string());
         if let Some(seconds) = retry_after {
-            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -86,12 +92,18 @@ impl ProxyError {
 impl From<TokenError> for ProxyError {
     fn from(err: TokenError) -> Self {
         match err {
-            TokenError::Unavailable { credential, cause, retry_after } => Self::TokenUnavailable {
+            TokenError::Unavailable {
+                credential,
+                cause,
+                retry_after,
+            } => Self::TokenUnavailable {
                 credential: credential.to_string(),
                 cause: cause.to_string(),
                 retry_after,
             },
-            TokenError::UnknownCredential(name) => Self::Internal(format!("route names unknown credential `{name}`")),
+            TokenError::UnknownCredential(name) => {
+                Self::Internal(format!("route names unknown credential `{name}`"))
+            }
         }
     }
 }
@@ -109,7 +121,9 @@ pub fn error_response(status: StatusCode, code: &'static str, message: &str) -> 
 
 /// A complete in-memory body.
 pub fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 #[cfg(test)]

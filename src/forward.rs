@@ -92,14 +92,20 @@ pub fn clean_request_headers(headers: &mut HeaderMap, strip: &[&HeaderName]) {
 
 /// Puts the token into `headers` as the route asks, marked sensitive (HPACK never indexes it,
 /// and `Debug` does not print it).
-pub fn inject_token(headers: &mut HeaderMap, inject: &Inject, token: &AccessToken) -> Result<(), InvalidHeaderValue> {
+pub fn inject_token(
+    headers: &mut HeaderMap,
+    inject: &Inject,
+    token: &AccessToken,
+) -> Result<(), InvalidHeaderValue> {
     let (name, value) = match inject {
         Inject::Bearer => (header::AUTHORIZATION, format!("Bearer {}", token.expose())),
         Inject::BasicUsername => (
             header::AUTHORIZATION,
             format!("Basic {}", STANDARD.encode(format!("{}:", token.expose()))),
         ),
-        Inject::Header { name, prefix, suffix } => (name.clone(), format!("{prefix}{}{suffix}", token.expose())),
+        Inject::Header { name, prefix, suffix } => {
+            (name.clone(), format!("{prefix}{}{suffix}", token.expose()))
+        }
     };
     let mut value = HeaderValue::from_str(&value)?;
     value.set_sensitive(true);
@@ -123,14 +129,23 @@ mod tests {
     fn prefix_rest_joins_onto_base_path_and_keeps_the_query() {
         let uri = upstream_uri(&upstream("/api"), "/payments", Some("x=1&y=%20")).unwrap();
         assert_eq!(uri.to_string(), "https://h.test:8443/api/payments?x=1&y=%20");
-        assert_eq!(upstream_uri(&upstream(""), "", None).unwrap().to_string(), "https://h.test:8443/");
+        assert_eq!(
+            upstream_uri(&upstream(""), "", None).unwrap().to_string(),
+            "https://h.test:8443/"
+        );
     }
 
     #[test]
     fn client_credentials_and_hop_by_hop_headers_are_removed() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer client-own"));
-        headers.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic eA=="));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client-own"),
+        );
+        headers.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic eA=="),
+        );
         headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-private"));
         headers.insert("x-private", HeaderValue::from_static("1"));
         headers.insert("x-merchant", HeaderValue::from_static("acme"));
@@ -151,7 +166,10 @@ mod tests {
         assert_eq!(headers[header::AUTHORIZATION], "Bearer tok");
         assert!(headers[header::AUTHORIZATION].is_sensitive());
         inject_token(&mut headers, &Inject::BasicUsername, &token).unwrap();
-        assert_eq!(headers[header::AUTHORIZATION], format!("Basic {}", STANDARD.encode("tok:")));
+        assert_eq!(
+            headers[header::AUTHORIZATION],
+            format!("Basic {}", STANDARD.encode("tok:"))
+        );
         let custom = Inject::Header {
             name: HeaderName::from_static("x-auth-token"),
             prefix: "Token ".into(),

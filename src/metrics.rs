@@ -107,10 +107,15 @@ impl Metrics {
 
     pub fn request(&self, route: &str, status: u16, elapsed: Duration) {
         self.requests
-            .get_or_create(&RequestLabels { route: route.to_owned(), status })
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                status,
+            })
             .inc();
         self.request_duration
-            .get_or_create(&RouteLabels { route: route.to_owned() })
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
             .observe(elapsed.as_secs_f64());
     }
 
@@ -126,13 +131,17 @@ impl Metrics {
     pub fn cache_lookup(&self, credential: &str, hit: bool) {
         let family = if hit { &self.cache_hits } else { &self.cache_misses };
         family
-            .get_or_create(&CredentialLabels { credential: credential.to_owned() })
+            .get_or_create(&CredentialLabels {
+                credential: credential.to_owned(),
+            })
             .inc();
     }
 
     pub fn upstream_401_retry(&self, route: &str) {
         self.upstream_401_retries
-            .get_or_create(&RouteLabels { route: route.to_owned() })
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
             .inc();
     }
 

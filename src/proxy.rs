@@ -59,7 +59,10 @@ impl Proxy {
         response
     }
 
-    async fn route_and_forward(&self, request: Request<Incoming>) -> (String, Result<Response<ProxyBody>, ProxyError>) {
+    async fn route_and_forward(
+        &self,
+        request: Request<Incoming>,
+    ) -> (String, Result<Response<ProxyBody>, ProxyError>) {
         if request.method() == Method::CONNECT {
             return (NO_ROUTE.into(), Err(ProxyError::ConnectNotSupported));
         }
@@ -76,7 +79,12 @@ impl Proxy {
         (route.name.clone(), result)
     }
 
-    async fn forward(&self, route: &RouteSpec, uri: Uri, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(
+        &self,
+        route: &RouteSpec,
+        uri: Uri,
+        request: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let credential = select_credential(route, request.headers())?.clone();
         let (mut parts, body) = request.into_parts();
         let strip: Vec<_> = match &route.credential {
@@ -129,7 +137,12 @@ impl Proxy {
             .map_err(|_| ProxyError::Internal("token is not a valid header value".into()))?;
         let upstream = route.upstream.to_string();
         let response = match tokio::time::timeout(route.timeout, self.client.request(request)).await {
-            Err(_) => return Err(ProxyError::UpstreamTimeout { upstream, timeout: route.timeout }),
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout {
+                    upstream,
+                    timeout: route.timeout,
+                })
+            }
             Ok(Err(err)) => {
                 return Err(ProxyError::UpstreamUnreachable {
                     upstream,
@@ -140,7 +153,10 @@ impl Proxy {
         };
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()))
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(Into::into).boxed_unsync(),
+        ))
     }
 }
 
@@ -176,7 +192,10 @@ async fn keep_for_replay(headers: &HeaderMap, body: Incoming) -> Result<KeptBody
 
 /// The credential a request gets: the route's own, or the one its header names from the
 /// route's allow-list — never any other.
-fn select_credential<'r>(route: &'r RouteSpec, headers: &HeaderMap) -> Result<&'r Arc<CredentialSpec>, ProxyError> {
+fn select_credential<'r>(
+    route: &'r RouteSpec,
+    headers: &HeaderMap,
+) -> Result<&'r Arc<CredentialSpec>, ProxyError> {
     match &route.credential {
         CredentialChoice::Fixed(credential) => Ok(credential),
         CredentialChoice::FromHeader { header, allowed } => {
@@ -189,7 +208,11 @@ fn select_credential<'r>(route: &'r RouteSpec, headers: &HeaderMap) -> Result<&'
             allowed
                 .iter()
                 .find(|credential| &*credential.name == value)
-                .ok_or_else(|| ProxyError::UnknownCredential(format!("header {header} names none of this route's credentials")))
+                .ok_or_else(|| {
+                    ProxyError::UnknownCredential(format!(
+                        "header {header} names none of this route's credentials"
+                    ))
+                })
         }
     }
 }

@@ -78,7 +78,8 @@ impl RunningSidecar {
 pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar, StartError> {
     let tls = tls::client_config(&config.extra_roots)?;
     let metrics = Metrics::new();
-    let fetcher = TokenFetcher::new(&config.providers, &tls, clock.clone()).map_err(StartError::TokenClient)?;
+    let fetcher =
+        TokenFetcher::new(&config.providers, &tls, clock.clone()).map_err(StartError::TokenClient)?;
     let tokens = TokenCache::new(&config.credentials, fetcher, config.cache, clock, metrics.clone());
     let proxy = Arc::new(Proxy::new(
         Router::new(&config.routes),
@@ -91,7 +92,13 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar,
     let listener = bind(config.server.listen).await?;
     let proxy_addr = local_addr(&listener, config.server.listen);
     let proxy_handler: Handler = Arc::new(move |request| Box::pin(proxy.clone().handle(request)));
-    let mut tasks = vec![tokio::spawn(serve(listener, None, proxy_handler, shutdown_rx.clone(), Some(metrics.clone())))];
+    let mut tasks = vec![tokio::spawn(serve(
+        listener,
+        None,
+        proxy_handler,
+        shutdown_rx.clone(),
+        Some(metrics.clone()),
+    ))];
 
     let mut admin_addr = None;
     if let Some(addr) = config.server.admin_listen {
@@ -99,7 +106,13 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar,
         admin_addr = Some(local_addr(&listener, addr));
         let state = Arc::new(AdminState::new(tokens.clone(), metrics.clone()));
         let admin_handler: Handler = Arc::new(move |request| Box::pin(admin::handle(state.clone(), request)));
-        tasks.push(tokio::spawn(serve(listener, None, admin_handler, shutdown_rx.clone(), None)));
+        tasks.push(tokio::spawn(serve(
+            listener,
+            None,
+            admin_handler,
+            shutdown_rx.clone(),
+            None,
+        )));
     }
     prefetch(&tokens);
     tracing::info!(%proxy_addr, admin_addr = ?admin_addr, routes = config.routes.len(), "token-sidecar listening");
@@ -154,7 +167,9 @@ fn prefetch(tokens: &Arc<TokenCache>) {
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
 }
 
 fn local_addr(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
@@ -197,7 +212,10 @@ pub async fn serve(
         tokio::spawn(connection.serve(stream, tls.clone()));
     }
     drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("open connections did not finish within the grace period");
     }
 }

@@ -73,7 +73,9 @@ impl SourceMap {
         let mut found = None;
         let mut node = Node::Table(document.as_table());
         for segment in &path.0 {
-            let Some((next, span)) = node.child(segment) else { break };
+            let Some((next, span)) = node.child(segment) else {
+                break;
+            };
             if let Some(span) = span {
                 found = Some(span.start);
             }
@@ -140,9 +142,18 @@ inject = { header = "X-Auth", format = "T" }
         let map = SourceMap::new(SOURCE);
         let root = KeyPath::root();
         assert_eq!(map.line_of_path(&root.key("server").key("listen")), Some(2));
-        assert_eq!(map.line_of_path(&root.key("providers").key("payu").key("token_url")), Some(5));
-        assert_eq!(map.line_of_path(&root.key("routes").index(1).key("credential")), Some(13));
-        assert_eq!(map.line_of_path(&root.key("routes").index(1).key("inject").key("format")), Some(14));
+        assert_eq!(
+            map.line_of_path(&root.key("providers").key("payu").key("token_url")),
+            Some(5)
+        );
+        assert_eq!(
+            map.line_of_path(&root.key("routes").index(1).key("credential")),
+            Some(13)
+        );
+        assert_eq!(
+            map.line_of_path(&root.key("routes").index(1).key("inject").key("format")),
+            Some(14)
+        );
     }
 
     #[test]

@@ -200,10 +200,7 @@ impl<'de> Deserialize<'de> for RawSecret {
 pub enum RawInject {
     Bearer,
     BasicUsername,
-    Header {
-        header: String,
-        format: Option<String>,
-    },
+    Header { header: String, format: Option<String> },
 }
 
 impl<'de> Deserialize<'de> for RawInject {

@@ -42,7 +42,10 @@ const RESERVED_HEADERS: &[&str] = &[
 pub(super) fn validate(source: &str) -> Result<Config, Vec<Problem>> {
     let map = SourceMap::new(source);
     let raw = parse(source, &map)?;
-    let mut v = Validator { map, problems: Vec::new() };
+    let mut v = Validator {
+        map,
+        problems: Vec::new(),
+    };
     let root = KeyPath::root();
 
     let server = v.server(&root.key("server"), &raw.server);
@@ -51,7 +54,12 @@ pub(super) fn validate(source: &str) -> Result<Config, Vec<Problem>> {
     let providers: BTreeMap<&str, Option<ProviderDraft>> = raw
         .providers
         .iter()
-        .map(|(name, p)| (name.as_str(), v.provider(&root.key("providers").key(name), name, p)))
+        .map(|(name, p)| {
+            (
+                name.as_str(),
+                v.provider(&root.key("providers").key(name), name, p),
+            )
+        })
         .collect();
     let credentials: BTreeMap<&str, Option<Arc<CredentialSpec>>> = raw
         .credentials
@@ -73,7 +81,11 @@ pub(super) fn validate(source: &str) -> Result<Config, Vec<Problem>> {
         server,
         extra_roots,
         cache,
-        providers: providers.into_values().flatten().map(|draft| draft.spec).collect(),
+        providers: providers
+            .into_values()
+            .flatten()
+            .map(|draft| draft.spec)
+            .collect(),
         credentials: credentials.into_values().flatten().collect(),
         routes,
     })
@@ -99,11 +111,19 @@ fn parse(source: &str, map: &SourceMap) -> Result<RawConfig, Vec<Problem>> {
         let message = inner.message().trim().to_owned();
         if let Some(field) = unknown_field_name(&message) {
             if !key_path.ends_with(field) {
-                key_path = if key_path.is_empty() { field.to_owned() } else { format!("{key_path}.{field}") };
+                key_path = if key_path.is_empty() {
+                    field.to_owned()
+                } else {
+                    format!("{key_path}.{field}")
+                };
             }
         }
         let line = inner.span().map(|span| map.line_of(span.start));
-        vec![Problem { line, key_path, message }]
+        vec![Problem {
+            line,
+            key_path,
+            message,
+        }]
     })
 }
 
@@ -168,7 +188,10 @@ impl Validator {
             .unwrap_or_else(|| text.to_owned())
             .parse::<SocketAddr>();
         let Ok(addr) = parsed else {
-            self.problem(path, format!("`{text}` is not an address such as \"127.0.0.1:8080\""));
+            self.problem(
+                path,
+                format!("`{text}` is not an address such as \"127.0.0.1:8080\""),
+            );
             return None;
         };
         if !addr.ip().is_loopback() && !allow_non_loopback {
@@ -185,7 +208,9 @@ impl Validator {
     }
 
     fn tls(&mut self, path: &KeyPath, raw: &RawTls) -> Option<Vec<CertificateDer<'static>>> {
-        let Some(file) = &raw.ca_file else { return Some(Vec::new()) };
+        let Some(file) = &raw.ca_file else {
+            return Some(Vec::new());
+        };
         let path = path.key("ca_file");
         let pem = match std::fs::read(file) {
             Ok(pem) => pem,
@@ -213,7 +238,10 @@ impl Validator {
         let mut ok = true;
         if let Some(fraction) = raw.refresh_fraction {
             if !(fraction > 0.0 && fraction < 1.0) {
-                self.problem(&path.key("refresh_fraction"), "must be between 0 and 1, e.g. 0.25");
+                self.problem(
+                    &path.key("refresh_fraction"),
+                    "must be between 0 and 1, e.g. 0.25",
+                );
                 ok = false;
             }
         }
@@ -241,7 +269,11 @@ impl Validator {
                 ),
             },
             failure_backoff: duration("failure_backoff", raw.failure_backoff, defaults.failure_backoff),
-            max_failure_backoff: duration("max_failure_backoff", raw.max_failure_backoff, defaults.max_failure_backoff),
+            max_failure_backoff: duration(
+                "max_failure_backoff",
+                raw.max_failure_backoff,
+                defaults.max_failure_backoff,
+            ),
         };
         ok.then_some(settings)
     }
@@ -252,7 +284,11 @@ impl Validator {
             RawProviderKind::Nuapay => ProviderKind::Nuapay,
         };
         self.reject_keys_of_other_kind(path, kind, raw);
-        let connect_timeout = self.nonzero(&path.key("connect_timeout"), raw.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        let connect_timeout = self.nonzero(
+            &path.key("connect_timeout"),
+            raw.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        );
         let timeout = self.nonzero(&path.key("timeout"), raw.timeout, DEFAULT_FETCH_TIMEOUT);
         let default_ttl = match raw.default_ttl {
             Some(ttl) if ttl.is_zero() => {
@@ -301,7 +337,10 @@ impl Validator {
         };
         for (key, present) in foreign {
             if *present {
-                self.problem(&path.key(key), format!("not a key of a {} provider", kind.as_str()));
+                self.problem(
+                    &path.key(key),
+                    format!("not a key of a {} provider", kind.as_str()),
+                );
             }
         }
     }
@@ -312,26 +351,40 @@ impl Validator {
         raw: &RawProvider,
         default_ttl: Option<Duration>,
     ) -> Option<(Endpoint, ResponseSpec)> {
-        let url = self.required_url(&path.key("token_url"), raw.token_url.as_deref(), raw.allow_plaintext, false);
+        let url = self.required_url(
+            &path.key("token_url"),
+            raw.token_url.as_deref(),
+            raw.allow_plaintext,
+            false,
+        );
         let client_secret = match &raw.client_secret {
             Some(secret) => Some(self.secret(&path.key("client_secret"), secret)?),
             None => None,
         };
-        let pointer = |v: &mut Self, key: &str, value: &Option<String>, default: Option<&str>| {
-            match value.as_deref().or(default) {
-                Some(p) if p.starts_with('/') => Some(Some(p.to_owned())),
-                Some(p) => {
-                    v.problem(
-                        &path.key(key),
-                        format!("`{p}` is not a JSON pointer; write it as \"/{}\"", p.replace('.', "/")),
-                    );
-                    None
-                }
-                None => Some(None),
+        let pointer = |v: &mut Self, key: &str, value: &Option<String>, default: Option<&str>| match value
+            .as_deref()
+            .or(default)
+        {
+            Some(p) if p.starts_with('/') => Some(Some(p.to_owned())),
+            Some(p) => {
+                v.problem(
+                    &path.key(key),
+                    format!(
+                        "`{p}` is not a JSON pointer; write it as \"/{}\"",
+                        p.replace('.', "/")
+                    ),
+                );
+                None
             }
+            None => Some(None),
         };
         let token = pointer(self, "token_field", &raw.token_field, Some("/access_token"));
-        let expires_in = pointer(self, "expires_in_field", &raw.expires_in_field, Some("/expires_in"));
+        let expires_in = pointer(
+            self,
+            "expires_in_field",
+            &raw.expires_in_field,
+            Some("/expires_in"),
+        );
         let expires_at = pointer(self, "expires_at_field", &raw.expires_at_field, None);
         if raw.expires_at_unit.is_some() && raw.expires_at_field.is_none() {
             self.problem(&path.key("expires_at_unit"), "needs expires_at_field");
@@ -367,17 +420,28 @@ impl Validator {
         raw: &RawProvider,
         default_ttl: Option<Duration>,
     ) -> Option<(Endpoint, ResponseSpec)> {
-        let base_url = self.required_url(&path.key("base_url"), raw.base_url.as_deref(), raw.allow_plaintext, true);
+        let base_url = self.required_url(
+            &path.key("base_url"),
+            raw.base_url.as_deref(),
+            raw.allow_plaintext,
+            true,
+        );
         let api_key = match &raw.api_key {
             Some(secret) => self.secret(&path.key("api_key"), secret),
             None => {
-                self.problem(&path.key("api_key"), "missing: a nuapay provider needs its API key");
+                self.problem(
+                    &path.key("api_key"),
+                    "missing: a nuapay provider needs its API key",
+                );
                 None
             }
         };
         if let Some(expires_in) = raw.expires_in {
             if !(NUAPAY_MIN_EXPIRES_IN..=NUAPAY_MAX_EXPIRES_IN).contains(&expires_in) {
-                self.problem(&path.key("expires_in"), "Nuapay accepts 10s up to 31556926s (one year)");
+                self.problem(
+                    &path.key("expires_in"),
+                    "Nuapay accepts 10s up to 31556926s (one year)",
+                );
             }
         }
         let endpoint = Endpoint::Nuapay {
@@ -404,14 +468,20 @@ impl Validator {
         providers: &BTreeMap<&str, Option<ProviderDraft>>,
     ) -> Option<Arc<CredentialSpec>> {
         let Some(provider_name) = raw.provider.as_deref() else {
-            self.problem(&path.key("provider"), "missing: which provider issues this credential's tokens");
+            self.problem(
+                &path.key("provider"),
+                "missing: which provider issues this credential's tokens",
+            );
             return None;
         };
         let provider = match providers.get(provider_name) {
             Some(Some(provider)) => provider,
             Some(None) => return None, // the provider's own problems are reported already
             None => {
-                self.problem(&path.key("provider"), format!("no provider named `{provider_name}` in [providers]"));
+                self.problem(
+                    &path.key("provider"),
+                    format!("no provider named `{provider_name}` in [providers]"),
+                );
                 return None;
             }
         };
@@ -436,11 +506,21 @@ impl Validator {
         provider: &ProviderDraft,
         scopes: Vec<String>,
     ) -> Option<TokenRequest> {
-        let Endpoint::OAuth2 { url, encoding, client_auth, client_id, client_secret } = &provider.endpoint else {
+        let Endpoint::OAuth2 {
+            url,
+            encoding,
+            client_auth,
+            client_id,
+            client_secret,
+        } = &provider.endpoint
+        else {
             return None;
         };
         if raw.organisation.is_some() {
-            self.problem(&path.key("organisation"), "only nuapay credentials name an organisation");
+            self.problem(
+                &path.key("organisation"),
+                "only nuapay credentials name an organisation",
+            );
         }
         let own_secret = match &raw.client_secret {
             Some(secret) => Some(self.secret(&path.key("client_secret"), secret)?),
@@ -456,7 +536,10 @@ impl Validator {
             );
             return None;
         };
-        let mut fields = vec![("grant_type".to_owned(), BodyValue::Text("client_credentials".into()))];
+        let mut fields = vec![(
+            "grant_type".to_owned(),
+            BodyValue::Text("client_credentials".into()),
+        )];
         let authorization = match client_auth {
             RawClientAuth::Body => {
                 fields.push(("client_id".into(), BodyValue::Text(client_id)));
@@ -467,7 +550,10 @@ impl Validator {
                 // RFC 6749 §2.3.1: both parts form-encoded before Basic encoding.
                 let user = form_encode(&client_id);
                 let password = form_encode(client_secret.expose());
-                Some(Secret::new(format!("Basic {}", STANDARD.encode(format!("{user}:{password}")))))
+                Some(Secret::new(format!(
+                    "Basic {}",
+                    STANDARD.encode(format!("{user}:{password}"))
+                )))
             }
         };
         if !scopes.is_empty() {
@@ -488,27 +574,54 @@ impl Validator {
         provider: &ProviderDraft,
         scopes: Vec<String>,
     ) -> Option<TokenRequest> {
-        let Endpoint::Nuapay { base_url, api_key, expires_in } = &provider.endpoint else {
+        let Endpoint::Nuapay {
+            base_url,
+            api_key,
+            expires_in,
+        } = &provider.endpoint
+        else {
             return None;
         };
-        for (key, present) in [("client_id", raw.client_id.is_some()), ("client_secret", raw.client_secret.is_some())] {
+        for (key, present) in [
+            ("client_id", raw.client_id.is_some()),
+            ("client_secret", raw.client_secret.is_some()),
+        ] {
             if present {
-                self.problem(&path.key(key), "nuapay credentials use the provider's api_key, not client credentials");
+                self.problem(
+                    &path.key(key),
+                    "nuapay credentials use the provider's api_key, not client credentials",
+                );
             }
         }
         let organisation = match raw.organisation.as_deref() {
-            Some(org) if !org.is_empty() && org.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => org,
+            Some(org)
+                if !org.is_empty()
+                    && org
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+            {
+                org
+            }
             Some(org) => {
-                self.problem(&path.key("organisation"), format!("`{org}` is not an encoded organisation id"));
+                self.problem(
+                    &path.key("organisation"),
+                    format!("`{org}` is not an encoded organisation id"),
+                );
                 return None;
             }
             None => {
-                self.problem(&path.key("organisation"), "missing: the merchant's encoded organisation id");
+                self.problem(
+                    &path.key("organisation"),
+                    "missing: the merchant's encoded organisation id",
+                );
                 return None;
             }
         };
         if scopes.is_empty() {
-            self.problem(&path.key("scopes"), "Nuapay requires at least one scope, e.g. [\"openbanking_pisp\"]");
+            self.problem(
+                &path.key("scopes"),
+                "Nuapay requires at least one scope, e.g. [\"openbanking_pisp\"]",
+            );
             return None;
         }
         let mut url = base_url.clone();
@@ -522,7 +635,10 @@ impl Validator {
             url,
             encoding: BodyEncoding::Json,
             fields,
-            authorization: Some(Secret::new(format!("Basic {}", STANDARD.encode(format!("{}:", api_key.expose()))))),
+            authorization: Some(Secret::new(format!(
+                "Basic {}",
+                STANDARD.encode(format!("{}:", api_key.expose()))
+            ))),
         })
     }
 
@@ -535,14 +651,19 @@ impl Validator {
         let mut routes: Vec<Arc<RouteSpec>> = Vec::new();
         for (index, raw_route) in raw.iter().enumerate() {
             let route_path = path.index(index);
-            let Some(route) = self.route(&route_path, raw_route, credentials) else { continue };
+            let Some(route) = self.route(&route_path, raw_route, credentials) else {
+                continue;
+            };
             if let Some(earlier) = routes
                 .iter()
                 .find(|r| r.host == route.host && r.path_prefix == route.path_prefix)
             {
                 self.problem(
                     &route_path,
-                    format!("matches the same requests as {} (same host and path_prefix)", earlier.label),
+                    format!(
+                        "matches the same requests as {} (same host and path_prefix)",
+                        earlier.label
+                    ),
                 );
                 continue;
             }
@@ -561,10 +682,18 @@ impl Validator {
         if raw.path_prefix.is_none() && raw.host.is_none() {
             self.problem(path, "needs path_prefix or host (or both) to match requests");
         }
-        let path_prefix = raw.path_prefix.as_deref().and_then(|p| self.path_prefix(&path.key("path_prefix"), p));
+        let path_prefix = raw
+            .path_prefix
+            .as_deref()
+            .and_then(|p| self.path_prefix(&path.key("path_prefix"), p));
         let host = raw.host.as_deref().and_then(|h| self.host(&path.key("host"), h));
         let upstream = self
-            .required_url(&path.key("upstream"), raw.upstream.as_deref(), raw.allow_plaintext, true)
+            .required_url(
+                &path.key("upstream"),
+                raw.upstream.as_deref(),
+                raw.allow_plaintext,
+                true,
+            )
             .and_then(|url| self.upstream(&path.key("upstream"), &url));
         let credential = self.credential_choice(path, raw, credentials);
         let inject = self.inject(&path.key("inject"), raw.inject.as_ref());
@@ -598,7 +727,10 @@ impl Validator {
             return None;
         }
         if prefix.contains(['?', '#', ' ']) || prefix.split('/').any(|s| s == "." || s == "..") {
-            self.problem(path, format!("`{prefix}` must be a plain path without query, fragment or dot segments"));
+            self.problem(
+                path,
+                format!("`{prefix}` must be a plain path without query, fragment or dot segments"),
+            );
             return None;
         }
         Some(prefix.trim_end_matches('/').to_owned())
@@ -606,9 +738,14 @@ impl Validator {
 
     fn host(&mut self, path: &KeyPath, host: &str) -> Option<String> {
         let valid = !host.is_empty()
-            && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
         if !valid {
-            self.problem(path, format!("`{host}` must be a bare host name, without scheme, port or path"));
+            self.problem(
+                path,
+                format!("`{host}` must be a bare host name, without scheme, port or path"),
+            );
             return None;
         }
         Some(host.to_ascii_lowercase())
@@ -619,12 +756,18 @@ impl Validator {
             self.problem(path, "an upstream URL takes no query or fragment");
             return None;
         }
-        let authority = url[url::Position::BeforeHost..url::Position::AfterPort].parse().ok();
+        let authority = url[url::Position::BeforeHost..url::Position::AfterPort]
+            .parse()
+            .ok();
         let Some(authority) = authority else {
             self.problem(path, "upstream host is not valid");
             return None;
         };
-        let scheme = if url.scheme() == "https" { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP };
+        let scheme = if url.scheme() == "https" {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        };
         Some(Upstream {
             scheme,
             authority,
@@ -639,14 +782,19 @@ impl Validator {
         credentials: &BTreeMap<&str, Option<Arc<CredentialSpec>>>,
     ) -> Option<CredentialChoice> {
         match (&raw.credential, &raw.credential_header, &raw.credentials) {
-            (Some(name), None, None) => Some(CredentialChoice::Fixed(
-                self.credential_ref(&path.key("credential"), name, credentials)?,
-            )),
+            (Some(name), None, None) => Some(CredentialChoice::Fixed(self.credential_ref(
+                &path.key("credential"),
+                name,
+                credentials,
+            )?)),
             (None, Some(header), Some(names)) => {
                 let header_path = path.key("credential_header");
                 let header = self.header_name(&header_path, header)?;
                 if header == http::header::AUTHORIZATION {
-                    self.problem(&header_path, "authorization is never forwarded; pick another header");
+                    self.problem(
+                        &header_path,
+                        "authorization is never forwarded; pick another header",
+                    );
                     return None;
                 }
                 if names.is_empty() {
@@ -665,19 +813,31 @@ impl Validator {
                 })
             }
             (None, None, None) => {
-                self.problem(&path.key("credential"), "missing: which credential's token this route injects");
+                self.problem(
+                    &path.key("credential"),
+                    "missing: which credential's token this route injects",
+                );
                 None
             }
             (Some(_), _, _) => {
-                self.problem(&path.key("credential"), "use either credential or credential_header + credentials");
+                self.problem(
+                    &path.key("credential"),
+                    "use either credential or credential_header + credentials",
+                );
                 None
             }
             (None, Some(_), None) => {
-                self.problem(&path.key("credentials"), "missing: the allow-list for credential_header");
+                self.problem(
+                    &path.key("credentials"),
+                    "missing: the allow-list for credential_header",
+                );
                 None
             }
             (None, None, Some(_)) => {
-                self.problem(&path.key("credential_header"), "missing: the header that names the credential");
+                self.problem(
+                    &path.key("credential_header"),
+                    "missing: the header that names the credential",
+                );
                 None
             }
         }
@@ -713,8 +873,12 @@ impl Validator {
                     self.problem(&path.key("format"), "must contain {token}, where the token goes");
                     return None;
                 };
-                if suffix.contains("{token}") || HeaderValue::from_str(&format!("{prefix}{suffix}")).is_err() {
-                    self.problem(&path.key("format"), "must contain {token} once and only header-safe text");
+                if suffix.contains("{token}") || HeaderValue::from_str(&format!("{prefix}{suffix}")).is_err()
+                {
+                    self.problem(
+                        &path.key("format"),
+                        "must contain {token} once and only header-safe text",
+                    );
                     return None;
                 }
                 Some(Inject::Header {
@@ -801,7 +965,10 @@ impl Validator {
             }
         }
         if !url.username().is_empty() || url.password().is_some() {
-            self.problem(path, "credentials in the URL are not allowed; use the secret keys");
+            self.problem(
+                path,
+                "credentials in the URL are not allowed; use the secret keys",
+            );
             return None;
         }
         if is_base && url.query().is_some() {

@@ -70,7 +70,10 @@ impl IssuedTokens {
         let now = self.clock.now();
         let mut rng = rand::thread_rng();
         let id = format!("{:032x}", rng.gen::<u128>());
-        let iat = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let iat = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         let token = match form {
             TokenForm::Jwt => {
                 let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
@@ -78,7 +81,10 @@ impl IssuedTokens {
                     "sub": subject, "jti": id, "iat": iat, "exp": iat + lifetime.as_secs(),
                 });
                 let signature = URL_SAFE_NO_PAD.encode(rng.gen::<[u8; 32]>());
-                format!("{header}.{}.{signature}", URL_SAFE_NO_PAD.encode(claims.to_string()))
+                format!(
+                    "{header}.{}.{signature}",
+                    URL_SAFE_NO_PAD.encode(claims.to_string())
+                )
             }
             TokenForm::Opaque => format!("{:032x}{:032x}", rng.gen::<u128>(), rng.gen::<u128>()),
         };
@@ -129,7 +135,18 @@ impl IssuedTokens {
         count
     }
 
+    /// Every token issued to `subject`, in no particular order.
+    pub fn tokens_of(&self, subject: &str) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, issued)| issued.subject == subject)
+            .map(|(token, _)| token.clone())
+            .collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Issued>> {
-        self.tokens.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.tokens
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

@@ -132,10 +132,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let clock: SharedClock = Arc::new(SystemClock);
     let stand_ins = StandIns::start(clock.clone(), dev_accounts()).await?;
     let text = stand_ins.config_toml(args.listen, args.admin_listen);
-    let mut config = Config::from_toml(&text, Path::new("<dev config>")).context("the embedded dev config is invalid")?;
+    let mut config =
+        Config::from_toml(&text, Path::new("<dev config>")).context("the embedded dev config is invalid")?;
     config.extra_roots.push(stand_ins.pki.ca_der());
     let sidecar = server::start(config, clock).await?;
-    print_try_lines(sidecar.proxy_addr, sidecar.admin_addr.unwrap_or(args.admin_listen));
+    print_try_lines(
+        sidecar.proxy_addr,
+        sidecar.admin_addr.unwrap_or(args.admin_listen),
+    );
     server::shutdown_signal().await;
     sidecar.shutdown().await;
     stand_ins.shutdown().await;

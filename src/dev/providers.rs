@@ -142,7 +142,9 @@ impl MockProviders {
     /// The next `count` token requests fail with `failure`.
     pub fn fail_next(&self, count: usize, failure: Failure) {
         let mut steering = lock(&self.steering);
-        steering.queued_failures.extend(std::iter::repeat_n(failure, count));
+        steering
+            .queued_failures
+            .extend(std::iter::repeat_n(failure, count));
     }
 
     /// Every token request fails with `failure` until called with `None`.
@@ -169,7 +171,10 @@ impl MockProviders {
         let path = parts.uri.path().to_owned();
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         if parts.method != Method::POST {
-            return json_response(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method_not_allowed"}));
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "method_not_allowed"}),
+            );
         }
         match segments.as_slice() {
             ["organisations", org, "tokens", id, "revoke"] => self.nuapay_revoke(&parts.headers, org, id),
@@ -181,9 +186,18 @@ impl MockProviders {
                 })
                 .await
             }
-            ["auth", "token"] => self.token(Shape::Setu, &parts.headers, body, Self::setu_token).await,
-            ["api", "oauth", "token"] => self.token(Shape::Booking, &parts.headers, body, Self::booking_token).await,
-            ["oauth", "token"] => self.token(Shape::PayU, &parts.headers, body, Self::payu_token).await,
+            ["auth", "token"] => {
+                self.token(Shape::Setu, &parts.headers, body, Self::setu_token)
+                    .await
+            }
+            ["api", "oauth", "token"] => {
+                self.token(Shape::Booking, &parts.headers, body, Self::booking_token)
+                    .await
+            }
+            ["oauth", "token"] => {
+                self.token(Shape::PayU, &parts.headers, body, Self::payu_token)
+                    .await
+            }
             _ => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
         }
     }
@@ -204,7 +218,10 @@ impl MockProviders {
         });
         let (latency, failure, malformed) = {
             let mut steering = lock(&self.steering);
-            let failure = steering.queued_failures.pop_front().or_else(|| steering.failing.clone());
+            let failure = steering
+                .queued_failures
+                .pop_front()
+                .or_else(|| steering.failing.clone());
             (steering.latency, failure, steering.malformed.clone())
         };
         if !latency.is_zero() {
@@ -215,7 +232,9 @@ impl MockProviders {
         }
         if let Some(body) = malformed {
             let mut response = Response::new(full_body(body));
-            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             return response;
         }
         answer(self, headers, &body)
@@ -247,13 +266,23 @@ impl MockProviders {
                 .iter()
                 .filter_map(|s| s.as_str().map(str::to_owned))
                 .collect(),
-            _ => return nuapay_error(StatusCode::BAD_REQUEST, Some(("scopes", "At least one scope is required"))),
+            _ => {
+                return nuapay_error(
+                    StatusCode::BAD_REQUEST,
+                    Some(("scopes", "At least one scope is required")),
+                )
+            }
         };
         let lifetime = match request.get("expiresIn") {
             None => self.lifetime(Shape::Nuapay),
             Some(value) => match value.as_u64() {
                 Some(seconds) if (10..=31_556_926).contains(&seconds) => Duration::from_secs(seconds),
-                _ => return nuapay_error(StatusCode::BAD_REQUEST, Some(("expiresIn", "Must be between 10 and 31556926"))),
+                _ => {
+                    return nuapay_error(
+                        StatusCode::BAD_REQUEST,
+                        Some(("expiresIn", "Must be between 10 and 31556926")),
+                    )
+                }
             },
         };
         let (token, issued) = self.issued.issue(org, lifetime, TokenForm::Jwt);
@@ -297,7 +326,10 @@ impl MockProviders {
     }
 
     fn nuapay_key_ok(&self, headers: &HeaderMap) -> bool {
-        let expected = format!("Basic {}", STANDARD.encode(format!("{}:", self.accounts.nuapay_api_key)));
+        let expected = format!(
+            "Basic {}",
+            STANDARD.encode(format!("{}:", self.accounts.nuapay_api_key))
+        );
         header_text(headers, AUTHORIZATION.as_str()).as_deref() == Some(expected.as_str())
     }
 
@@ -308,12 +340,17 @@ impl MockProviders {
         let fields = form_fields(body);
         let client = match self.oauth_client(headers, &fields) {
             Ok(client) => client,
-            Err(response) => return response,
+            Err(refusal) => return refusal.response(),
         };
         let lifetime = self.lifetime(Shape::Setu);
         let (token, _) = self.issued.issue(&client, lifetime, TokenForm::Jwt);
-        let (refresh, _) = self.issued.issue(&format!("{client}-refresh"), lifetime * 2, TokenForm::Jwt);
-        json_response(StatusCode::OK, json!({"accessToken": token, "refreshToken": refresh}))
+        let (refresh, _) = self
+            .issued
+            .issue(&format!("{client}-refresh"), lifetime * 2, TokenForm::Jwt);
+        json_response(
+            StatusCode::OK,
+            json!({"accessToken": token, "refreshToken": refresh}),
+        )
     }
 
     fn booking_token(&self, headers: &HeaderMap, body: &[u8]) -> Response<ProxyBody> {
@@ -329,7 +366,7 @@ impl MockProviders {
             .collect();
         let client = match self.oauth_client(headers, &fields) {
             Ok(client) => client,
-            Err(response) => return response,
+            Err(refusal) => return refusal.response(),
         };
         let lifetime = self.lifetime(Shape::Booking);
         let (token, _) = self.issued.issue(&client, lifetime, TokenForm::Jwt);
@@ -346,7 +383,7 @@ impl MockProviders {
         let fields = form_fields(body);
         let client = match self.oauth_client(headers, &fields) {
             Ok(client) => client,
-            Err(response) => return response,
+            Err(refusal) => return refusal.response(),
         };
         let Some(scope) = fields.get("scope").filter(|s| !s.is_empty()) else {
             return oauth_error(StatusCode::BAD_REQUEST, "invalid_scope");
@@ -366,9 +403,13 @@ impl MockProviders {
     }
 
     /// The OAuth client, authenticated by body fields or HTTP Basic; `grant_type` checked.
-    fn oauth_client(&self, headers: &HeaderMap, fields: &HashMap<String, String>) -> Result<String, Response<ProxyBody>> {
+    fn oauth_client(
+        &self,
+        headers: &HeaderMap,
+        fields: &HashMap<String, String>,
+    ) -> Result<String, OAuthRefusal> {
         if fields.get("grant_type").map(String::as_str) != Some("client_credentials") {
-            return Err(oauth_error(StatusCode::BAD_REQUEST, "invalid_request"));
+            return Err(OAuthRefusal::BadRequest);
         }
         let (id, secret) = match basic_credentials(headers) {
             Some(pair) => pair,
@@ -379,7 +420,23 @@ impl MockProviders {
         };
         match self.accounts.clients.get(&id) {
             Some(expected) if *expected == secret => Ok(id),
-            _ => Err(oauth_error(StatusCode::UNAUTHORIZED, "invalid_client")),
+            _ => Err(OAuthRefusal::BadClient),
+        }
+    }
+}
+
+/// Why an OAuth token request was refused.
+#[derive(Debug, Clone, Copy)]
+enum OAuthRefusal {
+    BadRequest,
+    BadClient,
+}
+
+impl OAuthRefusal {
+    fn response(self) -> Response<ProxyBody> {
+        match self {
+            Self::BadRequest => oauth_error(StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::BadClient => oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"),
         }
     }
 }
@@ -412,10 +469,15 @@ fn is_content_type(headers: &HeaderMap, expected: &str) -> bool {
 
 fn failure_response(failure: &Failure) -> Response<ProxyBody> {
     let mut response = Response::new(full_body(failure.body.clone()));
-    *response.status_mut() = StatusCode::from_u16(failure.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    *response.status_mut() =
+        StatusCode::from_u16(failure.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(seconds) = failure.retry_after {
-        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(seconds));
     }
     response
 }
@@ -444,7 +506,9 @@ fn nuapay_error(status: StatusCode, detail: Option<(&str, &str)>) -> Response<Pr
 pub(crate) fn json_response(status: StatusCode, value: Value) -> Response<ProxyBody> {
     let mut response = Response::new(full_body(value.to_string()));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 

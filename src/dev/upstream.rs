@@ -55,45 +55,58 @@ impl EchoUpstream {
         self.refused.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Checks the request's token; `Err` is the 401 to answer with.
-    pub fn authorize(&self, headers: &HeaderMap) -> Result<(Issued, &'static str), Response<ProxyBody>> {
+    /// Checks the request's token and records refusals.
+    pub fn authorize(&self, headers: &HeaderMap) -> Result<(Issued, &'static str), Refusal> {
         let checked = match presented_token(headers) {
             Some((token, scheme)) => self.issued.check(&token).map(|issued| (issued, scheme)),
             None => Err(Refusal::Unknown),
         };
-        checked.map_err(|refusal| {
-            self.refused.lock().unwrap_or_else(|p| p.into_inner()).push(refusal);
-            let mut response = json_response(
-                StatusCode::UNAUTHORIZED,
-                json!({"error": "invalid_token", "error_description": refusal.as_str()}),
-            );
-            response
-                .headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
-            response
-        })
+        if let Err(refusal) = checked {
+            self.refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(refusal);
+        }
+        checked
     }
 
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<ProxyBody> {
         let (issued, scheme) = match self.authorize(request.headers()) {
             Ok(accepted) => accepted,
-            Err(response) => return response,
+            Err(refusal) => return unauthorized(refusal),
         };
         self.accepted.fetch_add(1, Ordering::SeqCst);
         let path = request.uri().path().to_owned();
         if path.ends_with("/redirect") {
             let mut response = Response::new(full_body(Bytes::new()));
             *response.status_mut() = StatusCode::FOUND;
-            response
-                .headers_mut()
-                .insert(LOCATION, HeaderValue::from_static("https://elsewhere.test/landing"));
+            response.headers_mut().insert(
+                LOCATION,
+                HeaderValue::from_static("https://elsewhere.test/landing"),
+            );
             return response;
         }
-        if let Some(count) = path.rsplit_once("/bytes/").and_then(|(_, n)| n.parse::<u64>().ok()) {
+        if let Some(count) = path
+            .rsplit_once("/bytes/")
+            .and_then(|(_, n)| n.parse::<u64>().ok())
+        {
             return stream_bytes(count);
         }
         echo(request, issued, scheme).await
     }
+}
+
+/// The 401 a refused token gets.
+pub fn unauthorized(refusal: Refusal) -> Response<ProxyBody> {
+    let mut response = json_response(
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "invalid_token", "error_description": refusal.as_str()}),
+    );
+    response.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+    );
+    response
 }
 
 /// The token a request carries and how: `Bearer`, Basic username, or the custom header.

@@ -2,7 +2,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::config::{CredentialChoice, CredentialSpec, Inject, ProviderKind, ProviderSpec, RouteSpec, Upstream};
+use crate::config::{
+    CredentialChoice, CredentialSpec, Inject, ProviderKind, ProviderSpec, RouteSpec, Upstream,
+};
 use crate::token::dialect::{BodyEncoding, ResponseSpec, TokenRequest};
 
 fn credential() -> Arc<CredentialSpec> {
@@ -69,17 +71,35 @@ fn found(host: Option<&str>, path: &str) -> Option<(String, String)> {
 
 #[test]
 fn longest_prefix_wins_on_whole_segments() {
-    assert_eq!(found(None, "/acme/nuapay/payments"), Some(("acme-nuapay".into(), "/payments".into())));
-    assert_eq!(found(None, "/acme/nuapay"), Some(("acme-nuapay".into(), "".into())));
-    assert_eq!(found(None, "/acme/nuapayments"), Some(("acme".into(), "/nuapayments".into())));
+    assert_eq!(
+        found(None, "/acme/nuapay/payments"),
+        Some(("acme-nuapay".into(), "/payments".into()))
+    );
+    assert_eq!(
+        found(None, "/acme/nuapay"),
+        Some(("acme-nuapay".into(), "".into()))
+    );
+    assert_eq!(
+        found(None, "/acme/nuapayments"),
+        Some(("acme".into(), "/nuapayments".into()))
+    );
     assert_eq!(found(None, "/acmex"), Some(("root".into(), "/acmex".into())));
 }
 
 #[test]
 fn host_routes_come_before_path_routes() {
-    assert_eq!(found(Some("payu.acme.localhost"), "/acme/x"), Some(("payu-host".into(), "/acme/x".into())));
-    assert_eq!(found(Some("payu.acme.localhost"), "/v2/links"), Some(("payu-host-v2".into(), "/links".into())));
-    assert_eq!(found(Some("other.localhost"), "/acme/x"), Some(("acme".into(), "/x".into())));
+    assert_eq!(
+        found(Some("payu.acme.localhost"), "/acme/x"),
+        Some(("payu-host".into(), "/acme/x".into()))
+    );
+    assert_eq!(
+        found(Some("payu.acme.localhost"), "/v2/links"),
+        Some(("payu-host-v2".into(), "/links".into()))
+    );
+    assert_eq!(
+        found(Some("other.localhost"), "/acme/x"),
+        Some(("acme".into(), "/x".into()))
+    );
 }
 
 #[test]
@@ -106,9 +126,14 @@ fn paths_join_onto_the_upstream_base_path() {
 
 #[test]
 fn host_comes_from_absolute_form_uri_or_host_header_without_port() {
-    let absolute = Request::get("http://PayU.Acme.localhost:8080/x").body(()).unwrap();
+    let absolute = Request::get("http://PayU.Acme.localhost:8080/x")
+        .body(())
+        .unwrap();
     assert_eq!(request_host(&absolute).as_deref(), Some("payu.acme.localhost"));
-    let origin = Request::get("/x").header("host", "payu.acme.localhost:8080").body(()).unwrap();
+    let origin = Request::get("/x")
+        .header("host", "payu.acme.localhost:8080")
+        .body(())
+        .unwrap();
     assert_eq!(request_host(&origin).as_deref(), Some("payu.acme.localhost"));
     let v6 = Request::get("/x").header("host", "[::1]:8080").body(()).unwrap();
     assert_eq!(request_host(&v6).as_deref(), Some("[::1]"));

@@ -116,7 +116,9 @@ impl TokenCache {
             })
             .collect::<HashMap<_, _>>();
         Arc::new(Self {
-            store: Cache::builder().max_capacity(credentials.len() as u64 + 1).build(),
+            store: Cache::builder()
+                .max_capacity(credentials.len() as u64 + 1)
+                .build(),
             credentials,
             fetcher,
             settings,
@@ -220,7 +222,9 @@ impl TokenCache {
             credential: state.spec.name.to_string(),
             provider: state.spec.provider.name.to_string(),
             state: label,
-            expires_in_ms: cached.as_ref().map(|c| signed_millis_until(c.schedule.expires_at, now)),
+            expires_in_ms: cached
+                .as_ref()
+                .map(|c| signed_millis_until(c.schedule.expires_at, now)),
             fingerprint: cached.as_ref().map(|c| c.token.fingerprint().to_owned()),
             fetches: status.fetches,
             last_error: status.last_error.as_ref().map(ToString::to_string),
@@ -250,7 +254,11 @@ impl TokenCache {
 
     /// Runs at most one fetch per credential at a time: callers queue on moka's per-key lock,
     /// and each re-checks the entry (and the back-off) before fetching.
-    async fn fetch_exclusive(&self, state: &Arc<CredentialState>, want: Want) -> Result<Arc<CachedToken>, TokenError> {
+    async fn fetch_exclusive(
+        &self,
+        state: &Arc<CredentialState>,
+        want: Want,
+    ) -> Result<Arc<CachedToken>, TokenError> {
         let key = state.spec.name.clone();
         let outcome = self
             .store
@@ -308,7 +316,10 @@ impl TokenCache {
                 drop(status);
                 let obtained_at = issued.expires_at.checked_sub(issued.lifetime).unwrap_or(now);
                 let jitter = rand::thread_rng().gen::<f64>();
-                let schedule = self.settings.refresh.schedule(obtained_at, issued.expires_at, jitter);
+                let schedule = self
+                    .settings
+                    .refresh
+                    .schedule(obtained_at, issued.expires_at, jitter);
                 tracing::info!(
                     credential = %credential,
                     token = %issued.token,
@@ -402,15 +413,22 @@ mod tests {
 
     #[test]
     fn rejected_credentials_wait_the_maximum() {
-        let err = FetchError::Rejected { status: 401, reason: None };
+        let err = FetchError::Rejected {
+            status: 401,
+            reason: None,
+        };
         assert_eq!(backoff(&settings(), 1, &err), Duration::from_secs(60));
     }
 
     #[test]
     fn retry_after_is_honoured_when_longer() {
-        let err = FetchError::RateLimited { retry_after: Some(Duration::from_secs(120)) };
+        let err = FetchError::RateLimited {
+            retry_after: Some(Duration::from_secs(120)),
+        };
         assert_eq!(backoff(&settings(), 1, &err), Duration::from_secs(120));
-        let err = FetchError::RateLimited { retry_after: Some(Duration::from_secs(0)) };
+        let err = FetchError::RateLimited {
+            retry_after: Some(Duration::from_secs(0)),
+        };
         assert_eq!(backoff(&settings(), 3, &err), Duration::from_secs(4));
     }
 }

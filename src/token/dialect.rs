@@ -123,7 +123,8 @@ pub fn parse_response(
     body: &[u8],
     requested_at: SystemTime,
 ) -> Result<IssuedToken, FetchError> {
-    let json: Value = serde_json::from_slice(body).map_err(|_| FetchError::malformed("answer is not JSON"))?;
+    let json: Value =
+        serde_json::from_slice(body).map_err(|_| FetchError::malformed("answer is not JSON"))?;
     let token = match json.pointer(&spec.token) {
         Some(Value::String(token)) if !token.is_empty() => token,
         Some(Value::String(_)) => return Err(FetchError::malformed("token field is empty")),
@@ -153,7 +154,12 @@ pub fn parse_response(
 }
 
 /// The earliest expiry the answer and the JWT state; `default_ttl` only when neither does.
-fn expiry(spec: &ResponseSpec, json: &Value, token: &str, requested_at: SystemTime) -> Result<SystemTime, FetchError> {
+fn expiry(
+    spec: &ResponseSpec,
+    json: &Value,
+    token: &str,
+    requested_at: SystemTime,
+) -> Result<SystemTime, FetchError> {
     let mut candidates = Vec::new();
     if let Some(pointer) = &spec.expires_in {
         if let Some(seconds) = read_number(json, pointer, "expires_in field is not a number")? {
@@ -176,9 +182,9 @@ fn expiry(spec: &ResponseSpec, json: &Value, token: &str, requested_at: SystemTi
         }
     }
     if candidates.is_empty() {
-        let ttl = spec
-            .default_ttl
-            .ok_or_else(|| FetchError::malformed("answer states no expiry and no default_ttl is configured"))?;
+        let ttl = spec.default_ttl.ok_or_else(|| {
+            FetchError::malformed("answer states no expiry and no default_ttl is configured")
+        })?;
         candidates.push(requested_at + ttl);
     }
     Ok(candidates.into_iter().min().unwrap_or(requested_at))
@@ -196,7 +202,10 @@ fn absolute_expiry(expires_secs: f64, issued_secs: Option<f64>, requested_at: Sy
 fn read_number(json: &Value, pointer: &str, wrong_type: &'static str) -> Result<Option<f64>, FetchError> {
     match json.pointer(pointer) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(number)) => number.as_f64().map(Some).ok_or_else(|| FetchError::malformed(wrong_type)),
+        Some(Value::Number(number)) => number
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| FetchError::malformed(wrong_type)),
         Some(Value::String(text)) => text
             .trim()
             .parse::<f64>()

@@ -64,7 +64,9 @@ pub fn error_code_from_body(body: &[u8]) -> Option<String> {
         .or_else(|| json.get("returnCode").and_then(|c| c.as_str()))?;
     let looks_like_code = !code.is_empty()
         && code.len() <= 40
-        && code.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        && code
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
     looks_like_code.then(|| code.to_owned())
 }
 
@@ -76,14 +78,26 @@ mod tests {
     fn oauth_error_code_is_kept_but_description_is_not() {
         let body = br#"{"error":"invalid_client","error_description":"secret s3cr3t is wrong"}"#;
         assert_eq!(error_code_from_body(body).as_deref(), Some("invalid_client"));
-        let err = FetchError::Rejected { status: 401, reason: error_code_from_body(body) };
-        assert_eq!(err.to_string(), "token endpoint rejected the credentials (401: invalid_client)");
+        let err = FetchError::Rejected {
+            status: 401,
+            reason: error_code_from_body(body),
+        };
+        assert_eq!(
+            err.to_string(),
+            "token endpoint rejected the credentials (401: invalid_client)"
+        );
     }
 
     #[test]
     fn free_text_in_error_field_is_dropped() {
-        assert_eq!(error_code_from_body(br#"{"error":"client s3cr3t not valid"}"#), None);
-        assert_eq!(error_code_from_body(br#"{"returnCode":"40000"}"#).as_deref(), Some("40000"));
+        assert_eq!(
+            error_code_from_body(br#"{"error":"client s3cr3t not valid"}"#),
+            None
+        );
+        assert_eq!(
+            error_code_from_body(br#"{"returnCode":"40000"}"#).as_deref(),
+            Some("40000")
+        );
         assert_eq!(error_code_from_body(b"<html>"), None);
     }
 }

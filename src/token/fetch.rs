@@ -47,7 +47,9 @@ impl TokenFetcher {
         let client = self
             .clients
             .get(&credential.provider.name)
-            .ok_or_else(|| FetchError::Unreachable { reason: "no client for provider".into() })?;
+            .ok_or_else(|| FetchError::Unreachable {
+                reason: "no client for provider".into(),
+            })?;
         let request = &credential.request;
         let (content_type, body) = request.encode_body();
         let mut builder = client
@@ -56,8 +58,10 @@ impl TokenFetcher {
             .header(ACCEPT, "application/json")
             .body(body);
         if let Some(authorization) = &request.authorization {
-            let mut value = HeaderValue::from_str(authorization.expose())
-                .map_err(|_| FetchError::Unreachable { reason: "client credentials are not header-safe".into() })?;
+            let mut value =
+                HeaderValue::from_str(authorization.expose()).map_err(|_| FetchError::Unreachable {
+                    reason: "client credentials are not header-safe".into(),
+                })?;
             value.set_sensitive(true);
             builder = builder.header(AUTHORIZATION, value);
         }

@@ -184,7 +184,10 @@ mod tests {
             let window = lifetime - refresh;
             let s = policy.schedule(at(0.0), at(lifetime), 0.999);
             let jittered = offset(s.refresh_at);
-            assert!(jittered <= refresh && jittered >= refresh - window * 0.1 - 1e-6, "{lifetime}: {jittered}");
+            assert!(
+                jittered <= refresh && jittered >= refresh - window * 0.1 - 1e-6,
+                "{lifetime}: {jittered}"
+            );
             assert_eq!(offset(s.unusable_at), unusable, "jitter never changes the margin");
         }
     }

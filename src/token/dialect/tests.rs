@@ -67,7 +67,11 @@ fn setu_lifetime_comes_from_the_jwt_when_the_answer_has_none() {
     let token = jwt(1_637_242_869, 1_637_242_569);
     let body = format!(r#"{{"accessToken":"{token}","refreshToken":"r"}}"#);
     let issued = parse_response(&spec, body.as_bytes(), at(5_000)).unwrap();
-    assert_eq!(issued.lifetime, Duration::from_secs(300), "JWT says 300 s; default_ttl is only a fallback");
+    assert_eq!(
+        issued.lifetime,
+        Duration::from_secs(300),
+        "JWT says 300 s; default_ttl is only a fallback"
+    );
 }
 
 #[test]
@@ -87,12 +91,20 @@ fn default_ttl_applies_only_when_nothing_states_an_expiry() {
     let issued = parse_response(&spec, br#"{"access_token":"opaque"}"#, at(0)).unwrap();
     assert_eq!(issued.lifetime, Duration::from_secs(900));
     let err = parse_response(&oauth2_spec(), br#"{"access_token":"opaque"}"#, at(0)).unwrap_err();
-    assert_eq!(err, FetchError::malformed("answer states no expiry and no default_ttl is configured"));
+    assert_eq!(
+        err,
+        FetchError::malformed("answer states no expiry and no default_ttl is configured")
+    );
 }
 
 #[test]
 fn numeric_strings_are_accepted_for_expiry() {
-    let issued = parse_response(&oauth2_spec(), br#"{"access_token":"t","expires_in":"3600"}"#, at(0)).unwrap();
+    let issued = parse_response(
+        &oauth2_spec(),
+        br#"{"access_token":"t","expires_in":"3600"}"#,
+        at(0),
+    )
+    .unwrap();
     assert_eq!(issued.lifetime, Duration::from_secs(3600));
 }
 
@@ -112,7 +124,12 @@ fn unusable_answers_are_typed_errors() {
     ];
     for (body, reason) in cases {
         let err = parse_response(&oauth2_spec(), body, at(100)).unwrap_err();
-        assert_eq!(err, FetchError::malformed(reason), "body {:?}", String::from_utf8_lossy(body));
+        assert_eq!(
+            err,
+            FetchError::malformed(reason),
+            "body {:?}",
+            String::from_utf8_lossy(body)
+        );
     }
 }
 
@@ -135,7 +152,10 @@ fn form_body_joins_lists_with_spaces_and_json_keeps_them() {
         fields: vec![
             ("grant_type".into(), BodyValue::Text("client_credentials".into())),
             ("client_secret".into(), BodyValue::Secret(Secret::new("s&cret"))),
-            ("scope".into(), BodyValue::List(vec!["create_payment_links".into(), "read_payment_links".into()])),
+            (
+                "scope".into(),
+                BodyValue::List(vec!["create_payment_links".into(), "read_payment_links".into()]),
+            ),
         ],
         authorization: None,
     };
@@ -152,5 +172,8 @@ fn form_body_joins_lists_with_spaces_and_json_keeps_them() {
     ];
     let (content_type, body) = request.encode_body();
     assert_eq!(content_type, "application/json");
-    assert_eq!(String::from_utf8(body).unwrap(), r#"{"scopes":["openbanking_pisp"],"expiresIn":360}"#);
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        r#"{"scopes":["openbanking_pisp"],"expiresIn":360}"#
+    );
 }

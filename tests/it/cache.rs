@@ -1,0 +1,216 @@
+//! The token cache under load, time and faults: one fetch for many waiters, a 10 s token
+//! reused for most of its life and never sent expired, 401 → purge and replay, and a failing
+//! endpoint answered with 503 without being hammered. Time is the harness's manual clock.
+
+use std::time::Duration;
+
+use token_sidecar::dev::issued::Refusal;
+use token_sidecar::dev::providers::{Failure, Shape};
+
+use crate::support::{secs, Harness};
+
+#[tokio::test]
+async fn concurrent_cold_requests_share_one_fetch() {
+    let h = Harness::start().await;
+    h.stand_ins.providers.set_latency(Duration::from_millis(300));
+    let requests = (0..200).map(|i| {
+        let request = h.client.get(h.url(&format!("/acme/payu/links/{i}"))).send();
+        async move { request.await.map(|r| r.status().as_u16()) }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(statuses.iter().all(|s| matches!(s, Ok(200))), "{statuses:?}");
+    assert_eq!(h.stand_ins.providers.token_requests(Shape::PayU), 1);
+    assert_eq!(h.stand_ins.upstream.accepted(), 200);
+}
+
+#[tokio::test]
+async fn a_ten_second_token_is_reused_and_never_sent_expired() {
+    let h = Harness::start().await;
+    let mut fetches_after = Vec::new();
+    for _second in 0..60 {
+        let (status, echo) = h.get_json("/acme/nuapay/payments").await;
+        assert_eq!(status, 200, "{echo}");
+        fetches_after.push(h.stand_ins.providers.token_requests(Shape::Nuapay));
+        h.advance(secs(1));
+    }
+    assert_eq!(
+        fetches_after[6], 1,
+        "one token serves the first 7 s: {fetches_after:?}"
+    );
+    let total = *fetches_after.last().unwrap();
+    assert!(
+        (6..=9).contains(&total),
+        "about one fetch per 7.5-10 s over 60 s, got {total}"
+    );
+    assert!(
+        h.stand_ins.upstream.refusals().is_empty(),
+        "no expired token was ever sent"
+    );
+}
+
+#[tokio::test]
+async fn a_token_is_not_sent_in_its_last_second() {
+    let h = Harness::start().await;
+    assert_eq!(h.get_json("/acme/nuapay/x").await.0, 200);
+    // 9.2 s into a 10 s token: inside the expiry margin, so a new one is fetched first.
+    h.advance(Duration::from_millis(9_200));
+    assert_eq!(h.get_json("/acme/nuapay/x").await.0, 200);
+    assert_eq!(h.stand_ins.providers.token_requests(Shape::Nuapay), 2);
+    assert!(h.stand_ins.upstream.refusals().is_empty());
+}
+
+#[tokio::test]
+async fn upstream_401_purges_the_token_and_replays_once() {
+    let h = Harness::start().await;
+    assert_eq!(h.get_json("/acme/payu/x").await.0, 200);
+    h.stand_ins.issued.revoke_subject("acme-payu-client");
+
+    let response = h
+        .client
+        .post(h.url("/acme/payu/orders"))
+        .body(r#"{"amount":100}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "replayed with a fresh token");
+    let echo: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(echo["body_bytes"], 14, "the replay carried the same body");
+    assert_eq!(h.stand_ins.providers.token_requests(Shape::PayU), 2);
+    assert_eq!(h.stand_ins.upstream.refusals(), vec![Refusal::Revoked]);
+    let metrics = h
+        .client
+        .get(h.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("token_sidecar_upstream_401_retries_total{route=\"/acme/payu\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_body_too_large_to_keep_is_not_replayed() {
+    let h = Harness::start().await;
+    assert_eq!(h.get_json("/acme/payu/x").await.0, 200);
+    h.stand_ins.issued.revoke_subject("acme-payu-client");
+    let big = vec![b'x'; 2 * 1024 * 1024];
+    let response = h
+        .client
+        .post(h.url("/acme/payu/uploads"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401, "the upstream's 401 goes back");
+    assert!(response.headers().get("x-token-sidecar-error").is_none());
+    // The refused token was purged: the next request gets a fresh one.
+    assert_eq!(h.get_json("/acme/payu/x").await.0, 200);
+    assert_eq!(h.stand_ins.providers.token_requests(Shape::PayU), 2);
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_gets_503_with_retry_after_and_is_not_hammered() {
+    let h = Harness::start().await;
+    h.stand_ins.providers.set_failing(Some(Failure::status(503)));
+    for _ in 0..20 {
+        let response = h.get("/acme/payu/x").await;
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["x-token-sidecar-error"], "token_unavailable");
+        assert!(response.headers().contains_key("retry-after"));
+    }
+    assert_eq!(
+        h.stand_ins.providers.token_requests(Shape::PayU),
+        1,
+        "back-off holds further fetches"
+    );
+
+    h.advance(secs(1));
+    assert_eq!(h.get("/acme/payu/x").await.status(), 503);
+    assert_eq!(
+        h.stand_ins.providers.token_requests(Shape::PayU),
+        2,
+        "retried after the back-off"
+    );
+
+    h.stand_ins.providers.set_failing(None);
+    h.advance(secs(2));
+    assert_eq!(
+        h.get_json("/acme/payu/x").await.0,
+        200,
+        "recovers once the endpoint does"
+    );
+    assert!(h.stand_ins.upstream.refusals().is_empty());
+}
+
+#[tokio::test]
+async fn rejected_credentials_fail_fast_with_a_secret_free_reason() {
+    let h = Harness::start().await;
+    h.stand_ins.providers.fail_next(
+        1,
+        Failure {
+            status: 401,
+            retry_after: None,
+            body: r#"{"error":"invalid_client","error_description":"secret dev-payu-secret is wrong"}"#
+                .into(),
+        },
+    );
+    let response = h.get("/acme/payu/x").await;
+    assert_eq!(response.status(), 503);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        retry_after >= 30,
+        "rejected credentials are not retried soon: {retry_after}"
+    );
+    let body = response.text().await.unwrap();
+    assert!(body.contains("invalid_client"), "{body}");
+    assert!(!body.contains("dev-payu-secret"), "{body}");
+
+    let state = h.token_state("acme-payu").await;
+    assert_eq!(state["state"], "failing");
+    assert!(state["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("401: invalid_client"));
+    assert!(!state.to_string().contains("dev-payu-secret"));
+}
+
+#[tokio::test]
+async fn a_malformed_answer_is_an_error_not_a_token() {
+    let h = Harness::start().await;
+    h.stand_ins
+        .providers
+        .set_malformed(Some(r#"{"token":"x"}"#.into()));
+    let response = h.get("/acme/payu/x").await;
+    assert_eq!(response.status(), 503);
+    let state = h.token_state("acme-payu").await;
+    assert_eq!(
+        state["last_error"],
+        "token endpoint answer unusable: answer has no token field"
+    );
+}
+
+#[tokio::test]
+async fn a_cached_token_outlives_an_endpoint_outage() {
+    let h = Harness::start().await;
+    assert_eq!(h.get_json("/acme/payu/x").await.0, 200);
+    h.stand_ins.providers.set_failing(Some(Failure::status(500)));
+    // Into the 2 h token's refresh window: refreshes fail, the cached token keeps working.
+    h.advance(secs(7200 - 200));
+    for _ in 0..5 {
+        assert_eq!(h.get_json("/acme/payu/x").await.0, 200);
+        h.advance(secs(10));
+    }
+    assert!(
+        h.stand_ins.providers.token_requests(Shape::PayU) >= 2,
+        "a refresh was attempted"
+    );
+    assert!(h.stand_ins.upstream.refusals().is_empty());
+}

@@ -1,0 +1,258 @@
+//! `token-sidecar check` on the shipped examples and on broken configs: exit 2 with every
+//! problem named by file, line and key path.
+
+use std::io::Write;
+
+use crate::support::{repo_root, run_binary};
+
+/// The secrets the examples reference by environment variable.
+const EXAMPLE_ENV: &[(&str, &str)] = &[
+    ("NUAPAY_API_KEY", "example-nuapay-key"),
+    ("ACME_SETU_SECRET", "example-setu-secret"),
+    ("ACME_BOOKING_SECRET", "example-booking-secret"),
+    ("ACME_PAYU_SECRET", "example-payu-secret"),
+    ("GLOBEX_PAYU_SECRET", "example-globex-secret"),
+];
+
+#[test]
+fn every_example_config_passes_check() {
+    let dir = repo_root().join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, stdout, stderr) =
+                run_binary(&["check", "--config", path.to_str().unwrap()], EXAMPLE_ENV);
+            assert_eq!(code, 0, "{}: {stderr}", path.display());
+            assert!(stdout.starts_with("config OK: "), "{stdout}");
+            assert_eq!(stdout.lines().count(), 1, "one-line summary: {stdout}");
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 5,
+        "one example per provider plus the combined one, found {checked}"
+    );
+}
+
+#[test]
+fn config_may_come_from_the_environment() {
+    let path = repo_root().join("config/payu.toml");
+    let mut env = EXAMPLE_ENV.to_vec();
+    env.push(("TOKEN_SIDECAR_CONFIG", path.to_str().unwrap()));
+    let (code, stdout, stderr) = run_binary(&["check"], &env);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("config OK"));
+}
+
+fn check(text: &str) -> (i32, String, String) {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    let path = file.path().to_str().unwrap().to_owned();
+    let (code, stdout, stderr) = run_binary(&["check", "--config", &path], &[]);
+    (code, stdout, stderr.replace(&path, "FILE"))
+}
+
+const VALID: &str = r#"[server]
+listen = "127.0.0.1:8080"
+
+[providers.payu]
+token_url = "https://uat-accounts.payu.in/oauth/token"
+
+[credentials.acme-payu]
+provider = "payu"
+client_id = "acme"
+client_secret = "literal-secret"
+
+[[routes]]
+path_prefix = "/acme/payu"
+upstream = "https://uat-accounts.payu.in"
+credential = "acme-payu"
+"#;
+
+#[test]
+fn a_valid_config_prints_a_summary() {
+    let (code, stdout, stderr) = check(VALID);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "config OK: 1 provider(s), 1 credential(s), 1 route(s); listening on 127.0.0.1:8080"
+    );
+}
+
+#[test]
+fn unknown_key_names_file_line_and_key_path() {
+    let text = VALID.replace(
+        "credential = \"acme-payu\"",
+        "credential = \"acme-payu\"\ncredentail = \"typo\"",
+    );
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("FILE:16"), "{stderr}");
+    assert!(stderr.contains("routes[0].credentail"), "{stderr}");
+    assert!(stderr.contains("unknown field `credentail`"), "{stderr}");
+}
+
+#[test]
+fn wrong_type_names_file_line_and_key_path() {
+    let text = VALID.replace("client_id = \"acme\"", "client_id = 42");
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("FILE:9"), "{stderr}");
+    assert!(stderr.contains("credentials.acme-payu.client_id"), "{stderr}");
+}
+
+#[test]
+fn every_reference_problem_is_reported_at_once() {
+    let text = format!(
+        "{VALID}
+[[routes]]
+path_prefix = \"/globex\"
+upstream = \"http://plain.example\"
+credential = \"globex-payu\"
+
+[credentials.orphan]
+provider = \"nobody\"
+client_id = \"x\"
+client_secret = {{ env = \"TOKEN_SIDECAR_TEST_UNSET_VAR\" }}
+"
+    );
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2, "{stderr}");
+    let expected = [
+        "FILE:19: routes[1].upstream: http:// would send tokens",
+        "FILE:20: routes[1].credential: no credential named `globex-payu`",
+        "FILE:23: credentials.orphan.provider: no provider named `nobody`",
+    ];
+    for line in expected {
+        assert!(stderr.contains(line), "missing `{line}` in\n{stderr}");
+    }
+}
+
+#[test]
+fn missing_env_secret_is_named() {
+    let text = VALID.replace("\"literal-secret\"", "{ env = \"TOKEN_SIDECAR_TEST_UNSET_VAR\" }");
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("FILE:10: credentials.acme-payu.client_secret: environment variable TOKEN_SIDECAR_TEST_UNSET_VAR is not set"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unreadable_and_empty_secret_files_are_named() {
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    let text = VALID.replace(
+        "\"literal-secret\"",
+        &format!("{{ file = \"{}\" }}", empty.path().display()),
+    );
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("client_secret: the secret is empty"), "{stderr}");
+
+    let text = VALID.replace("\"literal-secret\"", "{ file = \"/nonexistent/secret\" }");
+    let (_, _, stderr) = check(&text);
+    assert!(
+        stderr.contains("cannot read secret file /nonexistent/secret"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn plaintext_is_allowed_only_when_asked_for() {
+    let text = VALID
+        .replace(
+            "https://uat-accounts.payu.in/oauth/token",
+            "http://127.0.0.1:9/oauth/token",
+        )
+        .replace(
+            "[credentials.acme-payu]",
+            "allow_plaintext = true\n\n[credentials.acme-payu]",
+        );
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 0, "{stderr}");
+    let text = VALID.replace(
+        "https://uat-accounts.payu.in/oauth/token",
+        "http://127.0.0.1:9/oauth/token",
+    );
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("FILE:5: providers.payu.token_url: http://"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn duplicate_routes_and_bad_values_are_refused() {
+    let text = format!(
+        "{VALID}
+[[routes]]
+path_prefix = \"/acme/payu/\"
+upstream = \"https://other.example\"
+credential = \"acme-payu\"
+inject = {{ header = \"X-Token\", format = \"no placeholder\" }}
+timeout = \"0s\"
+"
+    );
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2);
+    for expected in [
+        "routes[1].inject.format: must contain {token}",
+        "routes[1].timeout: must not be zero",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected} in\n{stderr}");
+    }
+    let text = format!(
+        "{VALID}
+[[routes]]
+path_prefix = \"/acme/payu/\"
+upstream = \"https://other.example\"
+credential = \"acme-payu\"
+"
+    );
+    let (_, _, stderr) = check(&text);
+    assert!(
+        stderr.contains("FILE:17: routes[1]: matches the same requests as routes[0]"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn non_loopback_listen_needs_explicit_consent() {
+    let text = VALID.replace("127.0.0.1:8080", "0.0.0.0:8080");
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("FILE:2: server.listen: 0.0.0.0:8080 is not a loopback address"),
+        "{stderr}"
+    );
+    let text = text.replace("[server]", "[server]\nallow_non_loopback = true");
+    assert_eq!(check(&text).0, 0);
+}
+
+#[test]
+fn run_refuses_what_check_refuses() {
+    let text = VALID.replace("credential = \"acme-payu\"", "credential = \"nobody\"");
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    let (code, _, stderr) = run_binary(&["run", "--config", file.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("routes[0].credential: no credential named `nobody`"),
+        "{stderr}"
+    );
+    let (code, _, _) = run_binary(&["--config", file.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "--config alone means run");
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let (code, _, stderr) = run_binary(&["check", "--config", "/nonexistent/sidecar.toml"], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("/nonexistent/sidecar.toml: cannot read the config file"),
+        "{stderr}"
+    );
+}

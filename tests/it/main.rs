@@ -1,0 +1,11 @@
+//! Integration tests: the real sidecar on 127.0.0.1 sockets, stand-in token endpoints for the
+//! four provider shapes and a TLS upstream that accepts only valid issued tokens.
+
+mod admin;
+mod cache;
+mod config;
+mod dev;
+mod forwarding;
+mod providers;
+mod routing;
+mod support;
