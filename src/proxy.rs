@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Incoming};
 
@@ -16,9 +16,6 @@ use crate::forward::{clean_request_headers, inject_token, remove_hop_by_hop, ups
 use crate::metrics::Metrics;
 use crate::route::{request_host, Router};
 use crate::token::cache::{CachedToken, TokenCache};
-
-/// Request bodies up to this size are kept so the request can be resent after a 401.
-pub const REPLAY_BODY_LIMIT: u64 = 1024 * 1024;
 
 /// The metrics label for requests that matched no route.
 const NO_ROUTE: &str = "none";
@@ -101,13 +98,14 @@ impl Proxy {
             headers: parts.headers,
         };
 
-        let (first_body, replay_body) = match keep_for_replay(&outgoing.headers, body).await? {
-            KeptBody::Kept(bytes) => (full_body(bytes.clone()), Some(bytes)),
-            KeptBody::Streaming(body) => (body, None),
-        };
+        let (first_body, replay_body) =
+            match keep_for_replay(&outgoing.headers, body, route.replay_body_limit).await? {
+                KeptBody::Kept(bytes) => (full_body(bytes.clone()), Some(bytes)),
+                KeptBody::Streaming(body) => (body, None),
+            };
         let token = self.tokens.token(&credential.name).await?;
         let response = self.send(route, &outgoing, first_body, &token).await?;
-        if response.status() != StatusCode::UNAUTHORIZED {
+        if !route.purge_on_status.contains(&response.status()) {
             return Ok(response);
         }
 
@@ -118,7 +116,7 @@ impl Proxy {
         };
         self.metrics.upstream_401_retry(&route.name);
         let fresh = self.tokens.token(&credential.name).await?;
-        tracing::info!(route = %route.name, credential = %credential.name, "upstream answered 401; resending once with a fresh token");
+        tracing::info!(route = %route.name, credential = %credential.name, status = response.status().as_u16(), "upstream refused the token; resending once with a fresh one");
         self.send(route, &outgoing, full_body(bytes), &fresh).await
     }
 
@@ -173,17 +171,17 @@ enum KeptBody {
     Streaming(ProxyBody),
 }
 
-/// Keeps bodies that are empty or declare a length within [`REPLAY_BODY_LIMIT`]; streams the rest.
-async fn keep_for_replay(headers: &HeaderMap, body: Incoming) -> Result<KeptBody, ProxyError> {
+/// Keeps bodies that are empty or declare a length within `limit`; streams the rest.
+async fn keep_for_replay(headers: &HeaderMap, body: Incoming, limit: u64) -> Result<KeptBody, ProxyError> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let small = body.is_end_stream() || declared.is_some_and(|len| len <= REPLAY_BODY_LIMIT);
+    let small = body.is_end_stream() || declared.is_some_and(|len| len <= limit);
     if !small {
         return Ok(KeptBody::Streaming(body.map_err(Into::into).boxed_unsync()));
     }
-    let collected = Limited::new(body, REPLAY_BODY_LIMIT as usize)
+    let collected = Limited::new(body, limit as usize)
         .collect()
         .await
         .map_err(|err| ProxyError::RequestBody(err.to_string()))?;

@@ -65,12 +65,14 @@ pub struct RunningSidecar {
 }
 
 impl RunningSidecar {
-    /// Stops accepting, lets open requests finish (up to a grace period), and returns.
+    /// Stops accepting, lets open requests finish (up to a grace period), revokes the tokens
+    /// that ask for it, and returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
         }
+        self.tokens.revoke_on_shutdown().await;
     }
 }
 
@@ -114,6 +116,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar,
             None,
         )));
     }
+    tasks.push(tokio::spawn(tokens.clone().run_refresher(shutdown_rx.clone())));
     prefetch(&tokens);
     tracing::info!(%proxy_addr, admin_addr = ?admin_addr, routes = config.routes.len(), "token-sidecar listening");
     Ok(RunningSidecar {

@@ -45,6 +45,10 @@ pub struct CacheSettings {
     /// First pause after a failed token fetch; it doubles per consecutive failure.
     pub failure_backoff: Duration,
     pub max_failure_backoff: Duration,
+    /// How long a waiting request's fetch may keep retrying retryable failures.
+    pub retry_budget: Duration,
+    /// Token fetches in flight at once, across all credentials.
+    pub max_concurrent_fetches: usize,
 }
 
 impl Default for CacheSettings {
@@ -53,6 +57,8 @@ impl Default for CacheSettings {
             refresh: RefreshPolicy::default(),
             failure_backoff: Duration::from_secs(1),
             max_failure_backoff: Duration::from_secs(60),
+            retry_budget: Duration::from_secs(2),
+            max_concurrent_fetches: 8,
         }
     }
 }
@@ -89,6 +95,9 @@ pub struct CredentialSpec {
     pub request: TokenRequest,
     pub response: ResponseSpec,
     pub prefetch: bool,
+    /// Revoke this credential's token at shutdown (Nuapay long-lived tokens):
+    /// `POST {request.url}/{token id}/revoke`.
+    pub revoke_on_shutdown: bool,
 }
 
 /// Which requests get which credential and where they go.
@@ -107,6 +116,10 @@ pub struct RouteSpec {
     pub inject: Inject,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub timeout: Duration,
+    /// Upstream statuses that mean "this token was refused": purge it and resend once.
+    pub purge_on_status: Vec<http::StatusCode>,
+    /// Request bodies up to this many bytes are kept so they can be resent.
+    pub replay_body_limit: u64,
 }
 
 /// Where a route forwards to.

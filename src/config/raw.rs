@@ -54,6 +54,9 @@ pub struct RawCache {
     pub failure_backoff: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub max_failure_backoff: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub retry_budget: Option<Duration>,
+    pub max_concurrent_fetches: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -107,6 +110,8 @@ pub struct RawProvider {
     pub api_key: Option<RawSecret>,
     #[serde(default, with = "humantime_serde")]
     pub expires_in: Option<Duration>,
+    #[serde(default)]
+    pub revoke_on_shutdown: bool,
     // both
     #[serde(default)]
     pub allow_plaintext: bool,
@@ -146,6 +151,8 @@ pub struct RawRoute {
     pub allow_plaintext: bool,
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    pub purge_on_status: Option<Vec<u16>>,
+    pub replay_body_limit: Option<u64>,
 }
 
 /// `"literal"`, `{ env = "NAME" }` or `{ file = "/path" }`.

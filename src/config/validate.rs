@@ -23,6 +23,7 @@ const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 const NUAPAY_MIN_EXPIRES_IN: Duration = Duration::from_secs(10);
 const NUAPAY_MAX_EXPIRES_IN: Duration = Duration::from_secs(31_556_926);
 const NUAPAY_DEFAULT_TTL: Duration = Duration::from_secs(10);
+const DEFAULT_REPLAY_BODY_LIMIT: u64 = 1024 * 1024;
 
 /// Headers a route may not set or inject: the sidecar owns them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -135,6 +136,7 @@ fn unknown_field_name(message: &str) -> Option<&str> {
 /// Draft of a provider, kept until its credentials are built.
 struct ProviderDraft {
     spec: Arc<ProviderSpec>,
+    revoke_on_shutdown: bool,
     endpoint: Endpoint,
     scopes: Vec<String>,
     response: ResponseSpec,
@@ -274,7 +276,15 @@ impl Validator {
                 raw.max_failure_backoff,
                 defaults.max_failure_backoff,
             ),
+            retry_budget: raw.retry_budget.unwrap_or(defaults.retry_budget),
+            max_concurrent_fetches: raw
+                .max_concurrent_fetches
+                .unwrap_or(defaults.max_concurrent_fetches),
         };
+        if settings.max_concurrent_fetches == 0 {
+            self.problem(&path.key("max_concurrent_fetches"), "must be at least 1");
+            ok = false;
+        }
         ok.then_some(settings)
     }
 
@@ -302,6 +312,7 @@ impl Validator {
             ProviderKind::Nuapay => self.nuapay_endpoint(path, raw, default_ttl)?,
         };
         Some(ProviderDraft {
+            revoke_on_shutdown: raw.revoke_on_shutdown,
             spec: Arc::new(ProviderSpec {
                 name: name.into(),
                 kind,
@@ -330,6 +341,7 @@ impl Validator {
             ("base_url", raw.base_url.is_some()),
             ("api_key", raw.api_key.is_some()),
             ("expires_in", raw.expires_in.is_some()),
+            ("revoke_on_shutdown", raw.revoke_on_shutdown),
         ];
         let foreign = match kind {
             ProviderKind::OAuth2 => &nuapay_only[..],
@@ -496,6 +508,7 @@ impl Validator {
             request,
             response: provider.response.clone(),
             prefetch: raw.prefetch,
+            revoke_on_shutdown: provider.revoke_on_shutdown,
         }))
     }
 
@@ -699,6 +712,8 @@ impl Validator {
         let inject = self.inject(&path.key("inject"), raw.inject.as_ref());
         let headers = self.static_headers(&path.key("headers"), &raw.headers);
         let timeout = self.nonzero(&path.key("timeout"), raw.timeout, DEFAULT_UPSTREAM_TIMEOUT);
+        let purge_on_status =
+            self.purge_statuses(&path.key("purge_on_status"), raw.purge_on_status.as_deref());
         if self.problems.len() > errors_before {
             return None;
         }
@@ -718,7 +733,26 @@ impl Validator {
             inject: inject?,
             headers: headers?,
             timeout,
+            purge_on_status: purge_on_status?,
+            replay_body_limit: raw.replay_body_limit.unwrap_or(DEFAULT_REPLAY_BODY_LIMIT),
         })
+    }
+
+    fn purge_statuses(&mut self, path: &KeyPath, raw: Option<&[u16]>) -> Option<Vec<http::StatusCode>> {
+        let Some(codes) = raw else {
+            return Some(vec![http::StatusCode::UNAUTHORIZED]);
+        };
+        let mut statuses = Vec::new();
+        for (i, code) in codes.iter().enumerate() {
+            match http::StatusCode::from_u16(*code) {
+                Ok(status) if status.is_client_error() => statuses.push(status),
+                _ => {
+                    self.problem(&path.index(i), format!("{code} is not a 4xx status"));
+                    return None;
+                }
+            }
+        }
+        Some(statuses)
     }
 
     fn path_prefix(&mut self, path: &KeyPath, prefix: &str) -> Option<String> {

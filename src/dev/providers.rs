@@ -92,6 +92,8 @@ struct Steering {
 #[derive(Debug, Clone)]
 pub struct SeenRequest {
     pub shape: Shape,
+    /// When it arrived (real time).
+    pub at: std::time::Instant,
     pub content_type: Option<String>,
     pub authorization: Option<String>,
     pub body: String,
@@ -212,6 +214,7 @@ impl MockProviders {
     ) -> Response<ProxyBody> {
         lock(&self.seen).push(SeenRequest {
             shape,
+            at: std::time::Instant::now(),
             content_type: header_text(headers, CONTENT_TYPE.as_str()),
             authorization: header_text(headers, AUTHORIZATION.as_str()),
             body: String::from_utf8_lossy(&body).into_owned(),

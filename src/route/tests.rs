@@ -31,6 +31,7 @@ fn credential() -> Arc<CredentialSpec> {
             default_ttl: None,
         },
         prefetch: false,
+        revoke_on_shutdown: false,
     })
 }
 
@@ -49,6 +50,8 @@ fn route(label: &str, host: Option<&str>, prefix: Option<&str>) -> Arc<RouteSpec
         inject: Inject::Bearer,
         headers: vec![],
         timeout: Duration::from_secs(1),
+        purge_on_status: vec![http::StatusCode::UNAUTHORIZED],
+        replay_body_limit: 1024,
     })
 }
 

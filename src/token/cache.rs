@@ -5,12 +5,17 @@
 //! - A request with no usable token waits on the credential's one fetch: fetches run inside
 //!   moka's per-key `and_try_compute_with`, so concurrent waiters are serialised and each later
 //!   one finds the token the first one fetched.
-//! - After a failed fetch the credential backs off (exponentially, or as `Retry-After` says);
-//!   requests arriving meanwhile get [`TokenError::Unavailable`] at once instead of hammering
-//!   the endpoint, and an expired token is never handed out.
+//! - A fetch retries retryable failures (5xx, 429, timeouts, connection errors, malformed
+//!   answers) with growing, jittered gaps within `retry_budget`; rejected credentials are not
+//!   retried. Then the credential backs off (exponentially, or as `Retry-After` says): requests
+//!   arriving meanwhile get [`TokenError::Unavailable`] at once instead of hammering the
+//!   endpoint, and an expired token is never handed out.
+//! - A refresher task refreshes the tokens of recently used credentials when they come due, so
+//!   steady traffic never meets an empty cache; at most `max_concurrent_fetches` fetches run at
+//!   once across all credentials.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +27,7 @@ use serde::Serialize;
 use super::error::FetchError;
 use super::fetch::TokenFetcher;
 use super::lifetime::{Freshness, Schedule};
-use crate::clock::SharedClock;
+use crate::clock::{from_unix_millis, unix_millis, SharedClock};
 use crate::config::{CacheSettings, CredentialSpec};
 use crate::metrics::Metrics;
 use crate::secret::AccessToken;
@@ -32,6 +37,8 @@ use crate::secret::AccessToken;
 pub struct CachedToken {
     pub token: AccessToken,
     pub schedule: Schedule,
+    /// When the provider issued it, on our clock (when we asked for it).
+    pub obtained_at: SystemTime,
     /// The provider's id for the token, where it gives one (Nuapay), for revocation.
     pub token_id: Option<String>,
 }
@@ -64,8 +71,27 @@ enum Want {
 struct CredentialState {
     spec: Arc<CredentialSpec>,
     refreshing: AtomicBool,
+    /// When a request last asked for this credential's token (Unix ms on our clock; 0 = never).
+    last_used_ms: AtomicU64,
     status: Mutex<FetchStatus>,
 }
+
+impl CredentialState {
+    /// Used within the last quarter of its token's lifetime (at least the last minute): in
+    /// steady use, and worth keeping warm.
+    fn recently_used(&self, now: SystemTime, lifetime: Duration) -> bool {
+        let last = self.last_used_ms.load(Ordering::Relaxed);
+        last != 0 && from_unix_millis(last) + (lifetime / 4).max(RECENT_USE_MIN) >= now
+    }
+}
+
+/// The refresher keeps a credential warm if it was used within this long at least.
+const RECENT_USE_MIN: Duration = Duration::from_secs(60);
+/// How often the refresher looks for tokens coming due (real time).
+const REFRESHER_TICK: Duration = Duration::from_millis(200);
+/// First gap between retries of one fetch; doubles per retry.
+const FIRST_RETRY_GAP: Duration = Duration::from_millis(100);
+const MAX_ATTEMPTS: u32 = 4;
 
 #[derive(Default)]
 struct FetchStatus {
@@ -91,6 +117,7 @@ pub struct TokenCache {
     store: Cache<Arc<str>, Arc<CachedToken>>,
     credentials: HashMap<Arc<str>, Arc<CredentialState>>,
     fetcher: TokenFetcher,
+    fetch_permits: tokio::sync::Semaphore,
     settings: CacheSettings,
     clock: SharedClock,
     metrics: Metrics,
@@ -110,6 +137,7 @@ impl TokenCache {
                 let state = CredentialState {
                     spec: spec.clone(),
                     refreshing: AtomicBool::new(false),
+                    last_used_ms: AtomicU64::new(0),
                     status: Mutex::new(FetchStatus::default()),
                 };
                 (spec.name.clone(), Arc::new(state))
@@ -121,6 +149,7 @@ impl TokenCache {
                 .build(),
             credentials,
             fetcher,
+            fetch_permits: tokio::sync::Semaphore::new(settings.max_concurrent_fetches.max(1)),
             settings,
             clock,
             metrics,
@@ -130,6 +159,9 @@ impl TokenCache {
     /// A token that may be sent now for `credential`.
     pub async fn token(self: &Arc<Self>, credential: &str) -> Result<Arc<CachedToken>, TokenError> {
         let state = self.state(credential)?;
+        state
+            .last_used_ms
+            .store(unix_millis(self.clock.now()), Ordering::Relaxed);
         if let Some(cached) = self.store.get(credential).await {
             match cached.schedule.freshness(self.clock.now()) {
                 Freshness::Fresh => {
@@ -231,6 +263,57 @@ impl TokenCache {
         })
     }
 
+    /// Refreshes recently used credentials whose tokens come due, until `shutdown` turns true.
+    pub async fn run_refresher(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(REFRESHER_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.refresh_due().await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn refresh_due(self: &Arc<Self>) {
+        let now = self.clock.now();
+        for state in self.credentials.values() {
+            let Some(cached) = self.store.get(&state.spec.name).await else {
+                continue;
+            };
+            let lifetime = cached
+                .schedule
+                .expires_at
+                .duration_since(cached.obtained_at)
+                .unwrap_or_default();
+            if cached.schedule.freshness(now) != Freshness::Fresh && state.recently_used(now, lifetime) {
+                self.refresh_in_background(state);
+            }
+        }
+    }
+
+    /// Revokes the cached tokens of credentials with `revoke_on_shutdown` (Nuapay long-lived
+    /// tokens), so they do not outlive the sidecar.
+    pub async fn revoke_on_shutdown(&self) {
+        for state in self.credentials.values().filter(|s| s.spec.revoke_on_shutdown) {
+            let Some(cached) = self.store.get(&state.spec.name).await else {
+                continue;
+            };
+            let Some(token_id) = &cached.token_id else {
+                continue;
+            };
+            match self.fetcher.revoke(&state.spec, token_id).await {
+                Ok(()) => {
+                    tracing::info!(credential = %state.spec.name, token = %cached.token, "revoked token at shutdown");
+                    self.store.invalidate(&state.spec.name).await;
+                }
+                Err(err) => {
+                    tracing::warn!(credential = %state.spec.name, error = %err, "could not revoke token at shutdown")
+                }
+            }
+        }
+    }
+
     fn state(&self, credential: &str) -> Result<Arc<CredentialState>, TokenError> {
         self.credentials
             .get(credential)
@@ -239,8 +322,11 @@ impl TokenCache {
     }
 
     fn refresh_in_background(self: &Arc<Self>, state: &Arc<CredentialState>) {
-        if state.refreshing.swap(true, Ordering::AcqRel) {
-            return; // one refresh at a time
+        let backing_off = lock(&state.status)
+            .retry_not_before
+            .is_some_and(|until| until > self.clock.now());
+        if backing_off || state.refreshing.swap(true, Ordering::AcqRel) {
+            return; // one refresh at a time, none while backing off
         }
         let cache = self.clone();
         let state = state.clone();
@@ -273,7 +359,7 @@ impl TokenCache {
                 if want != Want::New {
                     self.check_backoff(state, now)?;
                 }
-                self.fetch_and_record(state).await.map(Op::Put)
+                self.fetch_with_retries(state).await.map(Op::Put)
             })
             .await?;
         match outcome {
@@ -301,50 +387,74 @@ impl TokenCache {
         }
     }
 
-    async fn fetch_and_record(&self, state: &CredentialState) -> Result<Arc<CachedToken>, TokenError> {
-        let result = self.fetcher.fetch(&state.spec).await;
-        let now = self.clock.now();
+    /// Fetches, retrying retryable failures with growing gaps while `retry_budget` allows.
+    async fn fetch_with_retries(&self, state: &CredentialState) -> Result<Arc<CachedToken>, TokenError> {
+        let deadline = tokio::time::Instant::now() + self.settings.retry_budget;
         let credential = &state.spec.name;
-        match result {
-            Ok(issued) => {
-                self.metrics.token_fetch(credential, "ok");
-                let mut status = lock(&state.status);
-                status.fetches += 1;
-                status.consecutive_failures = 0;
-                status.retry_not_before = None;
-                status.last_error = None;
-                drop(status);
-                let obtained_at = issued.expires_at.checked_sub(issued.lifetime).unwrap_or(now);
-                let jitter = rand::thread_rng().gen::<f64>();
-                let schedule = self
-                    .settings
-                    .refresh
-                    .schedule(obtained_at, issued.expires_at, jitter);
-                tracing::info!(
-                    credential = %credential,
-                    token = %issued.token,
-                    lifetime_s = issued.lifetime.as_secs_f64(),
-                    "fetched token"
-                );
-                Ok(Arc::new(CachedToken {
-                    token: issued.token,
-                    schedule,
-                    token_id: issued.token_id,
-                }))
-            }
-            Err(error) => {
-                self.metrics.token_fetch(credential, error.outcome());
-                let wait = self.record_failure(state, &error, now);
-                tracing::warn!(credential = %credential, error = %error, retry_in_ms = wait.as_millis() as u64, "token fetch failed");
-                Err(self.unavailable(state, error, wait))
-            }
+        let mut attempt = 1;
+        loop {
+            let result = {
+                let _permit = self.fetch_permits.acquire().await;
+                lock(&state.status).fetches += 1;
+                self.fetcher.fetch(&state.spec).await
+            };
+            let error = match result {
+                Ok(issued) => return Ok(self.record_success(state, issued)),
+                Err(error) => error,
+            };
+            self.metrics.token_fetch(credential, error.outcome());
+            let gap = retry_gap(&error, attempt);
+            let retry =
+                gap.filter(|gap| attempt < MAX_ATTEMPTS && tokio::time::Instant::now() + *gap < deadline);
+            let Some(gap) = retry else {
+                let wait = self.record_failure(state, &error, self.clock.now());
+                tracing::warn!(credential = %credential, error = %error, attempts = attempt, retry_in_ms = wait.as_millis() as u64, "token fetch failed");
+                return Err(self.unavailable(state, error, wait));
+            };
+            tracing::info!(credential = %credential, error = %error, attempt, retry_in_ms = gap.as_millis() as u64, "token fetch failed; retrying");
+            tokio::time::sleep(gap).await;
+            attempt += 1;
         }
+    }
+
+    fn record_success(
+        &self,
+        state: &CredentialState,
+        issued: super::dialect::IssuedToken,
+    ) -> Arc<CachedToken> {
+        let credential = &state.spec.name;
+        self.metrics.token_fetch(credential, "ok");
+        let mut status = lock(&state.status);
+        status.consecutive_failures = 0;
+        status.retry_not_before = None;
+        status.last_error = None;
+        drop(status);
+        let obtained_at = issued
+            .expires_at
+            .checked_sub(issued.lifetime)
+            .unwrap_or_else(|| self.clock.now());
+        let jitter = rand::thread_rng().gen::<f64>();
+        let schedule = self
+            .settings
+            .refresh
+            .schedule(obtained_at, issued.expires_at, jitter);
+        tracing::info!(
+            credential = %credential,
+            token = %issued.token,
+            lifetime_s = issued.lifetime.as_secs_f64(),
+            "fetched token"
+        );
+        Arc::new(CachedToken {
+            token: issued.token,
+            schedule,
+            obtained_at,
+            token_id: issued.token_id,
+        })
     }
 
     /// Records a failure and returns how long the credential now backs off.
     fn record_failure(&self, state: &CredentialState, error: &FetchError, now: SystemTime) -> Duration {
         let mut status = lock(&state.status);
-        status.fetches += 1;
         status.consecutive_failures = status.consecutive_failures.saturating_add(1);
         let wait = backoff(&self.settings, status.consecutive_failures, error);
         status.retry_not_before = Some(now + wait);
@@ -375,6 +485,21 @@ pub fn backoff(settings: &CacheSettings, failures: u32, error: &FetchError) -> D
         _ => doubling,
     };
     base.max(error.retry_after().unwrap_or_default())
+}
+
+/// The gap before retrying a failed fetch, or `None` when retrying soon cannot help.
+pub fn retry_gap(error: &FetchError, attempt: u32) -> Option<Duration> {
+    let doubling = FIRST_RETRY_GAP.saturating_mul(1u32 << attempt.saturating_sub(1).min(10));
+    let jittered = doubling.mul_f64(rand::thread_rng().gen_range(0.8..1.2));
+    match error {
+        FetchError::Rejected { .. } => None,
+        FetchError::Status { status } if *status < 500 => None,
+        FetchError::RateLimited { retry_after } => Some(retry_after.unwrap_or(jittered).max(jittered)),
+        FetchError::Status { .. }
+        | FetchError::Malformed { .. }
+        | FetchError::Timeout
+        | FetchError::Unreachable { .. } => Some(jittered),
+    }
 }
 
 fn satisfies(cached: &CachedToken, want: Want, now: SystemTime) -> bool {
@@ -418,6 +543,35 @@ mod tests {
             reason: None,
         };
         assert_eq!(backoff(&settings(), 1, &err), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn retry_gaps_grow_and_skip_hopeless_errors() {
+        let err = FetchError::Status { status: 503 };
+        let gaps: Vec<Duration> = (1..=3).map(|n| retry_gap(&err, n).unwrap()).collect();
+        assert!(
+            gaps[0] >= Duration::from_millis(80) && gaps[0] <= Duration::from_millis(120),
+            "{gaps:?}"
+        );
+        assert!(
+            gaps[1] >= Duration::from_millis(160) && gaps[2] >= Duration::from_millis(320),
+            "{gaps:?}"
+        );
+        assert_eq!(
+            retry_gap(
+                &FetchError::Rejected {
+                    status: 401,
+                    reason: None
+                },
+                1
+            ),
+            None
+        );
+        assert_eq!(retry_gap(&FetchError::Status { status: 404 }, 1), None);
+        let limited = FetchError::RateLimited {
+            retry_after: Some(Duration::from_secs(3)),
+        };
+        assert_eq!(retry_gap(&limited, 1), Some(Duration::from_secs(3)));
     }
 
     #[test]

@@ -75,6 +75,38 @@ impl TokenFetcher {
     }
 }
 
+impl TokenFetcher {
+    /// Revokes a Nuapay token: `POST {token url}/{token_id}/revoke` with the API key.
+    pub async fn revoke(&self, credential: &CredentialSpec, token_id: &str) -> Result<(), FetchError> {
+        let client = self
+            .clients
+            .get(&credential.provider.name)
+            .ok_or_else(|| FetchError::Unreachable {
+                reason: "no client for provider".into(),
+            })?;
+        let mut url = credential.request.url.clone();
+        url.path_segments_mut()
+            .map_err(|_| FetchError::Unreachable {
+                reason: "token URL cannot take a path".into(),
+            })?
+            .push(token_id)
+            .push("revoke");
+        let mut builder = client.post(url).header(ACCEPT, "application/json");
+        if let Some(authorization) = &credential.request.authorization {
+            let mut value =
+                HeaderValue::from_str(authorization.expose()).map_err(|_| FetchError::Unreachable {
+                    reason: "API key is not header-safe".into(),
+                })?;
+            value.set_sensitive(true);
+            builder = builder.header(AUTHORIZATION, value);
+        }
+        let response = builder.send().await.map_err(transport_error)?;
+        let status = response.status();
+        let body = read_capped(response).await?;
+        classify(status, None, &body)
+    }
+}
+
 fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Result<(), FetchError> {
     match status.as_u16() {
         200..=299 => Ok(()),

@@ -6,6 +6,7 @@ mod cache;
 mod config;
 mod dev;
 mod forwarding;
+mod lifecycle;
 mod providers;
 mod routing;
 mod support;

@@ -107,6 +107,42 @@ impl Harness {
             .unwrap_or_else(|| panic!("no /tokens entry for {credential}: {tokens}"))
     }
 
+    /// Waits (real time, briefly) until no background refresh is running.
+    pub async fn settle(&self) {
+        for _ in 0..200 {
+            let tokens = self.tokens().await;
+            if !tokens
+                .as_array()
+                .expect("array")
+                .iter()
+                .any(|t| t["state"] == "refreshing")
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("a background refresh did not finish");
+    }
+
+    /// A counter's value from `/metrics` (0 when absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
     }
