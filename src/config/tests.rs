@@ -1,1 +1,170 @@
+use std::path::Path;
 
+use super::*;
+use crate::token::dialect::{BodyEncoding, BodyValue};
+
+fn load(text: &str) -> Result<Config, Vec<Problem>> {
+    Config::from_toml(text, Path::new("t.toml")).map_err(|err| match err {
+        ConfigError::Invalid { problems, .. } => problems,
+        other => panic!("{other}"),
+    })
+}
+
+fn problems(text: &str) -> Vec<String> {
+    load(text)
+        .err()
+        .expect("config should be refused")
+        .into_iter()
+        .map(|p| format!("{}:{}: {}", p.line.unwrap_or(0), p.key_path, p.message))
+        .collect()
+}
+
+const PAYU: &str = r#"
+[providers.payu]
+token_url = "https://t.example/oauth/token"
+client_id = "shared-id"
+client_secret = "shared-secret"
+scopes = ["a"]
+
+[credentials.acme]
+provider = "payu"
+client_secret = "acme-secret"
+
+[[routes]]
+path_prefix = "/acme/"
+upstream = "https://api.example/v1/"
+credential = "acme"
+"#;
+
+#[test]
+fn defaults_and_normalisation() {
+    let config = load(PAYU).unwrap();
+    assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(config.server.admin_listen, None);
+    let route = &config.routes[0];
+    assert_eq!(route.path_prefix.as_deref(), Some("/acme"));
+    assert_eq!(route.upstream.base_path, "/v1");
+    assert_eq!(route.inject, Inject::Bearer);
+    assert_eq!(route.purge_on_status, vec![http::StatusCode::UNAUTHORIZED]);
+    assert_eq!(route.replay_body_limit, 1024 * 1024);
+}
+
+#[test]
+fn a_credentials_own_secret_wins_over_the_providers() {
+    let config = load(PAYU).unwrap();
+    let request = &config.credentials[0].request;
+    assert_eq!(request.encoding, BodyEncoding::Form);
+    assert_eq!(
+        request.fields,
+        vec![
+            ("grant_type".to_owned(), BodyValue::Text("client_credentials".into())),
+            ("client_id".to_owned(), BodyValue::Text("shared-id".into())),
+            ("client_secret".to_owned(), BodyValue::Secret(crate::secret::Secret::new("acme-secret"))),
+            ("scope".to_owned(), BodyValue::Text("a".into())),
+        ]
+    );
+}
+
+#[test]
+fn basic_client_auth_form_encodes_before_base64() {
+    let text = PAYU
+        .replace("client_id = \"shared-id\"", "client_id = \"id:x\"\nclient_auth = \"basic\"")
+        .replace("\"acme-secret\"", "\"s&cret\"");
+    let config = load(&text).unwrap();
+    let request = &config.credentials[0].request;
+    assert!(request.fields.iter().all(|(name, _)| name != "client_secret"));
+    // base64("id%3Ax:s%26cret")
+    assert_eq!(request.authorization.as_ref().unwrap().expose(), "Basic aWQlM0F4OnMlMjZjcmV0");
+}
+
+#[test]
+fn nuapay_credentials_build_the_organisation_token_request() {
+    let text = r#"
+[providers.nuapay]
+kind = "nuapay"
+base_url = "https://sandbox.nuapay.com/"
+api_key = "key"
+expires_in = "6m"
+
+[credentials.acme]
+provider = "nuapay"
+organisation = "ybo8zd8j2q"
+scopes = ["openbanking_pisp", "admin"]
+"#;
+    let config = load(text).unwrap();
+    let credential = &config.credentials[0];
+    assert_eq!(credential.request.url.as_str(), "https://sandbox.nuapay.com/organisations/ybo8zd8j2q/tokens");
+    assert_eq!(credential.request.authorization.as_ref().unwrap().expose(), "Basic a2V5Og==");
+    let (_, body) = credential.request.encode_body();
+    assert_eq!(String::from_utf8(body).unwrap(), r#"{"scopes":["openbanking_pisp","admin"],"expiresIn":360}"#);
+    assert_eq!(credential.response.token, "/data/accessToken");
+}
+
+#[test]
+fn keys_of_the_other_kind_are_refused() {
+    let text = r#"
+[providers.nuapay]
+kind = "nuapay"
+base_url = "https://sandbox.nuapay.com"
+api_key = "key"
+token_url = "https://x.example/token"
+"#;
+    assert_eq!(problems(text), ["6:providers.nuapay.token_url: not a key of a nuapay provider"]);
+}
+
+#[test]
+fn json_pointers_are_checked() {
+    let text = PAYU.replace("scopes = [\"a\"]", "scopes = [\"a\"]\ntoken_field = \"data.accessToken\"");
+    assert_eq!(
+        problems(&text),
+        ["7:providers.payu.token_field: `data.accessToken` is not a JSON pointer; write it as \"/data/accessToken\""]
+    );
+}
+
+#[test]
+fn missing_client_credentials_are_reported_on_the_credential() {
+    let text = PAYU.replace("client_id = \"shared-id\"\n", "");
+    assert_eq!(
+        problems(&text),
+        ["7:credentials.acme: needs client_id and client_secret, here or on provider `payu`"]
+    );
+}
+
+#[test]
+fn route_shape_problems() {
+    let text = format!(
+        "{PAYU}
+[[routes]]
+host = \"https://bad/host\"
+upstream = \"https://api.example?x=1\"
+credential_header = \"X-Merchant\"
+purge_on_status = [500]
+"
+    );
+    let found = problems(&text);
+    for expected in [
+        "routes[1].host: `https://bad/host` must be a bare host name",
+        "routes[1].upstream: must not carry a query",
+        "routes[1].credentials: missing: the allow-list for credential_header",
+        "routes[1].purge_on_status[0]: 500 is not a 4xx status",
+    ] {
+        assert!(found.iter().any(|p| p.contains(expected)), "missing {expected} in {found:#?}");
+    }
+}
+
+#[test]
+fn reserved_headers_cannot_be_injected_or_set() {
+    let text = PAYU.replace(
+        "credential = \"acme\"",
+        "credential = \"acme\"\ninject = { header = \"Host\" }\nheaders = { \"authorization\" = \"x\" }",
+    );
+    let found = problems(&text);
+    assert!(found.iter().any(|p| p.contains("routes[0].inject.header: `host` is managed by the sidecar")), "{found:?}");
+    assert!(found.iter().any(|p| p.contains("routes[0].headers.authorization")), "{found:?}");
+}
+
+#[test]
+fn syntax_errors_name_the_line() {
+    let found = problems("[server]\nlisten = \n");
+    assert!(found[0].starts_with("2:"), "{found:?}");
+}
