@@ -41,6 +41,12 @@ pub enum ProxyError {
     UpstreamTimeout { upstream: String, timeout: Duration },
     #[error("request body could not be read: {0}")]
     RequestBody(String),
+    #[error("missing or wrong {0} header")]
+    Forbidden(String),
+    #[error("request body is larger than the {limit} bytes allowed")]
+    BodyTooLarge { limit: u64 },
+    #[error("request headers are larger than the {limit} bytes allowed")]
+    HeadersTooLarge { limit: usize },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -55,6 +61,9 @@ impl ProxyError {
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::RequestBody(_) => StatusCode::BAD_REQUEST,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -68,6 +77,8 @@ impl ProxyError {
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::RequestBody(_) => "bad_request",
+            Self::Forbidden(_) => "forbidden",
+            Self::BodyTooLarge { .. } | Self::HeadersTooLarge { .. } => "request_too_large",
             Self::Internal(_) => "internal_error",
         }
     }

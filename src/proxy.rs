@@ -1,26 +1,82 @@
 //! The request path, top to bottom: route → credential → token → forward, and the one replay
 //! after an upstream 401. Every error becomes the contract's JSON answer here, at the edge.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
+use http::HeaderName;
 use http::{HeaderMap, Method, Request, Response, Uri};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
+use subtle::ConstantTimeEq;
 
-use crate::config::{CredentialChoice, CredentialSpec, RouteSpec};
+use crate::config::{CredentialChoice, CredentialSpec, RouteSpec, ServerSettings};
 use crate::error::{full_body, ProxyBody, ProxyError};
 use crate::forward::{clean_request_headers, inject_token, remove_hop_by_hop, upstream_uri, UpstreamClient};
 use crate::metrics::Metrics;
 use crate::route::{request_host, Router};
+use crate::secret::Secret;
 use crate::token::cache::{CachedToken, TokenCache};
 
 /// The metrics label for requests that matched no route.
 const NO_ROUTE: &str = "none";
 
+/// Checks every request meets before it is routed: size of its head, the shared-secret header,
+/// the declared body size.
+#[derive(Debug, Clone, Default)]
+pub struct RequestGuards {
+    pub require_header: Option<(HeaderName, Secret)>,
+    pub max_request_body: Option<u64>,
+    pub max_header_bytes: usize,
+}
+
+impl RequestGuards {
+    pub fn from_settings(settings: &ServerSettings) -> Self {
+        Self {
+            require_header: settings.require_header.clone(),
+            max_request_body: settings.max_request_body,
+            max_header_bytes: settings.max_header_bytes,
+        }
+    }
+
+    fn check<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
+        let uri = request.uri();
+        let head_bytes = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + request
+                .headers()
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 4)
+                .sum::<usize>();
+        if head_bytes > self.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge {
+                limit: self.max_header_bytes,
+            });
+        }
+        if let Some((name, expected)) = &self.require_header {
+            let presented = request
+                .headers()
+                .get(name)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if !bool::from(presented.ct_eq(expected.expose().as_bytes())) {
+                return Err(ProxyError::Forbidden(name.to_string()));
+            }
+        }
+        if let (Some(limit), Some(declared)) = (self.max_request_body, declared_length(request.headers())) {
+            if declared > limit {
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct Proxy {
+    guards: RequestGuards,
     router: Router,
     tokens: Arc<TokenCache>,
     client: UpstreamClient,
@@ -28,8 +84,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(router: Router, tokens: Arc<TokenCache>, client: UpstreamClient, metrics: Metrics) -> Self {
+    pub fn new(
+        guards: RequestGuards,
+        router: Router,
+        tokens: Arc<TokenCache>,
+        client: UpstreamClient,
+        metrics: Metrics,
+    ) -> Self {
         Self {
+            guards,
             router,
             tokens,
             client,
@@ -63,6 +126,9 @@ impl Proxy {
         if request.method() == Method::CONNECT {
             return (NO_ROUTE.into(), Err(ProxyError::ConnectNotSupported));
         }
+        if let Err(err) = self.guards.check(&request) {
+            return (NO_ROUTE.into(), Err(err));
+        }
         let host = request_host(&request);
         let Some(matched) = self.router.find(host.as_deref(), request.uri().path()) else {
             return (NO_ROUTE.into(), Err(ProxyError::NoRoute));
@@ -84,10 +150,13 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let credential = select_credential(route, request.headers())?.clone();
         let (mut parts, body) = request.into_parts();
-        let strip: Vec<_> = match &route.credential {
+        let mut strip: Vec<&HeaderName> = match &route.credential {
             CredentialChoice::FromHeader { header, .. } => vec![header],
             CredentialChoice::Fixed(_) => vec![],
         };
+        if let Some((required, _)) = &self.guards.require_header {
+            strip.push(required);
+        }
         clean_request_headers(&mut parts.headers, &strip);
         for (name, value) in &route.headers {
             parts.headers.insert(name.clone(), value.clone());
@@ -98,13 +167,29 @@ impl Proxy {
             headers: parts.headers,
         };
 
-        let (first_body, replay_body) =
-            match keep_for_replay(&outgoing.headers, body, route.replay_body_limit).await? {
-                KeptBody::Kept(bytes) => (full_body(bytes.clone()), Some(bytes)),
-                KeptBody::Streaming(body) => (body, None),
-            };
+        let body_limit = self.guards.max_request_body;
+        let over_limit = Arc::new(AtomicBool::new(false));
+        let kept = keep_for_replay(
+            &outgoing.headers,
+            body,
+            route.replay_body_limit,
+            body_limit,
+            &over_limit,
+        )
+        .await?;
+        let (first_body, replay_body) = match kept {
+            KeptBody::Kept(bytes) => (full_body(bytes.clone()), Some(bytes)),
+            KeptBody::Streaming(body) => (body, None),
+        };
         let token = self.tokens.token(&credential.name).await?;
-        let response = self.send(route, &outgoing, first_body, &token).await?;
+        let sent = self.send(route, &outgoing, first_body, &token).await;
+        let response = match (sent, body_limit) {
+            // The body ran over the limit mid-stream; how the upstream connection failed is moot.
+            (Err(_), Some(limit)) if over_limit.load(Ordering::Acquire) => {
+                return Err(ProxyError::BodyTooLarge { limit })
+            }
+            (sent, _) => sent?,
+        };
         if !route.purge_on_status.contains(&response.status()) {
             return Ok(response);
         }
@@ -171,20 +256,43 @@ enum KeptBody {
     Streaming(ProxyBody),
 }
 
-/// Keeps bodies that are empty or declare a length within `limit`; streams the rest.
-async fn keep_for_replay(headers: &HeaderMap, body: Incoming, limit: u64) -> Result<KeptBody, ProxyError> {
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let small = body.is_end_stream() || declared.is_some_and(|len| len <= limit);
+/// Keeps bodies that are empty or declare a length within `replay_limit`; streams the rest,
+/// cut off at `max_body` when there is one.
+async fn keep_for_replay(
+    headers: &HeaderMap,
+    body: Incoming,
+    replay_limit: u64,
+    max_body: Option<u64>,
+    over_limit: &Arc<AtomicBool>,
+) -> Result<KeptBody, ProxyError> {
+    let small = body.is_end_stream() || declared_length(headers).is_some_and(|len| len <= replay_limit);
     if !small {
-        return Ok(KeptBody::Streaming(body.map_err(Into::into).boxed_unsync()));
+        let streaming = match max_body {
+            Some(limit) => {
+                let over_limit = over_limit.clone();
+                Limited::new(body, limit as usize)
+                    .map_err(move |err| {
+                        if err.is::<LengthLimitError>() {
+                            over_limit.store(true, Ordering::Release);
+                        }
+                        err
+                    })
+                    .boxed_unsync()
+            }
+            None => body.map_err(Into::into).boxed_unsync(),
+        };
+        return Ok(KeptBody::Streaming(streaming));
     }
+    let limit = replay_limit.min(max_body.unwrap_or(u64::MAX));
     let collected = Limited::new(body, limit as usize)
         .collect()
         .await
-        .map_err(|err| ProxyError::RequestBody(err.to_string()))?;
+        .map_err(|err| match max_body {
+            Some(max) if max <= replay_limit && err.is::<LengthLimitError>() => {
+                ProxyError::BodyTooLarge { limit: max }
+            }
+            _ => ProxyError::RequestBody(err.to_string()),
+        })?;
     Ok(KeptBody::Kept(collected.to_bytes()))
 }
 
@@ -213,6 +321,10 @@ fn select_credential<'r>(
                 })
         }
     }
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::error::ProxyBody;
 use crate::forward;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, RequestGuards};
 use crate::route::Router;
 use crate::tls;
 use crate::token::cache::TokenCache;
@@ -32,8 +32,24 @@ use crate::token::fetch::TokenFetcher;
 
 /// How long open requests may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// Slow clients get this long to send their request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Limits on the connections one listener serves.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Slow clients get this long to send their request headers.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+        }
+    }
+}
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +100,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar,
         TokenFetcher::new(&config.providers, &tls, clock.clone()).map_err(StartError::TokenClient)?;
     let tokens = TokenCache::new(&config.credentials, fetcher, config.cache, clock, metrics.clone());
     let proxy = Arc::new(Proxy::new(
+        RequestGuards::from_settings(&config.server),
         Router::new(&config.routes),
         tokens.clone(),
         forward::upstream_client(tls),
@@ -93,14 +110,23 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar,
 
     let listener = bind(config.server.listen).await?;
     let proxy_addr = local_addr(&listener, config.server.listen);
+    if !proxy_addr.ip().is_loopback() {
+        tracing::warn!(%proxy_addr, "listening beyond loopback (allow_non_loopback): anyone who reaches this address acts as your merchants");
+    }
+    let limits = ConnectionLimits {
+        header_read_timeout: config.server.header_read_timeout,
+        max_connections: config.server.max_connections,
+    };
     let proxy_handler: Handler = Arc::new(move |request| Box::pin(proxy.clone().handle(request)));
-    let mut tasks = vec![tokio::spawn(serve(
+    let serving = serve(
         listener,
         None,
         proxy_handler,
         shutdown_rx.clone(),
+        limits,
         Some(metrics.clone()),
-    ))];
+    );
+    let mut tasks = vec![tokio::spawn(serving)];
 
     let mut admin_addr = None;
     if let Some(addr) = config.server.admin_listen {
@@ -113,6 +139,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar,
             None,
             admin_handler,
             shutdown_rx.clone(),
+            limits,
             None,
         )));
     }
@@ -186,6 +213,7 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     handler: Handler,
     mut shutdown: watch::Receiver<bool>,
+    limits: ConnectionLimits,
     metrics: Option<Metrics>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -193,11 +221,12 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_read_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+        let (stream, slot) = tokio::select! {
+            accepted = accept(&listener, &slots) => match accepted {
+                Ok(accepted) => accepted,
                 Err(err) => {
                     tracing::warn!(error = %err, "accept failed");
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -212,7 +241,11 @@ pub async fn serve(
             watcher: graceful.watcher(),
             metrics: metrics.clone(),
         };
-        tokio::spawn(connection.serve(stream, tls.clone()));
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            connection.serve(stream, tls).await;
+            drop(slot);
+        });
     }
     drop(listener);
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
@@ -221,6 +254,20 @@ pub async fn serve(
     {
         tracing::warn!("open connections did not finish within the grace period");
     }
+}
+
+/// Waits for a free connection slot, then for a connection.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> std::io::Result<(TcpStream, tokio::sync::OwnedSemaphorePermit)> {
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(std::io::Error::other)?;
+    let (stream, _) = listener.accept().await?;
+    Ok((stream, slot))
 }
 
 struct Connection {

@@ -1,6 +1,6 @@
 //! Finds the line of a key path (`routes[2].credential`) in the TOML source, for error messages.
 
-use toml_edit::{ImDocument, Item, Table, Value};
+use toml_edit::{DocumentMut, ImDocument, Item, Table, TableLike, Value};
 
 /// One step of a key path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,7 +11,7 @@ pub enum Segment {
 
 /// A key path such as `providers.payu.token_url` or `routes[2].credential`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KeyPath(Vec<Segment>);
+pub struct KeyPath(pub(super) Vec<Segment>);
 
 impl KeyPath {
     pub fn root() -> Self {
@@ -22,6 +22,10 @@ impl KeyPath {
         let mut path = self.clone();
         path.0.push(Segment::Key(key.to_owned()));
         path
+    }
+
+    pub fn ends_with_key(&self, key: &str) -> bool {
+        matches!(self.0.last(), Some(Segment::Key(last)) if last == key)
     }
 
     pub fn index(&self, index: usize) -> Self {
@@ -82,6 +86,39 @@ impl SourceMap {
             node = next;
         }
         found.map(|offset| self.line_of(offset))
+    }
+}
+
+/// `source` without the key at `path` (or, for a path into an array, without that whole
+/// array); `None` when the source does not parse or has no such key.
+pub fn remove_path(source: &str, path: &KeyPath) -> Option<String> {
+    let mut document: DocumentMut = source.parse().ok()?;
+    let last_key = path.0.iter().rposition(|s| matches!(s, Segment::Key(_)))?;
+    let Segment::Key(key) = &path.0[last_key] else {
+        return None;
+    };
+    let parent = table_at(document.as_table_mut(), &path.0[..last_key])?;
+    parent.remove(key)?;
+    Some(document.to_string())
+}
+
+fn table_at<'a>(table: &'a mut dyn TableLike, path: &[Segment]) -> Option<&'a mut dyn TableLike> {
+    let Some((first, rest)) = path.split_first() else {
+        return Some(table);
+    };
+    let Segment::Key(key) = first else { return None };
+    let item = table.get_mut(key)?;
+    match (item, rest.first()) {
+        (Item::ArrayOfTables(array), Some(Segment::Index(index))) => {
+            table_at(array.get_mut(*index)?, &rest[1..])
+        }
+        (Item::Value(Value::Array(array)), Some(Segment::Index(index))) => match array.get_mut(*index)? {
+            Value::InlineTable(inline) => table_at(inline, &rest[1..]),
+            _ => None,
+        },
+        (Item::Table(inner), _) => table_at(inner, rest),
+        (Item::Value(Value::InlineTable(inline)), _) => table_at(inline, rest),
+        _ => None,
     }
 }
 

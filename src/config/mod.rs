@@ -18,6 +18,7 @@ use rustls::pki_types::CertificateDer;
 
 pub use locate::KeyPath;
 
+use crate::secret::Secret;
 use crate::token::dialect::{ResponseSpec, TokenRequest};
 use crate::token::lifetime::RefreshPolicy;
 
@@ -37,6 +38,16 @@ pub struct Config {
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
+    /// A header every proxied request must carry, with this value; stripped before forwarding.
+    pub require_header: Option<(HeaderName, Secret)>,
+    /// Largest request body accepted (413 above it); `None` for no limit.
+    pub max_request_body: Option<u64>,
+    /// Largest request head (URI and headers) accepted (431 above it).
+    pub max_header_bytes: usize,
+    /// Slow clients get this long to send their request headers.
+    pub header_read_timeout: Duration,
+    /// Client connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -34,6 +34,20 @@ pub struct RawServer {
     pub admin_listen: Option<String>,
     #[serde(default)]
     pub allow_non_loopback: bool,
+    pub require_header: Option<RawRequireHeader>,
+    pub max_request_body: Option<u64>,
+    pub max_header_bytes: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub header_read_timeout: Option<Duration>,
+    pub max_connections: Option<usize>,
+}
+
+/// `require_header = { name = "X-Sidecar-Key", value = { env = "…" } }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRequireHeader {
+    pub name: String,
+    pub value: RawSecret,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,8 +12,7 @@ fn load(text: &str) -> Result<Config, Vec<Problem>> {
 
 fn problems(text: &str) -> Vec<String> {
     load(text)
-        .err()
-        .expect("config should be refused")
+        .expect_err("config should be refused")
         .into_iter()
         .map(|p| format!("{}:{}: {}", p.line.unwrap_or(0), p.key_path, p.message))
         .collect()
@@ -57,9 +56,15 @@ fn a_credentials_own_secret_wins_over_the_providers() {
     assert_eq!(
         request.fields,
         vec![
-            ("grant_type".to_owned(), BodyValue::Text("client_credentials".into())),
+            (
+                "grant_type".to_owned(),
+                BodyValue::Text("client_credentials".into())
+            ),
             ("client_id".to_owned(), BodyValue::Text("shared-id".into())),
-            ("client_secret".to_owned(), BodyValue::Secret(crate::secret::Secret::new("acme-secret"))),
+            (
+                "client_secret".to_owned(),
+                BodyValue::Secret(crate::secret::Secret::new("acme-secret"))
+            ),
             ("scope".to_owned(), BodyValue::Text("a".into())),
         ]
     );
@@ -68,13 +73,19 @@ fn a_credentials_own_secret_wins_over_the_providers() {
 #[test]
 fn basic_client_auth_form_encodes_before_base64() {
     let text = PAYU
-        .replace("client_id = \"shared-id\"", "client_id = \"id:x\"\nclient_auth = \"basic\"")
+        .replace(
+            "client_id = \"shared-id\"",
+            "client_id = \"id:x\"\nclient_auth = \"basic\"",
+        )
         .replace("\"acme-secret\"", "\"s&cret\"");
     let config = load(&text).unwrap();
     let request = &config.credentials[0].request;
     assert!(request.fields.iter().all(|(name, _)| name != "client_secret"));
     // base64("id%3Ax:s%26cret")
-    assert_eq!(request.authorization.as_ref().unwrap().expose(), "Basic aWQlM0F4OnMlMjZjcmV0");
+    assert_eq!(
+        request.authorization.as_ref().unwrap().expose(),
+        "Basic aWQlM0F4OnMlMjZjcmV0"
+    );
 }
 
 #[test]
@@ -93,10 +104,19 @@ scopes = ["openbanking_pisp", "admin"]
 "#;
     let config = load(text).unwrap();
     let credential = &config.credentials[0];
-    assert_eq!(credential.request.url.as_str(), "https://sandbox.nuapay.com/organisations/ybo8zd8j2q/tokens");
-    assert_eq!(credential.request.authorization.as_ref().unwrap().expose(), "Basic a2V5Og==");
+    assert_eq!(
+        credential.request.url.as_str(),
+        "https://sandbox.nuapay.com/organisations/ybo8zd8j2q/tokens"
+    );
+    assert_eq!(
+        credential.request.authorization.as_ref().unwrap().expose(),
+        "Basic a2V5Og=="
+    );
     let (_, body) = credential.request.encode_body();
-    assert_eq!(String::from_utf8(body).unwrap(), r#"{"scopes":["openbanking_pisp","admin"],"expiresIn":360}"#);
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        r#"{"scopes":["openbanking_pisp","admin"],"expiresIn":360}"#
+    );
     assert_eq!(credential.response.token, "/data/accessToken");
 }
 
@@ -109,12 +129,18 @@ base_url = "https://sandbox.nuapay.com"
 api_key = "key"
 token_url = "https://x.example/token"
 "#;
-    assert_eq!(problems(text), ["6:providers.nuapay.token_url: not a key of a nuapay provider"]);
+    assert_eq!(
+        problems(text),
+        ["6:providers.nuapay.token_url: not a key of a nuapay provider"]
+    );
 }
 
 #[test]
 fn json_pointers_are_checked() {
-    let text = PAYU.replace("scopes = [\"a\"]", "scopes = [\"a\"]\ntoken_field = \"data.accessToken\"");
+    let text = PAYU.replace(
+        "scopes = [\"a\"]",
+        "scopes = [\"a\"]\ntoken_field = \"data.accessToken\"",
+    );
     assert_eq!(
         problems(&text),
         ["7:providers.payu.token_field: `data.accessToken` is not a JSON pointer; write it as \"/data/accessToken\""]
@@ -148,7 +174,10 @@ purge_on_status = [500]
         "routes[1].credentials: missing: the allow-list for credential_header",
         "routes[1].purge_on_status[0]: 500 is not a 4xx status",
     ] {
-        assert!(found.iter().any(|p| p.contains(expected)), "missing {expected} in {found:#?}");
+        assert!(
+            found.iter().any(|p| p.contains(expected)),
+            "missing {expected} in {found:#?}"
+        );
     }
 }
 
@@ -159,8 +188,18 @@ fn reserved_headers_cannot_be_injected_or_set() {
         "credential = \"acme\"\ninject = { header = \"Host\" }\nheaders = { \"authorization\" = \"x\" }",
     );
     let found = problems(&text);
-    assert!(found.iter().any(|p| p.contains("routes[0].inject.header: `host` is managed by the sidecar")), "{found:?}");
-    assert!(found.iter().any(|p| p.contains("routes[0].headers.authorization")), "{found:?}");
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains("routes[0].inject.header: `host` is managed by the sidecar")),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains("routes[0].headers.authorization")),
+        "{found:?}"
+    );
 }
 
 #[test]

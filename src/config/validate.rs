@@ -10,7 +10,7 @@ use base64::Engine;
 use http::{HeaderName, HeaderValue};
 use rustls::pki_types::CertificateDer;
 
-use super::locate::{KeyPath, SourceMap};
+use super::locate::{self, KeyPath, SourceMap};
 use super::raw::*;
 use super::*;
 use crate::secret::Secret;
@@ -24,6 +24,9 @@ const NUAPAY_MIN_EXPIRES_IN: Duration = Duration::from_secs(10);
 const NUAPAY_MAX_EXPIRES_IN: Duration = Duration::from_secs(31_556_926);
 const NUAPAY_DEFAULT_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_REPLAY_BODY_LIMIT: u64 = 1024 * 1024;
+const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// Headers a route may not set or inject: the sidecar owns them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -100,32 +103,56 @@ fn internal_problem() -> Problem {
     }
 }
 
-/// TOML syntax and shape (unknown keys, wrong types): serde stops at the first such problem.
+/// TOML syntax and shape (unknown keys, wrong types). serde stops at the first such problem, so
+/// each one found is removed from a copy of the document and parsing tried again, until it
+/// succeeds: every shape problem is reported at once (a syntax error stops the search).
 fn parse(source: &str, map: &SourceMap) -> Result<RawConfig, Vec<Problem>> {
-    let deserializer = toml::Deserializer::new(source);
-    serde_path_to_error::deserialize::<_, RawConfig>(deserializer).map_err(|err| {
-        let mut key_path = err.path().to_string();
-        if key_path == "." {
-            key_path.clear();
-        }
-        let inner = err.into_inner();
+    const MAX_PROBLEMS: usize = 100;
+    let mut problems = Vec::new();
+    let mut text = source.to_owned();
+    loop {
+        let error = match serde_path_to_error::deserialize::<_, RawConfig>(toml::Deserializer::new(&text)) {
+            Ok(raw) if problems.is_empty() => return Ok(raw),
+            Ok(_) => return Err(problems),
+            Err(error) => error,
+        };
+        let mut path = key_path_of(error.path());
+        let inner = error.into_inner();
         let message = inner.message().trim().to_owned();
         if let Some(field) = unknown_field_name(&message) {
-            if !key_path.ends_with(field) {
-                key_path = if key_path.is_empty() {
-                    field.to_owned()
-                } else {
-                    format!("{key_path}.{field}")
-                };
+            if !path.ends_with_key(field) {
+                path = path.key(field);
             }
         }
-        let line = inner.span().map(|span| map.line_of(span.start));
-        vec![Problem {
+        let first = problems.is_empty();
+        let line = map.line_of_path(&path).or_else(|| {
+            first
+                .then(|| inner.span().map(|span| map.line_of(span.start)))
+                .flatten()
+        });
+        problems.push(Problem {
             line,
-            key_path,
+            key_path: path.to_string(),
             message,
-        }]
-    })
+        });
+        match locate::remove_path(&text, &path) {
+            Some(rest) if problems.len() < MAX_PROBLEMS => text = rest,
+            _ => return Err(problems),
+        }
+    }
+}
+
+fn key_path_of(path: &serde_path_to_error::Path) -> KeyPath {
+    let mut key_path = KeyPath::root();
+    for segment in path.iter() {
+        key_path = match segment {
+            serde_path_to_error::Segment::Seq { index } => key_path.index(*index),
+            serde_path_to_error::Segment::Map { key } => key_path.key(key),
+            serde_path_to_error::Segment::Enum { variant } => key_path.key(variant),
+            serde_path_to_error::Segment::Unknown => key_path,
+        };
+    }
+    key_path
 }
 
 fn unknown_field_name(message: &str) -> Option<&str> {
@@ -180,7 +207,50 @@ impl Validator {
             Some(text) => Some(self.socket_addr(&path.key("admin_listen"), text, raw.allow_non_loopback)?),
             None => None,
         };
-        Some(ServerSettings { listen, admin_listen })
+        let require_header = match &raw.require_header {
+            Some(required) => {
+                let key = path.key("require_header");
+                let name = self.header_name(&key.key("name"), &required.name)?;
+                if RESERVED_HEADERS.contains(&name.as_str()) || name == http::header::AUTHORIZATION {
+                    self.problem(
+                        &key.key("name"),
+                        format!("`{name}` cannot be the required header"),
+                    );
+                    return None;
+                }
+                Some((name, self.secret(&key.key("value"), &required.value)?))
+            }
+            None => None,
+        };
+        let max_header_bytes = raw.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+        let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        for (key, value) in [
+            ("max_header_bytes", max_header_bytes),
+            ("max_connections", max_connections),
+        ] {
+            if value == 0 {
+                self.problem(&path.key(key), "must be at least 1");
+            }
+        }
+        if raw.max_request_body == Some(0) {
+            self.problem(
+                &path.key("max_request_body"),
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
+        Some(ServerSettings {
+            listen,
+            admin_listen,
+            require_header,
+            max_request_body: raw.max_request_body,
+            max_header_bytes,
+            header_read_timeout: self.nonzero(
+                &path.key("header_read_timeout"),
+                raw.header_read_timeout,
+                DEFAULT_HEADER_READ_TIMEOUT,
+            ),
+            max_connections,
+        })
     }
 
     fn socket_addr(&mut self, path: &KeyPath, text: &str, allow_non_loopback: bool) -> Option<SocketAddr> {

@@ -88,6 +88,7 @@ impl StandIns {
                 Some(acceptor.clone()),
                 providers.handler(),
                 shutdown_rx.clone(),
+                server::ConnectionLimits::default(),
                 None,
             )),
             tokio::spawn(server::serve(
@@ -95,6 +96,7 @@ impl StandIns {
                 Some(acceptor),
                 upstream.handler(),
                 shutdown_rx,
+                server::ConnectionLimits::default(),
                 None,
             )),
         ];

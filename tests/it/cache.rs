@@ -134,11 +134,18 @@ async fn a_failing_endpoint_gets_503_with_retry_after_and_is_not_hammered() {
 
     h.advance(secs(1));
     assert_eq!(h.get("/acme/payu/x").await.status(), 503);
-    assert!(h.stand_ins.providers.token_requests(Shape::PayU) > attempts, "tried again after the back-off");
+    assert!(
+        h.stand_ins.providers.token_requests(Shape::PayU) > attempts,
+        "tried again after the back-off"
+    );
 
     h.stand_ins.providers.set_failing(None);
     h.advance(secs(2));
-    assert_eq!(h.get_json("/acme/payu/x").await.0, 200, "recovers once the endpoint does");
+    assert_eq!(
+        h.get_json("/acme/payu/x").await.0,
+        200,
+        "recovers once the endpoint does"
+    );
     assert!(h.stand_ins.upstream.refusals().is_empty());
 }
 

@@ -94,6 +94,30 @@ fn unknown_key_names_file_line_and_key_path() {
 }
 
 #[test]
+fn every_unknown_key_and_wrong_type_is_reported_at_once() {
+    let text = VALID
+        .replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nlisten_port = 1",
+        )
+        .replace("client_id = \"acme\"", "client_id = 42")
+        .replace(
+            "credential = \"acme-payu\"",
+            "credential = \"acme-payu\"\ncredentail = \"typo\"",
+        );
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2);
+    for expected in [
+        "FILE:3: server.listen_port: unknown field `listen_port`",
+        "FILE:10: credentials.acme-payu.client_id: invalid type: integer `42`, expected a string",
+        "FILE:17: routes[0].credentail: unknown field `credentail`",
+    ] {
+        assert!(stderr.contains(expected), "missing `{expected}` in\n{stderr}");
+    }
+    assert_eq!(stderr.lines().count(), 3, "{stderr}");
+}
+
+#[test]
 fn wrong_type_names_file_line_and_key_path() {
     let text = VALID.replace("client_id = \"acme\"", "client_id = 42");
     let (code, _, stderr) = check(&text);

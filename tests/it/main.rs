@@ -9,4 +9,5 @@ mod forwarding;
 mod lifecycle;
 mod providers;
 mod routing;
+mod security;
 mod support;

@@ -196,7 +196,15 @@ pub async fn spawn_tls_server(
     let acceptor = pki.acceptor(&["127.0.0.1", "localhost"]).expect("acceptor");
     let (keep_open, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        server::serve(listener, Some(acceptor), handler, shutdown, None).await;
+        server::serve(
+            listener,
+            Some(acceptor),
+            handler,
+            shutdown,
+            server::ConnectionLimits::default(),
+            None,
+        )
+        .await;
         drop(keep_open);
     });
     addr

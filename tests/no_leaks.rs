@@ -1,0 +1,131 @@
+//! The whole integration scenario at `trace` level: no secret and no token may appear in any
+//! log line (ours or our dependencies'), error body, `/tokens` or `/metrics`.
+//!
+//! A test binary of its own, so that its global log capture sees only this scenario.
+
+#[path = "it/support/mod.rs"]
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use token_sidecar::dev::providers::Failure;
+
+use support::Harness;
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn no_secret_or_token_appears_anywhere_at_trace_level() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("trace")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
+
+    let h = Harness::start().await;
+    let mut seen = String::new();
+    let paths = [
+        "/acme/nuapay/p",
+        "/acme/setu/p",
+        "/acme/booking/p",
+        "/acme/payu/p",
+        "/globex/nuapay/refunds/1",
+        "/nowhere",
+    ];
+    for path in paths {
+        seen.push_str(&h.get(path).await.text().await.unwrap());
+    }
+    // A 401 replay, a failing endpoint whose error body echoes a secret, an admin refresh.
+    h.stand_ins.issued.revoke_subject("acme-payu-client");
+    seen.push_str(&h.get("/acme/payu/p").await.text().await.unwrap());
+    h.stand_ins.providers.set_failing(Some(Failure {
+        status: 401,
+        retry_after: None,
+        body: r#"{"error":"invalid_client","error_description":"bad secret dev-setu-secret"}"#.into(),
+    }));
+    let refresh = h
+        .client
+        .post(h.admin_url("/tokens/acme-setu/refresh"))
+        .send()
+        .await
+        .unwrap();
+    seen.push_str(&refresh.text().await.unwrap());
+    h.advance(std::time::Duration::from_secs(3600));
+    seen.push_str(&h.get("/acme/setu/p").await.text().await.unwrap());
+    seen.push_str(&h.tokens().await.to_string());
+    seen.push_str(
+        &h.client
+            .get(h.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let Harness {
+        sidecar, stand_ins, ..
+    } = h;
+    sidecar.shutdown().await;
+
+    let logs = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
+    assert!(logs.contains("fetched token"), "the capture works");
+    assert!(
+        logs.lines().count() > 100,
+        "trace level was on: {} lines",
+        logs.lines().count()
+    );
+
+    let mut forbidden: Vec<String> = [
+        "dev-nuapay-api-key",
+        "dev-setu-secret",
+        "dev-booking-secret",
+        "dev-payu-secret",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    forbidden.push(STANDARD.encode("dev-nuapay-api-key:"));
+    for subject in [
+        "ybo8zd8j2q",
+        "k3v9x2mq7p",
+        "acme-setu-client",
+        "acme-booking-client",
+        "acme-payu-client",
+    ] {
+        for token in stand_ins.issued.tokens_of(subject) {
+            forbidden.push(STANDARD.encode(format!("{token}:")));
+            forbidden.push(token);
+        }
+    }
+    assert!(forbidden.len() > 10);
+    for secret in &forbidden {
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a secret or token is in the logs: {}…",
+            &secret[..8]
+        );
+        assert!(
+            !seen.contains(secret.as_str()),
+            "a secret or token is in a response: {}…",
+            &secret[..8]
+        );
+    }
+}
