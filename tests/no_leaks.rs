@@ -70,16 +70,7 @@ async fn no_secret_or_token_appears_anywhere_at_trace_level() {
     h.advance(std::time::Duration::from_secs(3600));
     seen.push_str(&h.get("/acme/setu/p").await.text().await.unwrap());
     seen.push_str(&h.tokens().await.to_string());
-    seen.push_str(
-        &h.client
-            .get(h.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    seen.push_str(&h.metrics_text().await);
     let Harness {
         sidecar, stand_ins, ..
     } = h;

@@ -337,12 +337,8 @@ impl MockProviders {
     }
 
     fn setu_token(&self, headers: &HeaderMap, body: &[u8]) -> Response<ProxyBody> {
-        if !is_content_type(headers, "application/x-www-form-urlencoded") {
-            return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
-        }
-        let fields = form_fields(body);
-        let client = match self.oauth_client(headers, &fields) {
-            Ok(client) => client,
+        let (client, _) = match self.oauth_request(headers, body, BodyKind::Form) {
+            Ok(accepted) => accepted,
             Err(refusal) => return refusal.response(),
         };
         let lifetime = self.lifetime(Shape::Setu);
@@ -357,18 +353,8 @@ impl MockProviders {
     }
 
     fn booking_token(&self, headers: &HeaderMap, body: &[u8]) -> Response<ProxyBody> {
-        if !is_content_type(headers, "application/json") {
-            return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
-        }
-        let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(body) else {
-            return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
-        };
-        let fields: HashMap<String, String> = object
-            .into_iter()
-            .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_owned())))
-            .collect();
-        let client = match self.oauth_client(headers, &fields) {
-            Ok(client) => client,
+        let (client, _) = match self.oauth_request(headers, body, BodyKind::Json) {
+            Ok(accepted) => accepted,
             Err(refusal) => return refusal.response(),
         };
         let lifetime = self.lifetime(Shape::Booking);
@@ -380,12 +366,8 @@ impl MockProviders {
     }
 
     fn payu_token(&self, headers: &HeaderMap, body: &[u8]) -> Response<ProxyBody> {
-        if !is_content_type(headers, "application/x-www-form-urlencoded") {
-            return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
-        }
-        let fields = form_fields(body);
-        let client = match self.oauth_client(headers, &fields) {
-            Ok(client) => client,
+        let (client, fields) = match self.oauth_request(headers, body, BodyKind::Form) {
+            Ok(accepted) => accepted,
             Err(refusal) => return refusal.response(),
         };
         let Some(scope) = fields.get("scope").filter(|s| !s.is_empty()) else {
@@ -403,6 +385,33 @@ impl MockProviders {
                 "created_at": unix_millis(issued.issued_at) / 1000,
             }),
         )
+    }
+
+    /// Decodes a client-credentials request sent as `kind` and authenticates its client;
+    /// returns the client id and the body's fields.
+    fn oauth_request(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        kind: BodyKind,
+    ) -> Result<(String, HashMap<String, String>), OAuthRefusal> {
+        let fields = match kind {
+            BodyKind::Form if is_content_type(headers, "application/x-www-form-urlencoded") => {
+                form_fields(body)
+            }
+            BodyKind::Json if is_content_type(headers, "application/json") => {
+                let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(body) else {
+                    return Err(OAuthRefusal::BadRequest);
+                };
+                object
+                    .into_iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_owned())))
+                    .collect()
+            }
+            BodyKind::Form | BodyKind::Json => return Err(OAuthRefusal::BadRequest),
+        };
+        let client = self.oauth_client(headers, &fields)?;
+        Ok((client, fields))
     }
 
     /// The OAuth client, authenticated by body fields or HTTP Basic; `grant_type` checked.
@@ -426,6 +435,13 @@ impl MockProviders {
             _ => Err(OAuthRefusal::BadClient),
         }
     }
+}
+
+/// How a stand-in expects its token request body.
+#[derive(Debug, Clone, Copy)]
+enum BodyKind {
+    Form,
+    Json,
 }
 
 /// Why an OAuth token request was refused.

@@ -44,27 +44,12 @@ impl TokenFetcher {
 
     /// One request to the credential's token endpoint; no retries here.
     pub async fn fetch(&self, credential: &CredentialSpec) -> Result<IssuedToken, FetchError> {
-        let client = self
-            .clients
-            .get(&credential.provider.name)
-            .ok_or_else(|| FetchError::Unreachable {
-                reason: "no client for provider".into(),
-            })?;
         let request = &credential.request;
         let (content_type, body) = request.encode_body();
-        let mut builder = client
-            .post(request.url.clone())
+        let builder = self
+            .post(credential, request.url.clone())?
             .header(CONTENT_TYPE, content_type)
-            .header(ACCEPT, "application/json")
             .body(body);
-        if let Some(authorization) = &request.authorization {
-            let mut value =
-                HeaderValue::from_str(authorization.expose()).map_err(|_| FetchError::Unreachable {
-                    reason: "client credentials are not header-safe".into(),
-                })?;
-            value.set_sensitive(true);
-            builder = builder.header(AUTHORIZATION, value);
-        }
         let requested_at = self.clock.now();
         let response = builder.send().await.map_err(transport_error)?;
         let status = response.status();
@@ -73,17 +58,9 @@ impl TokenFetcher {
         classify(status, retry_after, &body)?;
         parse_response(&credential.response, &body, requested_at)
     }
-}
 
-impl TokenFetcher {
     /// Revokes a Nuapay token: `POST {token url}/{token_id}/revoke` with the API key.
     pub async fn revoke(&self, credential: &CredentialSpec, token_id: &str) -> Result<(), FetchError> {
-        let client = self
-            .clients
-            .get(&credential.provider.name)
-            .ok_or_else(|| FetchError::Unreachable {
-                reason: "no client for provider".into(),
-            })?;
         let mut url = credential.request.url.clone();
         url.path_segments_mut()
             .map_err(|_| FetchError::Unreachable {
@@ -91,19 +68,38 @@ impl TokenFetcher {
             })?
             .push(token_id)
             .push("revoke");
+        let response = self
+            .post(credential, url)?
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status();
+        let body = read_capped(response).await?;
+        classify(status, None, &body)
+    }
+
+    /// A POST to the credential's provider, authenticated as the credential says.
+    fn post(
+        &self,
+        credential: &CredentialSpec,
+        url: reqwest::Url,
+    ) -> Result<reqwest::RequestBuilder, FetchError> {
+        let client = self
+            .clients
+            .get(&credential.provider.name)
+            .ok_or_else(|| FetchError::Unreachable {
+                reason: "no client for provider".into(),
+            })?;
         let mut builder = client.post(url).header(ACCEPT, "application/json");
         if let Some(authorization) = &credential.request.authorization {
             let mut value =
                 HeaderValue::from_str(authorization.expose()).map_err(|_| FetchError::Unreachable {
-                    reason: "API key is not header-safe".into(),
+                    reason: "client credentials are not header-safe".into(),
                 })?;
             value.set_sensitive(true);
             builder = builder.header(AUTHORIZATION, value);
         }
-        let response = builder.send().await.map_err(transport_error)?;
-        let status = response.status();
-        let body = read_capped(response).await?;
-        classify(status, None, &body)
+        Ok(builder)
     }
 }
 

@@ -106,15 +106,7 @@ async fn metrics_cover_requests_fetches_and_cache() {
     h.get_json("/acme/payu/x").await;
     h.get_json("/acme/payu/x").await;
     h.get("/nowhere").await;
-    let metrics = h
-        .client
-        .get(h.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics_text().await;
     for expected in [
         "token_sidecar_requests_total{route=\"/acme/payu\",status=\"200\"} 2",
         "token_sidecar_requests_total{route=\"none\",status=\"404\"} 1",
@@ -129,4 +121,14 @@ async fn metrics_cover_requests_fetches_and_cache() {
 
 fn any() -> std::net::SocketAddr {
     crate::support::ANY_PORT.parse().unwrap()
+}
+
+#[tokio::test]
+async fn an_unused_token_past_its_life_shows_as_expired() {
+    let h = Harness::start().await;
+    h.get_json("/acme/payu/x").await;
+    h.advance(std::time::Duration::from_secs(7200));
+    let state = h.token_state("acme-payu").await;
+    assert_eq!(state["state"], "expired");
+    assert!(state["expires_in_ms"].as_i64().unwrap() <= 0);
 }

@@ -77,15 +77,7 @@ async fn upstream_401_purges_the_token_and_replays_once() {
     assert_eq!(echo["body_bytes"], 14, "the replay carried the same body");
     assert_eq!(h.stand_ins.providers.token_requests(Shape::PayU), 2);
     assert_eq!(h.stand_ins.upstream.refusals(), vec![Refusal::Revoked]);
-    let metrics = h
-        .client
-        .get(h.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics_text().await;
     assert!(
         metrics.contains("token_sidecar_upstream_401_retries_total{route=\"/acme/payu\"} 1"),
         "{metrics}"

@@ -43,6 +43,10 @@ async fn client_authorization_and_hop_by_hop_headers_never_reach_the_upstream() 
         assert!(!headers.contains_key(dropped), "{dropped} forwarded: {echo}");
     }
     assert_eq!(headers["x-request-id"], "r-1", "end-to-end headers pass");
+    assert_eq!(
+        echo["version"], "HTTP/2.0",
+        "HTTP/2 to the upstream, negotiated by ALPN"
+    );
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 
 mod admin;
 mod cache;
+mod clients;
 mod config;
 mod dev;
 mod forwarding;

@@ -186,3 +186,28 @@ async fn a_huge_token_answer_is_an_error_not_a_crash() {
         200
     );
 }
+
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_their_turn() {
+    let h = Harness::with_config(with_server_keys("max_connections = 1")).await;
+    let idle = tokio::net::TcpStream::connect(h.sidecar.proxy_addr)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(500),
+        h.client.get(h.url("/acme/payu/x")).send(),
+    )
+    .await;
+    assert!(
+        waiting.is_err(),
+        "a second connection is not served while the first holds the only slot"
+    );
+    drop(idle);
+    let served =
+        tokio::time::timeout(Duration::from_secs(5), h.client.get(h.url("/acme/payu/x")).send()).await;
+    assert_eq!(
+        served.expect("served once the slot is free").unwrap().status(),
+        200
+    );
+}

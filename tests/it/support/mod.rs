@@ -124,17 +124,20 @@ impl Harness {
         panic!("a background refresh did not finish");
     }
 
-    /// A counter's value from `/metrics` (0 when absent).
-    pub async fn metric(&self, series: &str) -> f64 {
-        let text = self
+    /// The `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        let response = self
             .client
             .get(self.admin_url("/metrics"))
             .send()
             .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+            .expect("metrics");
+        response.text().await.expect("text")
+    }
+
+    /// A counter's value from `/metrics` (0 when absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
         text.lines()
             .find_map(|line| {
                 line.strip_prefix(series)
