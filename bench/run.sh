@@ -20,7 +20,14 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 cargo build --release --quiet
 WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$WORK"' EXIT
+stop_all() {
+  kill $(jobs -p) 2>/dev/null || true
+  for part in upstream proxy; do
+    [ -f "$WORK/$part/nginx.pid" ] && "$NGINX" -p "$WORK/$part" -c "$WORK/$part/nginx.conf" -s stop 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap stop_all EXIT
 
 # A CA and a certificate for 127.0.0.1.
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=bench CA" \
@@ -30,27 +37,42 @@ printf 'subjectAltName=IP:127.0.0.1\n' > "$WORK/san.ext"
 openssl x509 -req -in "$WORK/server.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" -CAcreateserial \
   -days 2 -extfile "$WORK/san.ext" -out "$WORK/server.pem" 2>/dev/null
 
-mkdir -p "$WORK/logs"
-cat > "$WORK/nginx.conf" <<NGINX
-worker_processes 1;
-error_log $WORK/logs/error.log warn;
-pid $WORK/nginx.pid;
+mkdir -p "$WORK/upstream" "$WORK/proxy"
+common() { # prefix → shared nginx settings
+  cat <<NGINX
+error_log $1/error.log warn;
+pid $1/nginx.pid;
 events { worker_connections 4096; }
+NGINX
+}
+temp_paths() { echo "client_body_temp_path $1/body; proxy_temp_path $1/proxy; fastcgi_temp_path $1/fcgi; uwsgi_temp_path $1/uwsgi; scgi_temp_path $1/scgi;"; }
+
+# The upstream: a partner API and its token endpoint, over TLS (HTTP/1.1: what nginx proxies
+# with, so both proxies do the same job). One nginx of its own, shared by both runs.
+cat > "$WORK/upstream/nginx.conf" <<NGINX
+worker_processes 1;
+$(common "$WORK/upstream")
 http {
   access_log off;
-  client_body_temp_path $WORK/body; proxy_temp_path $WORK/proxy;
-  fastcgi_temp_path $WORK/fcgi; uwsgi_temp_path $WORK/uwsgi; scgi_temp_path $WORK/scgi;
-  # The upstream: a partner API and its token endpoint, over TLS.
+  $(temp_paths "$WORK/upstream")
   server {
     listen 127.0.0.1:18443 ssl;
-    http2 on;
     ssl_certificate $WORK/server.pem;
     ssl_certificate_key $WORK/server.key;
     keepalive_requests 1000000;
     location /oauth/token { default_type application/json; return 200 '{"access_token":"bench-token","expires_in":3600}'; }
     location / { default_type application/json; return 200 '{"status":"ok","payments":[]}'; }
   }
-  # The baseline: nginx as the injecting proxy.
+}
+NGINX
+
+# The baseline: nginx as the injecting proxy, with as many workers as the sidecar has threads.
+cat > "$WORK/proxy/nginx.conf" <<NGINX
+worker_processes $(nproc);
+$(common "$WORK/proxy")
+http {
+  access_log off;
+  $(temp_paths "$WORK/proxy")
   upstream partner { server 127.0.0.1:18443; keepalive 64; }
   server {
     listen 127.0.0.1:18081;
@@ -62,12 +84,14 @@ http {
       proxy_set_header Authorization "Bearer bench-token";
       proxy_ssl_trusted_certificate $WORK/ca.pem;
       proxy_ssl_verify on;
+      proxy_ssl_name 127.0.0.1;
       proxy_ssl_session_reuse on;
     }
   }
 }
 NGINX
-"$NGINX" -p "$WORK" -c "$WORK/nginx.conf"
+"$NGINX" -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf"
+"$NGINX" -p "$WORK/proxy" -c "$WORK/proxy/nginx.conf"
 
 cat > "$WORK/sidecar.toml" <<TOML
 [server]
@@ -88,8 +112,8 @@ credential = "bench"
 TOML
 TOKEN_SIDECAR_LOG=warn target/release/token-sidecar run --config "$WORK/sidecar.toml" &
 for _ in $(seq 50); do curl -sf http://127.0.0.1:19901/healthz >/dev/null && break; sleep 0.1; done
-curl -sf http://127.0.0.1:18080/api/payments >/dev/null   # warm the token cache
-curl -sf http://127.0.0.1:18081/api/payments >/dev/null
+curl -sS --fail-with-body -o /dev/null http://127.0.0.1:18080/api/payments   # warm the token cache
+curl -sS --fail-with-body -o /dev/null http://127.0.0.1:18081/api/payments
 
 run() { # name url → "rps p50_ms p99_ms"
   wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "$2" | awk -v name="$1" '

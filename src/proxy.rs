@@ -149,24 +149,8 @@ impl Proxy {
         request: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let credential = select_credential(route, request.headers())?.clone();
-        let (mut parts, body) = request.into_parts();
-        let mut strip: Vec<&HeaderName> = match &route.credential {
-            CredentialChoice::FromHeader { header, .. } => vec![header],
-            CredentialChoice::Fixed(_) => vec![],
-        };
-        if let Some((required, _)) = &self.guards.require_header {
-            strip.push(required);
-        }
-        clean_request_headers(&mut parts.headers, &strip);
-        for (name, value) in &route.headers {
-            parts.headers.insert(name.clone(), value.clone());
-        }
-        let outgoing = Outgoing {
-            method: parts.method,
-            uri,
-            headers: parts.headers,
-        };
-
+        let (parts, body) = request.into_parts();
+        let outgoing = self.outgoing(route, parts, uri);
         let body_limit = self.guards.max_request_body;
         let over_limit = Arc::new(AtomicBool::new(false));
         let kept = keep_for_replay(
@@ -203,6 +187,29 @@ impl Proxy {
         let fresh = self.tokens.token(&credential.name).await?;
         tracing::info!(route = %route.name, credential = %credential.name, status = response.status().as_u16(), "upstream refused the token; resending once with a fresh one");
         self.send(route, &outgoing, full_body(bytes), &fresh).await
+    }
+
+    /// What goes upstream besides the body: the client's headers cleaned (hop-by-hop, its own
+    /// credentials, the credential selector and the sidecar's gate header removed) plus the
+    /// route's static headers. The token is added per attempt, in [`Proxy::send`].
+    fn outgoing(&self, route: &RouteSpec, parts: http::request::Parts, uri: Uri) -> Outgoing {
+        let mut headers = parts.headers;
+        let mut strip: Vec<&HeaderName> = match &route.credential {
+            CredentialChoice::FromHeader { header, .. } => vec![header],
+            CredentialChoice::Fixed(_) => vec![],
+        };
+        if let Some((required, _)) = &self.guards.require_header {
+            strip.push(required);
+        }
+        clean_request_headers(&mut headers, &strip);
+        for (name, value) in &route.headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        Outgoing {
+            method: parts.method,
+            uri,
+            headers,
+        }
     }
 
     async fn send(
