@@ -16,7 +16,7 @@ use token_sidecar::error::{full_body, BoxError};
 use token_sidecar::server::Handler;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::support::{single_route_config, spawn_tls_server, Harness};
+use crate::support::{echo_ok, single_route_config, spawn_tls_server, Harness};
 
 #[tokio::test]
 async fn client_authorization_and_hop_by_hop_headers_never_reach_the_upstream() {
@@ -32,8 +32,7 @@ async fn client_authorization_and_hop_by_hop_headers_never_reach_the_upstream() 
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-    let echo: serde_json::Value = response.json().await.unwrap();
+    let echo = echo_ok(response).await;
     assert_eq!(
         echo["merchant"], "acme-payu-client",
         "the sidecar's token replaced the client's"
@@ -76,8 +75,7 @@ async fn large_bodies_stream_both_ways() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-    let echo: serde_json::Value = response.json().await.unwrap();
+    let echo = echo_ok(response).await;
     assert_eq!(echo["body_bytes"], SIZE as u64);
     assert_eq!(echo["body_sha256"], hex::encode(expected));
 

@@ -5,7 +5,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use token_sidecar::dev::providers::Shape;
 
-use crate::support::Harness;
+use crate::support::{echo_ok, Harness};
 
 #[tokio::test]
 async fn nuapay_org_token_with_api_key_as_basic_user() {
@@ -60,8 +60,7 @@ async fn nuapay_token_as_basic_username_for_refunds() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-    let echo: serde_json::Value = response.json().await.unwrap();
+    let echo = echo_ok(response).await;
     assert_eq!(echo["merchant"], "k3v9x2mq7p");
     assert_eq!(echo["auth"], "basic-username");
 }
@@ -100,8 +99,7 @@ async fn booking_json_request_with_token_in_a_custom_header() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-    let echo: serde_json::Value = response.json().await.unwrap();
+    let echo = echo_ok(response).await;
     assert_eq!(echo["merchant"], "acme-booking-client");
     assert_eq!(echo["auth"], "header");
     assert_eq!(echo["body_bytes"], 12);

@@ -1,7 +1,7 @@
 //! Which request goes where: path prefixes on whole segments, Host and absolute-form routing,
 //! the header-selected credential, and 404 for everything else.
 
-use crate::support::Harness;
+use crate::support::{echo_ok, Harness};
 
 #[tokio::test]
 async fn prefix_is_stripped_and_joined_onto_the_upstream_base_path() {
@@ -46,8 +46,7 @@ async fn host_header_selects_a_route() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-    let echo: serde_json::Value = response.json().await.unwrap();
+    let echo = echo_ok(response).await;
     assert_eq!(echo["merchant"], "acme-payu-client");
     assert_eq!(echo["path"], "/payu/payment-links");
     let upstream_host = h.stand_ins.upstream_addr.to_string();
@@ -72,8 +71,7 @@ async fn absolute_form_requests_from_http_proxy_clients_route_by_host() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-    let echo: serde_json::Value = response.json().await.unwrap();
+    let echo = echo_ok(response).await;
     assert_eq!(echo["merchant"], "acme-payu-client");
     assert_eq!(echo["path"], "/payu/payment-links");
     assert_eq!(echo["query"], "x=1");

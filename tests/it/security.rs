@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Harness, ANY_PORT};
+use crate::support::{echo_ok, Harness, ANY_PORT};
 
 fn with_server_keys(keys: &'static str) -> impl FnOnce(&token_sidecar::dev::StandIns) -> String {
     move |s| {
@@ -48,8 +48,7 @@ async fn require_header_gates_every_request_and_is_stripped() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-    let echo: serde_json::Value = response.json().await.unwrap();
+    let echo = echo_ok(response).await;
     assert!(
         echo["headers"].get("x-sidecar-key").is_none(),
         "gate header stripped: {echo}"

@@ -151,6 +151,14 @@ impl Harness {
     }
 }
 
+/// The echo upstream's JSON from a response that must be a 200.
+pub async fn echo_ok(response: reqwest::Response) -> serde_json::Value {
+    let status = response.status();
+    let body = response.text().await.expect("body");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"))
+}
+
 /// A client that never uses a proxy from the environment.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
