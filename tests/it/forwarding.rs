@@ -234,3 +234,20 @@ async fn slow_upstream_is_a_504() {
 fn tokio_stream<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+#[tokio::test]
+async fn client_authorization_is_dropped_also_when_the_token_goes_in_another_header() {
+    let h = Harness::start().await;
+    let response = h
+        .client
+        .post(h.url("/acme/booking/bookings"))
+        .header("authorization", "Bearer the-clients-own-token")
+        .send()
+        .await
+        .unwrap();
+    let echo = crate::support::echo_ok(response).await;
+    assert_eq!(
+        echo["auth"], "header",
+        "only the injected X-Auth-Token reached the upstream"
+    );
+}
