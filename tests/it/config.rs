@@ -280,3 +280,23 @@ fn a_missing_file_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bad_urls_are_named() {
+    let text = VALID
+        .replace("https://uat-accounts.payu.in/oauth/token", "not a url")
+        .replace(
+            "upstream = \"https://uat-accounts.payu.in\"",
+            "upstream = \"ftp://files.example\"",
+        );
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("FILE:5: providers.payu.token_url: `not a url` is not an absolute http(s) URL"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("FILE:14: routes[0].upstream: scheme `ftp` is not http or https"),
+        "{stderr}"
+    );
+}

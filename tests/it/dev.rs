@@ -69,3 +69,70 @@ fn dev_answers_its_own_curl_lines() {
         }
     }
 }
+
+#[test]
+fn run_serves_and_stops_cleanly_on_sigterm() {
+    let config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(
+        config.path(),
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[providers.payu]
+token_url = "https://127.0.0.1:9/oauth/token"
+
+[credentials.acme]
+provider = "payu"
+client_id = "id"
+client_secret = "secret"
+
+[[routes]]
+path_prefix = "/acme"
+upstream = "https://127.0.0.1:9"
+credential = "acme"
+"#,
+    )
+    .unwrap();
+    let mut child = Command::new(binary())
+        .args([
+            "run",
+            "--config",
+            config.path().to_str().unwrap(),
+            "--log-format",
+            "json",
+        ])
+        .env("TOKEN_SIDECAR_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run starts");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let listening = lines.next().expect("a log line").unwrap();
+    let line: serde_json::Value =
+        serde_json::from_str(&listening).expect("--log-format json logs JSON lines");
+    assert_eq!(
+        line["fields"]["message"], "token-sidecar listening",
+        "{listening}"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

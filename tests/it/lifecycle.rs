@@ -247,3 +247,25 @@ async fn nuapay_tokens_are_revoked_at_shutdown_when_asked() {
 fn any() -> std::net::SocketAddr {
     ANY_PORT.parse().unwrap()
 }
+
+#[tokio::test]
+async fn a_slow_token_endpoint_times_out_per_provider_settings() {
+    let h = Harness::with_config(|s| {
+        let payu_url = format!("token_url = \"https://{}/oauth/token\"", s.token_addr);
+        s.config_toml(any(), any())
+            .replace(&payu_url, &format!("{payu_url}\ntimeout = \"200ms\""))
+    })
+    .await;
+    h.stand_ins.providers.set_latency(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let response = h.get("/acme/payu/p").await;
+    assert_eq!(response.status(), 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "gave up within the retry budget"
+    );
+    assert_eq!(
+        h.token_state("acme-payu").await["last_error"],
+        "token endpoint timed out"
+    );
+}
