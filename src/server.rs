@@ -58,6 +58,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("cannot build the token endpoint client: {0}")]
     TokenClient(#[source] reqwest::Error),
+    #[error("cannot catch shutdown signals: {0}")]
+    Signals(#[source] std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -158,30 +160,50 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar,
 
 /// Serves until SIGINT or SIGTERM, then shuts down gracefully.
 pub async fn run(config: Config, clock: SharedClock) -> Result<(), StartError> {
+    let signals = ShutdownSignals::install().map_err(StartError::Signals)?;
     let running = start(config, clock).await?;
-    shutdown_signal().await;
+    signals.recv().await;
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// SIGINT and SIGTERM, caught from the moment this is created, so that a signal arriving while
+/// the sidecar starts is not lost (nor kills it without a graceful shutdown).
+pub struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
-        }
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    #[cfg(unix)]
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
     }
+
     #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {})
+    }
+
+    /// Resolves on the first SIGINT or SIGTERM.
+    pub async fn recv(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = &mut self;
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

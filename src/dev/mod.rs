@@ -131,6 +131,7 @@ impl StandIns {
 
 /// Runs the demo until Ctrl-C.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let signals = server::ShutdownSignals::install()?;
     let clock: SharedClock = Arc::new(SystemClock);
     let stand_ins = StandIns::start(clock.clone(), dev_accounts()).await?;
     let text = stand_ins.config_toml(args.listen, args.admin_listen);
@@ -142,7 +143,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         sidecar.proxy_addr,
         sidecar.admin_addr.unwrap_or(args.admin_listen),
     );
-    server::shutdown_signal().await;
+    signals.recv().await;
     sidecar.shutdown().await;
     stand_ins.shutdown().await;
     Ok(())
