@@ -11,29 +11,14 @@ use token_sidecar::token::error::error_code_from_body;
 fuzz_target!(|data: &[u8]| {
     let requested_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let specs = [
-        ResponseSpec {
-            token: "/access_token".into(),
-            expires_in: Some("/expires_in".into()),
-            expires_at: None,
-            issued_at: None,
-            token_id: None,
-            default_ttl: None,
-        },
-        ResponseSpec {
-            token: "/data/accessToken".into(),
-            expires_in: None,
-            expires_at: Some(("/data/expiryTime".into(), TimeUnit::Millis)),
-            issued_at: Some(("/data/createdTimestamp".into(), TimeUnit::Millis)),
-            token_id: Some("/data/id".into()),
-            default_ttl: Some(Duration::from_secs(10)),
-        },
+        ResponseSpec::oauth2(),
+        ResponseSpec::nuapay(Duration::from_secs(10)),
         ResponseSpec {
             token: "/accessToken".into(),
             expires_in: None,
             expires_at: Some(("/exp".into(), TimeUnit::Seconds)),
-            issued_at: None,
-            token_id: None,
             default_ttl: Some(Duration::from_secs(900)),
+            ..ResponseSpec::oauth2()
         },
     ];
     for spec in &specs {

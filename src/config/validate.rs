@@ -531,14 +531,8 @@ impl Validator {
             api_key: api_key?,
             expires_in: raw.expires_in,
         };
-        let response = ResponseSpec {
-            token: "/data/accessToken".into(),
-            expires_in: None,
-            expires_at: Some(("/data/expiryTime".into(), TimeUnit::Millis)),
-            issued_at: Some(("/data/createdTimestamp".into(), TimeUnit::Millis)),
-            token_id: Some("/data/id".into()),
-            default_ttl: default_ttl.or(Some(raw.expires_in.unwrap_or(NUAPAY_DEFAULT_TTL))),
-        };
+        let response =
+            ResponseSpec::nuapay(default_ttl.unwrap_or(raw.expires_in.unwrap_or(NUAPAY_DEFAULT_TTL)));
         Some((endpoint, response))
     }
 

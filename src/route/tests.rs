@@ -22,14 +22,7 @@ fn credential() -> Arc<CredentialSpec> {
             fields: vec![],
             authorization: None,
         },
-        response: ResponseSpec {
-            token: "/access_token".into(),
-            expires_in: None,
-            expires_at: None,
-            issued_at: None,
-            token_id: None,
-            default_ttl: None,
-        },
+        response: ResponseSpec::oauth2(),
         prefetch: false,
         revoke_on_shutdown: false,
     })

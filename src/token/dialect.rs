@@ -104,6 +104,33 @@ pub struct ResponseSpec {
     pub default_ttl: Option<Duration>,
 }
 
+impl ResponseSpec {
+    /// RFC 6749: `access_token` and `expires_in` (seconds), nothing else assumed.
+    pub fn oauth2() -> Self {
+        Self {
+            token: "/access_token".into(),
+            expires_in: Some("/expires_in".into()),
+            expires_at: None,
+            issued_at: None,
+            token_id: None,
+            default_ttl: None,
+        }
+    }
+
+    /// Nuapay organisation tokens: `data.accessToken`, `data.expiryTime` and
+    /// `data.createdTimestamp` (epoch ms), `data.id` for revocation.
+    pub fn nuapay(default_ttl: Duration) -> Self {
+        Self {
+            token: "/data/accessToken".into(),
+            expires_in: None,
+            expires_at: Some(("/data/expiryTime".into(), TimeUnit::Millis)),
+            issued_at: Some(("/data/createdTimestamp".into(), TimeUnit::Millis)),
+            token_id: Some("/data/id".into()),
+            default_ttl: Some(default_ttl),
+        }
+    }
+}
+
 /// A token read from an endpoint's answer, with its expiry on our clock.
 #[derive(Debug, Clone)]
 pub struct IssuedToken {

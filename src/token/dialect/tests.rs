@@ -10,25 +10,11 @@ fn at(secs: u64) -> SystemTime {
 }
 
 fn oauth2_spec() -> ResponseSpec {
-    ResponseSpec {
-        token: "/access_token".into(),
-        expires_in: Some("/expires_in".into()),
-        expires_at: None,
-        issued_at: None,
-        token_id: None,
-        default_ttl: None,
-    }
+    ResponseSpec::oauth2()
 }
 
 fn nuapay_spec() -> ResponseSpec {
-    ResponseSpec {
-        token: "/data/accessToken".into(),
-        expires_in: None,
-        expires_at: Some(("/data/expiryTime".into(), TimeUnit::Millis)),
-        issued_at: Some(("/data/createdTimestamp".into(), TimeUnit::Millis)),
-        token_id: Some("/data/id".into()),
-        default_ttl: Some(Duration::from_secs(10)),
-    }
+    ResponseSpec::nuapay(Duration::from_secs(10))
 }
 
 fn jwt(exp: u64, iat: u64) -> String {
