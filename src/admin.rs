@@ -1,13 +1,15 @@
 //! The admin listener: liveness, readiness, Prometheus metrics and token administration.
-//! `/tokens` shows fingerprints, never tokens.
+//! `/tokens` shows fingerprints, never tokens. `POST`s carrying an `Origin` header (a web page
+//! in a local browser) are refused.
 
 use std::sync::Arc;
 
-use http::header::CONTENT_TYPE;
+use http::header::{CONTENT_TYPE, ORIGIN};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use serde_json::json;
 
-use crate::error::{error_response, full_body, ProxyBody, ProxyError};
+use crate::error::{error_response, full_body, json_response, ProxyBody, ProxyError};
 use crate::metrics::Metrics;
 use crate::token::cache::{TokenCache, TokenError};
 
@@ -23,14 +25,23 @@ impl AdminState {
 }
 
 pub async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Response<ProxyBody> {
+    if request.method() == Method::POST && request.headers().contains_key(ORIGIN) {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "admin POSTs from a web page (with an Origin header) are refused",
+        );
+    }
     let path = request.uri().path().trim_end_matches('/');
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (request.method(), segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
+        (&Method::GET, ["healthz"]) => json_response(StatusCode::OK, &json!({ "status": "ok" })),
         (&Method::GET, ["readyz"]) => readiness(&state).await,
         (&Method::GET, ["metrics"]) => metrics(&state),
-        (&Method::GET, ["tokens"]) => json(StatusCode::OK, serde_json::json!(state.tokens.snapshots().await)),
-        (&Method::POST, ["tokens", credential, "refresh"]) => refresh(&state, credential).await,
+        (&Method::GET, ["tokens"]) => json_response(StatusCode::OK, &json!(state.tokens.snapshots().await)),
+        (&Method::POST, ["tokens", credential, "refresh"]) => {
+            refresh(&state, credential, forced(request.uri().query())).await
+        }
         (_, ["healthz" | "readyz" | "metrics" | "tokens"]) | (_, ["tokens", _, "refresh"]) => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -41,20 +52,28 @@ pub async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Respo
 }
 
 /// Ready once the listeners are up (they are, if this answers) and every `prefetch`
-/// credential holds a usable token.
+/// credential has had a token since start-up. A provider outage after that does not make the
+/// pod unready — every replica would leave the Service at once, turning one degraded provider
+/// into an outage of the whole application — it shows as `degraded` instead.
 async fn readiness(state: &AdminState) -> Response<ProxyBody> {
     let mut pending = Vec::new();
+    let mut degraded = Vec::new();
     for credential in state.tokens.prefetch_credentials() {
-        if !state.tokens.has_usable(&credential).await {
+        if !state.tokens.ever_fetched(&credential) {
             pending.push(credential.to_string());
+        } else if !state.tokens.has_usable(&credential).await {
+            degraded.push(credential.to_string());
         }
     }
     if pending.is_empty() {
-        json(StatusCode::OK, serde_json::json!({ "status": "ready" }))
+        json_response(
+            StatusCode::OK,
+            &json!({ "status": "ready", "degraded": degraded }),
+        )
     } else {
-        json(
+        json_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({ "status": "waiting for tokens", "pending": pending }),
+            &json!({ "status": "waiting for tokens", "pending": pending }),
         )
     }
 }
@@ -68,10 +87,19 @@ fn metrics(state: &AdminState) -> Response<ProxyBody> {
     response
 }
 
-async fn refresh(state: &AdminState, credential: &str) -> Response<ProxyBody> {
-    match state.tokens.refresh_now(credential).await {
+/// `?force=true` overrides the credential's back-off.
+fn forced(query: Option<&str>) -> bool {
+    query.is_some_and(|query| {
+        query
+            .split('&')
+            .any(|pair| pair == "force=true" || pair == "force")
+    })
+}
+
+async fn refresh(state: &AdminState, credential: &str, force: bool) -> Response<ProxyBody> {
+    match state.tokens.refresh_now(credential, force).await {
         Ok(_) => match state.tokens.snapshot(credential).await {
-            Some(snapshot) => json(StatusCode::OK, serde_json::json!(snapshot)),
+            Some(snapshot) => json_response(StatusCode::OK, &json!(snapshot)),
             None => error_response(StatusCode::NOT_FOUND, "unknown_credential", "no such credential"),
         },
         Err(TokenError::UnknownCredential(_)) => {
@@ -79,13 +107,4 @@ async fn refresh(state: &AdminState, credential: &str) -> Response<ProxyBody> {
         }
         Err(err) => ProxyError::from(err).into_response(),
     }
-}
-
-fn json(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
-    let mut response = Response::new(full_body(value.to_string()));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
 }

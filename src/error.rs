@@ -9,7 +9,10 @@ use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
+use crate::proxy::client_body::BodyFault;
+use crate::route::TargetError;
 use crate::token::cache::TokenError;
+use crate::token::error::FetchError;
 
 /// Errors from any body we stream through.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -18,33 +21,43 @@ pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>
 
 pub const ERROR_HEADER: &str = "x-token-sidecar-error";
 
-/// Everything that stops a request from reaching (or coming back from) its upstream.
+/// Everything that stops a request from reaching (or coming back from) its upstream. The
+/// `Display` text is what the client reads: the sidecar's own words, never a library's; the
+/// `source` chain, for the log, keeps the rest.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches this request")]
     NoRoute,
+    #[error(transparent)]
+    BadTarget(#[from] TargetError),
     #[error("{0}")]
     UnknownCredential(String),
     #[error(
         "CONNECT is not supported: HTTPS cannot be injected; send plain http:// requests to the sidecar"
     )]
     ConnectNotSupported,
+    #[error("TRACE is not supported: it would reflect the injected credentials back")]
+    TraceNotAllowed,
     #[error("no usable token for credential `{credential}`: {cause}")]
     TokenUnavailable {
         credential: String,
-        cause: String,
+        #[source]
+        cause: FetchError,
         retry_after: Duration,
     },
-    #[error("upstream {upstream} unreachable: {cause}")]
-    UpstreamUnreachable { upstream: String, cause: String },
+    #[error("upstream {upstream} unreachable: {reason}")]
+    UpstreamUnreachable {
+        upstream: String,
+        reason: &'static str,
+        #[source]
+        source: Option<BoxError>,
+    },
     #[error("upstream {upstream} sent no response within {timeout:?}")]
     UpstreamTimeout { upstream: String, timeout: Duration },
-    #[error("request body could not be read: {0}")]
-    RequestBody(String),
+    #[error(transparent)]
+    Body(#[from] BodyFault),
     #[error("missing or wrong {0} header")]
     Forbidden(String),
-    #[error("request body is larger than the {limit} bytes allowed")]
-    BodyTooLarge { limit: u64 },
     #[error("request headers are larger than the {limit} bytes allowed")]
     HeadersTooLarge { limit: usize },
     #[error("internal error: {0}")]
@@ -55,14 +68,15 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::UnknownCredential(_) => StatusCode::BAD_REQUEST,
-            Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BadTarget(_) | Self::UnknownCredential(_) => StatusCode::BAD_REQUEST,
+            Self::ConnectNotSupported | Self::TraceNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::RequestBody(_) => StatusCode::BAD_REQUEST,
+            Self::Body(BodyFault::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Body(BodyFault::Stalled { .. }) => StatusCode::REQUEST_TIMEOUT,
+            Self::Body(BodyFault::Broken) => StatusCode::BAD_REQUEST,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -71,14 +85,15 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::NoRoute => "no_route",
+            Self::BadTarget(_) | Self::Body(BodyFault::Broken) => "bad_request",
             Self::UnknownCredential(_) => "unknown_credential",
-            Self::ConnectNotSupported => "method_not_allowed",
+            Self::ConnectNotSupported | Self::TraceNotAllowed => "method_not_allowed",
             Self::TokenUnavailable { .. } => "token_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
-            Self::RequestBody(_) => "bad_request",
+            Self::Body(BodyFault::Stalled { .. }) => "request_timeout",
             Self::Forbidden(_) => "forbidden",
-            Self::BodyTooLarge { .. } | Self::HeadersTooLarge { .. } => "request_too_large",
+            Self::Body(BodyFault::TooLarge { .. }) | Self::HeadersTooLarge { .. } => "request_too_large",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -109,7 +124,7 @@ impl From<TokenError> for ProxyError {
                 retry_after,
             } => Self::TokenUnavailable {
                 credential: credential.to_string(),
-                cause: cause.to_string(),
+                cause,
                 retry_after,
             },
             TokenError::UnknownCredential(name) => {
@@ -119,14 +134,38 @@ impl From<TokenError> for ProxyError {
     }
 }
 
+/// The error and its sources, `: `-separated, for one log line.
+pub struct Chain<'e>(pub &'e (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+/// A JSON answer (with the trailing newline a terminal wants).
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
+    let mut response = Response::new(full_body(format!("{value}\n")));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
 /// A sidecar JSON error response.
 pub fn error_response(status: StatusCode, code: &'static str, message: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
-    let mut response = Response::new(full_body(body));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(ERROR_HEADER, HeaderValue::from_static(code));
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    let mut response = json_response(status, &body);
+    response
+        .headers_mut()
+        .insert(ERROR_HEADER, HeaderValue::from_static(code));
     response
 }
 
@@ -156,7 +195,10 @@ mod tests {
     fn token_unavailable_carries_retry_after_in_whole_seconds() {
         let response = ProxyError::TokenUnavailable {
             credential: "acme".into(),
-            cause: "token endpoint answered 503".into(),
+            cause: FetchError::Status {
+                status: 503,
+                retry_after: None,
+            },
             retry_after: Duration::from_millis(1500),
         }
         .into_response();

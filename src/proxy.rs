@@ -1,44 +1,49 @@
-//! The request path, top to bottom: route → credential → token → forward, and the one replay
-//! after an upstream 401. Every error becomes the contract's JSON answer here, at the edge.
+//! The request path, top to bottom: target checks → route → credential → token → forward, and
+//! the one replay after an upstream 401. Every error becomes the contract's JSON answer here,
+//! at the edge.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+pub mod client_body;
+
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
-use http::HeaderName;
-use http::{HeaderMap, Method, Request, Response, Uri};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use subtle::ConstantTimeEq;
 
 use crate::config::{CredentialChoice, CredentialSpec, RouteSpec, ServerSettings};
-use crate::error::{full_body, ProxyBody, ProxyError};
+use crate::error::{full_body, Chain, ProxyBody, ProxyError, ERROR_HEADER};
 use crate::forward::{clean_request_headers, inject_token, remove_hop_by_hop, upstream_uri, UpstreamClient};
 use crate::metrics::Metrics;
-use crate::route::{request_host, Router};
+use crate::route::{check_path, request_host, Router};
 use crate::secret::Secret;
 use crate::token::cache::{CachedToken, TokenCache};
+use client_body::{BodyFault, BodyLimits, ClientBody, FaultRecord};
 
 /// The metrics label for requests that matched no route.
 const NO_ROUTE: &str = "none";
 
 /// Checks every request meets before it is routed: size of its head, the shared-secret header,
-/// the declared body size.
-#[derive(Debug, Clone, Default)]
+/// the declared body size; and the limits its body is read under.
+#[derive(Debug, Clone)]
 pub struct RequestGuards {
     pub require_header: Option<(HeaderName, Secret)>,
-    pub max_request_body: Option<u64>,
     pub max_header_bytes: usize,
+    pub body: BodyLimits,
 }
 
 impl RequestGuards {
     pub fn from_settings(settings: &ServerSettings) -> Self {
         Self {
             require_header: settings.require_header.clone(),
-            max_request_body: settings.max_request_body,
             max_header_bytes: settings.max_header_bytes,
+            body: BodyLimits {
+                max_bytes: settings.max_request_body,
+                idle_timeout: settings.body_read_timeout,
+            },
         }
     }
 
@@ -66,9 +71,9 @@ impl RequestGuards {
                 return Err(ProxyError::Forbidden(name.to_string()));
             }
         }
-        if let (Some(limit), Some(declared)) = (self.max_request_body, declared_length(request.headers())) {
+        if let (Some(limit), Some(declared)) = (self.body.max_bytes, declared_length(request.headers())) {
             if declared > limit {
-                return Err(ProxyError::BodyTooLarge { limit });
+                return Err(BodyFault::TooLarge { limit }.into());
             }
         }
         Ok(())
@@ -107,9 +112,9 @@ impl Proxy {
         let (route_name, result) = self.route_and_forward(request).await;
         let response = result.unwrap_or_else(|err| {
             if err.status().is_server_error() {
-                tracing::warn!(route = %route_name, %method, code = err.code(), error = %err, "request failed");
+                tracing::warn!(route = %route_name, %method, code = err.code(), error = %Chain(&err), "request failed");
             } else {
-                tracing::info!(route = %route_name, %method, code = err.code(), error = %err, "request refused");
+                tracing::info!(route = %route_name, %method, code = err.code(), error = %Chain(&err), "request refused");
             }
             err.into_response()
         });
@@ -123,13 +128,10 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
     ) -> (String, Result<Response<ProxyBody>, ProxyError>) {
-        if request.method() == Method::CONNECT {
-            return (NO_ROUTE.into(), Err(ProxyError::ConnectNotSupported));
-        }
-        if let Err(err) = self.guards.check(&request) {
-            return (NO_ROUTE.into(), Err(err));
-        }
-        let host = request_host(&request);
+        let host = match self.check(&request) {
+            Ok(host) => host,
+            Err(err) => return (NO_ROUTE.into(), Err(err)),
+        };
         let Some(matched) = self.router.find(host.as_deref(), request.uri().path()) else {
             return (NO_ROUTE.into(), Err(ProxyError::NoRoute));
         };
@@ -142,6 +144,19 @@ impl Proxy {
         (route.name.clone(), result)
     }
 
+    /// What every request must pass before routing; gives the host it is for.
+    fn check(&self, request: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
+        match *request.method() {
+            Method::CONNECT => return Err(ProxyError::ConnectNotSupported),
+            Method::TRACE => return Err(ProxyError::TraceNotAllowed),
+            _ => {}
+        }
+        self.guards.check(request)?;
+        let host = request_host(request)?;
+        check_path(request.uri().path())?;
+        Ok(host)
+    }
+
     async fn forward(
         &self,
         route: &RouteSpec,
@@ -151,42 +166,40 @@ impl Proxy {
         let credential = select_credential(route, request.headers())?.clone();
         let (parts, body) = request.into_parts();
         let outgoing = self.outgoing(route, parts, uri);
-        let body_limit = self.guards.max_request_body;
-        let over_limit = Arc::new(AtomicBool::new(false));
-        let kept = keep_for_replay(
-            &outgoing.headers,
-            body,
-            route.replay_body_limit,
-            body_limit,
-            &over_limit,
-        )
-        .await?;
+        let limits = self.guards.body;
+        let faults = Arc::new(FaultRecord::default());
+        let kept = keep_for_replay(&outgoing.headers, body, route.replay_body_limit, limits, &faults).await?;
         let (first_body, replay_body) = match kept {
             KeptBody::Kept(bytes) => (full_body(bytes.clone()), Some(bytes)),
             KeptBody::Streaming(body) => (body, None),
         };
         let token = self.tokens.token(&credential.name).await?;
-        let sent = self.send(route, &outgoing, first_body, &token).await;
-        let response = match (sent, body_limit) {
-            // The body ran over the limit mid-stream; how the upstream connection failed is moot.
-            (Err(_), Some(limit)) if over_limit.load(Ordering::Acquire) => {
-                return Err(ProxyError::BodyTooLarge { limit })
-            }
-            (sent, _) => sent?,
+        let response = match self.send(route, &outgoing, first_body, &token).await {
+            Ok(response) => response,
+            // A client body that failed mid-stream is the client's error, whatever the
+            // upstream connection made of it.
+            Err(err) => return Err(faults.get(&limits).map_or(err, ProxyError::Body)),
         };
         if !route.purge_on_status.contains(&response.status()) {
+            self.tokens.upstream_accepted(&credential.name);
             return Ok(response);
         }
 
         // The upstream refused the token: drop it (unless already replaced) and resend once.
-        self.tokens.purge(&credential.name, &token.token).await;
-        let Some(bytes) = replay_body else {
+        let replay = self.tokens.purge_refused(&credential.name, &token).await;
+        let Some(bytes) = replay_body.filter(|_| replay) else {
             return Ok(response);
         };
         self.metrics.upstream_401_retry(&route.name);
         let fresh = self.tokens.token(&credential.name).await?;
         tracing::info!(route = %route.name, credential = %credential.name, status = response.status().as_u16(), "upstream refused the token; resending once with a fresh one");
-        self.send(route, &outgoing, full_body(bytes), &fresh).await
+        let replayed = self.send(route, &outgoing, full_body(bytes), &fresh).await?;
+        if route.purge_on_status.contains(&replayed.status()) {
+            self.tokens.purge_refused(&credential.name, &fresh).await;
+        } else {
+            self.tokens.upstream_accepted(&credential.name);
+        }
+        Ok(replayed)
     }
 
     /// What goes upstream besides the body: the client's headers cleaned (hop-by-hop, its own
@@ -225,24 +238,33 @@ impl Proxy {
         *request.headers_mut() = outgoing.headers.clone();
         inject_token(request.headers_mut(), &route.inject, &token.token)
             .map_err(|_| ProxyError::Internal("token is not a valid header value".into()))?;
-        let upstream = route.upstream.to_string();
         let response = match tokio::time::timeout(route.timeout, self.client.request(request)).await {
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout {
-                    upstream,
+                    upstream: route.upstream.to_string(),
                     timeout: route.timeout,
                 })
             }
             Ok(Err(err)) => {
                 return Err(ProxyError::UpstreamUnreachable {
-                    upstream,
-                    cause: error_chain(&err),
+                    upstream: route.upstream.to_string(),
+                    reason: upstream_failure(&err),
+                    source: Some(err.into()),
                 })
             }
             Ok(Ok(response)) => response,
         };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // Upgrade is never forwarded, so a 101 is unsolicited: the connection is unusable.
+            return Err(ProxyError::UpstreamUnreachable {
+                upstream: route.upstream.to_string(),
+                reason: "it switched protocols (101) though no upgrade was asked for",
+                source: None,
+            });
+        }
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(ERROR_HEADER); // only the sidecar's own errors carry it
         Ok(Response::from_parts(
             parts,
             body.map_err(Into::into).boxed_unsync(),
@@ -263,44 +285,27 @@ enum KeptBody {
     Streaming(ProxyBody),
 }
 
-/// Keeps bodies that are empty or declare a length within `replay_limit`; streams the rest,
-/// cut off at `max_body` when there is one.
+/// Keeps bodies that are empty or declare a length within `replay_limit`; streams the rest.
+/// Either way the body is read under `limits`, and a failure is recorded in `faults`.
 async fn keep_for_replay(
     headers: &HeaderMap,
     body: Incoming,
     replay_limit: u64,
-    max_body: Option<u64>,
-    over_limit: &Arc<AtomicBool>,
+    limits: BodyLimits,
+    faults: &Arc<FaultRecord>,
 ) -> Result<KeptBody, ProxyError> {
-    let small = body.is_end_stream() || declared_length(headers).is_some_and(|len| len <= replay_limit);
-    if !small {
-        let streaming = match max_body {
-            Some(limit) => {
-                let over_limit = over_limit.clone();
-                Limited::new(body, limit as usize)
-                    .map_err(move |err| {
-                        if err.is::<LengthLimitError>() {
-                            over_limit.store(true, Ordering::Release);
-                        }
-                        err
-                    })
-                    .boxed_unsync()
-            }
-            None => body.map_err(Into::into).boxed_unsync(),
-        };
-        return Ok(KeptBody::Streaming(streaming));
+    if body.is_end_stream() {
+        return Ok(KeptBody::Kept(Bytes::new()));
     }
-    let limit = replay_limit.min(max_body.unwrap_or(u64::MAX));
-    let collected = Limited::new(body, limit as usize)
-        .collect()
-        .await
-        .map_err(|err| match max_body {
-            Some(max) if max <= replay_limit && err.is::<LengthLimitError>() => {
-                ProxyError::BodyTooLarge { limit: max }
-            }
-            _ => ProxyError::RequestBody(err.to_string()),
-        })?;
-    Ok(KeptBody::Kept(collected.to_bytes()))
+    let small = declared_length(headers).is_some_and(|len| len <= replay_limit);
+    let body = ClientBody::new(body, limits, faults.clone());
+    if !small {
+        return Ok(KeptBody::Streaming(body.boxed_unsync()));
+    }
+    match body.collect().await {
+        Ok(collected) => Ok(KeptBody::Kept(collected.to_bytes())),
+        Err(_) => Err(ProxyError::Body(faults.get(&limits).unwrap_or(BodyFault::Broken))),
+    }
 }
 
 /// The credential a request gets: the route's own, or the one its header names from the
@@ -334,13 +339,44 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
+/// The client's words for why an upstream could not be reached; the chain goes to the log.
+fn upstream_failure(err: &hyper_util::client::legacy::Error) -> &'static str {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+        let io = cause.downcast_ref::<std::io::Error>();
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return match tls {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+                    "its TLS certificate is not from a trusted issuer"
+                }
+                rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+                | rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext {
+                    ..
+                }) => "its TLS certificate is not valid for its name",
+                rustls::Error::InvalidCertificate(_) => "its TLS certificate was refused",
+                _ => "the TLS handshake failed",
+            };
+        }
+        if let Some(io) = io {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => return "connection refused",
+                std::io::ErrorKind::TimedOut => return "connecting timed out",
+                std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof => return "the connection was closed",
+                _ => {}
+            }
+        }
+        // An `io::Error`'s `source()` skips the error it wraps (rustls' among them).
+        source = match io.and_then(|io| io.get_ref()) {
+            Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
+            None => cause.source(),
+        };
     }
-    text
+    if err.is_connect() {
+        "connecting failed"
+    } else {
+        "the connection failed before a response arrived"
+    }
 }

@@ -1,16 +1,22 @@
 //! Request → route: match on Host (or the host of an absolute-form URI) and on path prefix by
-//! whole segments; host-specific routes first, then the longest prefix.
+//! whole segments; host-specific routes first, then the longest prefix. Routes without a host
+//! serve only loopback hosts and `server.allowed_hosts`, so a web page cannot drive them.
+//! [`target`] checks the host and path before any of this.
+
+pub mod target;
 
 use std::sync::Arc;
 
-use http::Request;
-
 use crate::config::RouteSpec;
+
+pub use target::{check_path, is_loopback_host, request_host, TargetError};
 
 /// The configured routes, ordered so that the first match is the most specific.
 #[derive(Debug, Clone)]
 pub struct Router {
     routes: Vec<Arc<RouteSpec>>,
+    /// Non-loopback hosts that routes without a `host` also serve (lower-case).
+    allowed_hosts: Vec<String>,
 }
 
 /// A matched route and the part of the path after its prefix.
@@ -21,25 +27,28 @@ pub struct Matched<'r, 'p> {
 }
 
 impl Router {
-    pub fn new(routes: &[Arc<RouteSpec>]) -> Self {
+    pub fn new(routes: &[Arc<RouteSpec>], allowed_hosts: &[String]) -> Self {
         let mut routes = routes.to_vec();
         routes.sort_by_key(|r| {
             let prefix_len = r.path_prefix.as_ref().map_or(0, String::len);
             (r.host.is_none(), std::cmp::Reverse(prefix_len))
         });
-        Self { routes }
+        Self {
+            routes,
+            allowed_hosts: allowed_hosts.to_vec(),
+        }
     }
 
-    /// The most specific route for a request to `host` (lower-case, no port) and `path`.
+    /// The most specific route for a request to `host` (as [`request_host`] returns it) and
+    /// `path` (already passed by [`check_path`]).
     pub fn find<'r, 'p>(&'r self, host: Option<&str>, path: &'p str) -> Option<Matched<'r, 'p>> {
-        if has_dot_segments(path) {
-            return None;
-        }
+        let local =
+            host.is_none_or(|host| is_loopback_host(host) || self.allowed_hosts.iter().any(|a| a == host));
         self.routes.iter().find_map(|route| {
-            if let Some(route_host) = &route.host {
-                if host != Some(route_host.as_str()) {
-                    return None;
-                }
+            match &route.host {
+                Some(route_host) if host != Some(route_host.as_str()) => return None,
+                None if !local => return None,
+                _ => {}
             }
             let rest = match &route.path_prefix {
                 Some(prefix) => strip_prefix(prefix, path)?,
@@ -48,22 +57,6 @@ impl Router {
             Some(Matched { route, rest })
         })
     }
-}
-
-/// The host a request is for: the authority of an absolute-form URI (a client using the
-/// sidecar as `HTTP_PROXY`), else the `Host` header; lower-case, without port.
-pub fn request_host<B>(request: &Request<B>) -> Option<String> {
-    let authority = match request.uri().authority() {
-        Some(authority) => authority.clone(),
-        None => request
-            .headers()
-            .get(http::header::HOST)?
-            .to_str()
-            .ok()?
-            .parse::<http::uri::Authority>()
-            .ok()?,
-    };
-    Some(authority.host().trim_end_matches('.').to_ascii_lowercase())
 }
 
 /// `path` without `prefix` when `prefix` matches whole segments: `/a/b` matches `/a/b`,
@@ -81,15 +74,6 @@ pub fn join_path(base_path: &str, rest: &str) -> String {
     } else {
         joined
     }
-}
-
-/// `.` or `..` segments, also percent-encoded: such paths could climb out of a route's prefix
-/// or its upstream's base path, so they match no route.
-pub fn has_dot_segments(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! Listeners and lifecycle: builds the sidecar from a [`Config`], serves the proxy and admin
 //! listeners, prefetches tokens, and shuts down gracefully on SIGINT/SIGTERM.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -10,9 +9,8 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -30,22 +28,41 @@ use crate::tls;
 use crate::token::cache::TokenCache;
 use crate::token::fetch::TokenFetcher;
 
+mod connection;
+
 /// How long open requests may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// HTTP/2 connections are pinged this often; a peer that does not answer within the timeout
+/// is dropped.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Limits on the connections one listener serves.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
-    /// Slow clients get this long to send their request headers.
+    /// A new connection must deliver its first request head within this long.
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
     /// Connections served at once; further ones wait in the listen backlog.
     pub max_connections: usize,
+}
+
+impl ConnectionLimits {
+    pub fn from_settings(settings: &crate::config::ServerSettings) -> Self {
+        Self {
+            header_read_timeout: settings.header_read_timeout,
+            idle_timeout: settings.idle_timeout,
+            max_connections: settings.max_connections,
+        }
+    }
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
         }
     }
@@ -103,7 +120,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar,
     let tokens = TokenCache::new(&config.credentials, fetcher, config.cache, clock, metrics.clone());
     let proxy = Arc::new(Proxy::new(
         RequestGuards::from_settings(&config.server),
-        Router::new(&config.routes),
+        Router::new(&config.routes, &config.server.allowed_hosts),
         tokens.clone(),
         forward::upstream_client(tls),
         metrics.clone(),
@@ -115,10 +132,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar,
     if !proxy_addr.ip().is_loopback() {
         tracing::warn!(%proxy_addr, "listening beyond loopback (allow_non_loopback): anyone who reaches this address acts as your merchants");
     }
-    let limits = ConnectionLimits {
-        header_read_timeout: config.server.header_read_timeout,
-        max_connections: config.server.max_connections,
-    };
+    let limits = ConnectionLimits::from_settings(&config.server);
     let proxy_handler: Handler = Arc::new(move |request| Box::pin(proxy.clone().handle(request)));
     let serving = serve(
         listener,
@@ -234,20 +248,26 @@ pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: Handler,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     limits: ConnectionLimits,
     metrics: Option<Metrics>,
 ) {
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let shared = connection::Shared {
+        builder: http_builder(&limits),
+        handler,
+        limits,
+        at_cap: {
+            let slots = slots.clone();
+            Arc::new(move || slots.available_permits() == 0)
+        },
+        pressure: Arc::new(tokio::sync::Notify::new()),
+    };
+    let mut connections = tokio::task::JoinSet::new();
+    let mut stop = shutdown.clone();
     loop {
         let (stream, slot) = tokio::select! {
-            accepted = accept(&listener, &slots) => match accepted {
+            accepted = accept(&listener, &slots, &shared.pressure) => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     tracing::warn!(error = %err, "accept failed");
@@ -255,79 +275,75 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = shutdown.changed() => break,
+            _ = stop.changed() => break,
         };
-        let connection = Connection {
-            builder: builder.clone(),
-            handler: handler.clone(),
-            watcher: graceful.watcher(),
-            metrics: metrics.clone(),
-        };
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            connection.serve(stream, tls).await;
+        while connections.try_join_next().is_some() {}
+        let (shared, tls, metrics, shutdown) =
+            (shared.clone(), tls.clone(), metrics.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let _ = stream.set_nodelay(true);
+            if let Some(metrics) = &metrics {
+                metrics.connection_opened();
+            }
+            match tls {
+                None => connection::serve(stream, shared, shutdown).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(stream)) => connection::serve(stream, shared, shutdown).await,
+                        Ok(Err(err)) => tracing::debug!(error = %err, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
+            if let Some(metrics) = &metrics {
+                metrics.connection_closed();
+            }
             drop(slot);
         });
     }
     drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), async {
+        while connections.join_next().await.is_some() {}
+    });
+    if drained.await.is_err() {
         tracing::warn!("open connections did not finish within the grace period");
     }
 }
 
-/// Waits for a free connection slot, then for a connection.
+/// hyper's HTTP/1 and HTTP/2 settings for a listener: head read timeout, HTTP/2 pings.
+fn http_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    builder
+}
+
+/// Waits for a free connection slot, then for a connection. When none is free, idle
+/// connections are told to make room.
 async fn accept(
     listener: &TcpListener,
     slots: &Arc<tokio::sync::Semaphore>,
+    pressure: &tokio::sync::Notify,
 ) -> std::io::Result<(TcpStream, tokio::sync::OwnedSemaphorePermit)> {
-    let slot = slots
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(std::io::Error::other)?;
+    let slot = match slots.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            pressure.notify_waiters();
+            slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(std::io::Error::other)?
+        }
+    };
     let (stream, _) = listener.accept().await?;
     Ok((stream, slot))
-}
-
-struct Connection {
-    builder: auto::Builder<TokioExecutor>,
-    handler: Handler,
-    watcher: hyper_util::server::graceful::Watcher,
-    metrics: Option<Metrics>,
-}
-
-impl Connection {
-    async fn serve(self, stream: TcpStream, tls: Option<TlsAcceptor>) {
-        let _ = stream.set_nodelay(true);
-        if let Some(metrics) = &self.metrics {
-            metrics.connection_opened();
-        }
-        let handler = self.handler.clone();
-        let service = hyper::service::service_fn(move |request| {
-            let response = handler(request);
-            async move { Ok::<_, Infallible>(response.await) }
-        });
-        let result = match tls {
-            None => {
-                let connection = self.builder.serve_connection(TokioIo::new(stream), service);
-                self.watcher.watch(connection.into_owned()).await
-            }
-            Some(acceptor) => match acceptor.accept(stream).await {
-                Ok(stream) => {
-                    let connection = self.builder.serve_connection(TokioIo::new(stream), service);
-                    self.watcher.watch(connection.into_owned()).await
-                }
-                Err(err) => Err(err.into()),
-            },
-        };
-        if let Err(err) = result {
-            tracing::debug!(error = %err, "connection ended with an error");
-        }
-        if let Some(metrics) = &self.metrics {
-            metrics.connection_closed();
-        }
-    }
 }

@@ -1,14 +1,45 @@
-//! Properties of the pure parts: path-prefix matching and joining, and the lifetime policy.
+//! Properties of the pure parts: path-prefix matching and joining, the path rule, and the
+//! lifetime policy.
 
 use std::time::{Duration, SystemTime};
 
+use percent_encoding::percent_decode_str;
 use proptest::prelude::*;
-use token_sidecar::route::{has_dot_segments, join_path, strip_prefix};
+use token_sidecar::route::{check_path, join_path, strip_prefix};
 use token_sidecar::token::lifetime::{Freshness, RefreshPolicy};
 
 fn segment() -> impl Strategy<Value = String> {
     "[a-z0-9_-]{1,6}"
 }
+
+/// Pieces of paths an attacker would combine.
+const PATH_PIECES: &[&str] = &[
+    "/",
+    "a",
+    "x1",
+    ".",
+    "..",
+    "%2e",
+    "%2E",
+    "%252e",
+    "%25",
+    "2e",
+    "%2f",
+    "%2F",
+    "%252f",
+    "%5c",
+    "%255c",
+    "\\",
+    ";",
+    ";x=1",
+    "%3b",
+    "%c0%ae",
+    "%c0",
+    "%ae",
+    "%e2%82%ac",
+    "-",
+    "~",
+];
 
 fn path_of(segments: Vec<String>) -> String {
     segments.iter().map(|s| format!("/{s}")).collect()
@@ -52,17 +83,37 @@ proptest! {
         prop_assert!(joined.starts_with(&base));
         prop_assert!(joined.ends_with(&rest));
         prop_assert_eq!(joined.len(), (base.len() + rest.len()).max(1));
-        prop_assert!(!has_dot_segments(&joined));
+        prop_assert!(check_path(&joined).is_ok());
     }
 
     #[test]
-    fn dot_segments_are_always_detected(
+    fn dot_segments_are_always_refused(
         before in prop::collection::vec(segment(), 0..3),
-        dots in prop::sample::select(vec!["..", ".", "%2e%2e", "%2E.", ".%2e", "%2e"]),
+        dots in prop::sample::select(vec!["..", ".", "%2e%2e", "%2E.", ".%2e", "%2e", "%252e%252e", "..;", ".;x", "%2e%2e%3b"]),
         after in prop::collection::vec(segment(), 0..3),
     ) {
         let path = format!("{}/{dots}{}", path_of(before), path_of(after));
-        prop_assert!(has_dot_segments(&path));
+        prop_assert!(check_path(&path).is_err(), "{}", path);
+    }
+
+    /// Whatever a server does with an accepted path — decode it once or twice, treat `\` as a
+    /// separator, strip `;parameters` — it finds no dot segment to climb with.
+    #[test]
+    fn an_accepted_path_has_no_dot_segment_under_any_decoding(
+        pieces in prop::collection::vec(prop::sample::select(PATH_PIECES.to_vec()), 1..12),
+    ) {
+        let path: String = pieces.concat();
+        if check_path(&path).is_ok() {
+            let once = percent_decode_str(&path).decode_utf8_lossy().into_owned();
+            let twice = percent_decode_str(&once).decode_utf8_lossy().into_owned();
+            for decoded in [path.as_str(), &once, &twice] {
+                let climbs = decoded
+                    .split(['/', '\\'])
+                    .map(|segment| segment.split(';').next().unwrap_or(segment))
+                    .any(|name| name == "." || name == "..");
+                prop_assert!(!climbs, "{} accepted, but decodes to {}", path, decoded);
+            }
+        }
     }
 
     #[test]

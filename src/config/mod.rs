@@ -48,6 +48,12 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     /// Client connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// A request body that sends nothing for this long is abandoned (408).
+    pub body_read_timeout: Duration,
+    /// Non-loopback host names that routes without `host` also serve (lower-case).
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -40,6 +40,11 @@ pub struct RawServer {
     #[serde(default, with = "humantime_serde")]
     pub header_read_timeout: Option<Duration>,
     pub max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub body_read_timeout: Option<Duration>,
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 /// `require_header = { name = "X-Sidecar-Key", value = { env = "…" } }`
@@ -95,6 +100,13 @@ pub enum RawClientAuth {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RawTokenChars {
+    Token68,
+    VisibleAscii,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RawTimeUnit {
     S,
@@ -127,6 +139,7 @@ pub struct RawProvider {
     #[serde(default)]
     pub revoke_on_shutdown: bool,
     // both
+    pub token_chars: Option<RawTokenChars>,
     #[serde(default)]
     pub allow_plaintext: bool,
     #[serde(default, with = "humantime_serde")]

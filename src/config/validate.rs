@@ -14,7 +14,7 @@ use super::locate::{self, KeyPath, SourceMap};
 use super::raw::*;
 use super::*;
 use crate::secret::Secret;
-use crate::token::dialect::{BodyEncoding, BodyValue, ResponseSpec, TimeUnit, TokenRequest};
+use crate::token::dialect::{BodyEncoding, BodyValue, ResponseSpec, TimeUnit, TokenChars, TokenRequest};
 
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,6 +27,8 @@ const DEFAULT_REPLAY_BODY_LIMIT: u64 = 1024 * 1024;
 const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Headers a route may not set or inject: the sidecar owns them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -250,7 +252,22 @@ impl Validator {
                 DEFAULT_HEADER_READ_TIMEOUT,
             ),
             max_connections,
+            idle_timeout: self.nonzero(&path.key("idle_timeout"), raw.idle_timeout, DEFAULT_IDLE_TIMEOUT),
+            body_read_timeout: self.nonzero(
+                &path.key("body_read_timeout"),
+                raw.body_read_timeout,
+                DEFAULT_BODY_READ_TIMEOUT,
+            ),
+            allowed_hosts: self.allowed_hosts(&path.key("allowed_hosts"), raw.allowed_hosts.as_deref()),
         })
+    }
+
+    fn allowed_hosts(&mut self, path: &KeyPath, raw: Option<&[String]>) -> Vec<String> {
+        raw.unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, host)| self.host(&path.index(i), host))
+            .collect()
     }
 
     fn socket_addr(&mut self, path: &KeyPath, text: &str, allow_non_loopback: bool) -> Option<SocketAddr> {
@@ -377,9 +394,13 @@ impl Validator {
             }
             other => other,
         };
-        let (endpoint, response) = match kind {
+        let (endpoint, mut response) = match kind {
             ProviderKind::OAuth2 => self.oauth2_endpoint(path, raw, default_ttl)?,
             ProviderKind::Nuapay => self.nuapay_endpoint(path, raw, default_ttl)?,
+        };
+        response.token_chars = match raw.token_chars.unwrap_or(RawTokenChars::Token68) {
+            RawTokenChars::Token68 => TokenChars::Token68,
+            RawTokenChars::VisibleAscii => TokenChars::VisibleAscii,
         };
         Some(ProviderDraft {
             revoke_on_shutdown: raw.revoke_on_shutdown,
@@ -492,6 +513,7 @@ impl Validator {
             issued_at: None,
             token_id: None,
             default_ttl,
+            token_chars: TokenChars::Token68,
         };
         Some((endpoint, response))
     }
@@ -613,6 +635,7 @@ impl Validator {
             );
             return None;
         };
+        let secrets = vec![client_secret.clone()];
         let mut fields = vec![(
             "grant_type".to_owned(),
             BodyValue::Text("client_credentials".into()),
@@ -641,6 +664,7 @@ impl Validator {
             encoding: *encoding,
             fields,
             authorization,
+            secrets,
         })
     }
 
@@ -716,6 +740,7 @@ impl Validator {
                 "Basic {}",
                 STANDARD.encode(format!("{}:", api_key.expose()))
             ))),
+            secrets: vec![api_key.clone()],
         })
     }
 

@@ -41,6 +41,8 @@ pub struct CachedToken {
     pub obtained_at: SystemTime,
     /// The provider's id for the token, where it gives one (Nuapay), for revocation.
     pub token_id: Option<String>,
+    /// This credential's successful fetches when it was stored: a later token has a higher one.
+    pub generation: u64,
 }
 
 /// Why the request path got no token.
@@ -64,8 +66,9 @@ enum Want {
     Usable,
     /// A token not yet due for refresh (background refresh).
     Fresh,
-    /// A new token whatever is cached (admin refresh).
-    New,
+    /// A token newer than the generation cached when asked (admin refresh): a fetch that
+    /// finished meanwhile satisfies it.
+    NewerThan(u64),
 }
 
 struct CredentialState {
@@ -74,6 +77,20 @@ struct CredentialState {
     /// When a request last asked for this credential's token (Unix ms on our clock; 0 = never).
     last_used_ms: AtomicU64,
     status: Mutex<FetchStatus>,
+    /// Consecutive upstream refusals of freshly fetched tokens (0 in the normal case, so the
+    /// request path checks it without a lock).
+    refused_streak: std::sync::atomic::AtomicU32,
+    refusals: Mutex<RefusalState>,
+}
+
+/// Upstream refusals (401s) of this credential's tokens, so that an upstream that refuses
+/// every token does not turn every request into a token fetch.
+#[derive(Default)]
+struct RefusalState {
+    /// The newest token generation purged after a refusal.
+    purged_generation: u64,
+    /// While set and in the future, refusals are passed back without purging.
+    suppressed_until: Option<SystemTime>,
 }
 
 impl CredentialState {
@@ -95,7 +112,10 @@ const MAX_ATTEMPTS: u32 = 4;
 
 #[derive(Default)]
 struct FetchStatus {
-    fetches: u64,
+    /// Requests sent to the token endpoint.
+    attempts: u64,
+    /// Attempts that gave a usable token.
+    successes: u64,
     consecutive_failures: u32,
     retry_not_before: Option<SystemTime>,
     last_error: Option<FetchError>,
@@ -109,7 +129,10 @@ pub struct TokenSnapshot {
     pub state: &'static str,
     pub expires_in_ms: Option<i64>,
     pub fingerprint: Option<String>,
+    /// Successful fetches.
     pub fetches: u64,
+    /// Requests sent to the token endpoint, successful or not.
+    pub attempts: u64,
     pub last_error: Option<String>,
 }
 
@@ -139,6 +162,8 @@ impl TokenCache {
                     refreshing: AtomicBool::new(false),
                     last_used_ms: AtomicU64::new(0),
                     status: Mutex::new(FetchStatus::default()),
+                    refused_streak: Default::default(),
+                    refusals: Mutex::default(),
                 };
                 (spec.name.clone(), Arc::new(state))
             })
@@ -177,28 +202,83 @@ impl TokenCache {
             }
         }
         self.metrics.cache_lookup(credential, false);
-        self.fetch_exclusive(&state, Want::Usable).await
+        self.fetch_exclusive(&state, Want::Usable, true).await
     }
 
-    /// Fetches a new token now, whatever is cached (the admin refresh).
-    pub async fn refresh_now(self: &Arc<Self>, credential: &str) -> Result<Arc<CachedToken>, TokenError> {
+    /// A token newer than the one cached now (the admin refresh). It joins a fetch already in
+    /// flight, and honours the credential's back-off unless `force`.
+    pub async fn refresh_now(
+        self: &Arc<Self>,
+        credential: &str,
+        force: bool,
+    ) -> Result<Arc<CachedToken>, TokenError> {
         let state = self.state(credential)?;
-        self.fetch_exclusive(&state, Want::New).await
+        let current = self
+            .store
+            .get(credential)
+            .await
+            .map_or(0, |cached| cached.generation);
+        self.fetch_exclusive(&state, Want::NewerThan(current), !force)
+            .await
     }
 
-    /// Drops `used` from the cache if it is still the cached token for `credential` (a
-    /// concurrent request may already have replaced it).
-    pub async fn purge(&self, credential: &str, used: &AccessToken) {
+    /// The upstream refused `used` (a 401): drops it from the cache, unless a newer token
+    /// already replaced it, and says whether a replay may fetch a fresh one. When freshly
+    /// fetched tokens are refused too, refusals are passed back for a back-off period instead
+    /// (the upstream, not the token, is the problem).
+    pub async fn purge_refused(&self, credential: &str, used: &CachedToken) -> bool {
+        let Some(state) = self.credentials.get(credential) else {
+            return false;
+        };
+        if !self.may_purge(state, used) {
+            return false;
+        }
         let key: Arc<str> = credential.into();
         self.store
             .entry(key)
             .and_compute_with(|current| async move {
                 match current {
-                    Some(entry) if entry.value().token == *used => Op::Remove,
+                    Some(entry) if entry.value().token == used.token => Op::Remove,
                     _ => Op::Nop,
                 }
             })
             .await;
+        true
+    }
+
+    fn may_purge(&self, state: &CredentialState, used: &CachedToken) -> bool {
+        let now = self.clock.now();
+        let mut refusals = lock(&state.refusals);
+        if refusals.suppressed_until.is_some_and(|until| until > now) {
+            return false;
+        }
+        if refusals.purged_generation == 0 || used.generation <= refusals.purged_generation {
+            refusals.purged_generation = refusals.purged_generation.max(used.generation);
+            return true;
+        }
+        // A token fetched after the last purge was refused as well.
+        let streak = state.refused_streak.fetch_add(1, Ordering::AcqRel) + 1;
+        let wait = doubling(&self.settings, streak);
+        refusals.purged_generation = used.generation;
+        refusals.suppressed_until = Some(now + wait);
+        tracing::warn!(credential = %state.spec.name, refusals = streak, pause_ms = wait.as_millis() as u64, "the upstream refused a freshly fetched token too; passing its 401s back without fetching for a while");
+        false
+    }
+
+    /// The upstream accepted a token of `credential`: refusals start counting afresh.
+    pub fn upstream_accepted(&self, credential: &str) {
+        if let Some(state) = self.credentials.get(credential) {
+            if state.refused_streak.load(Ordering::Relaxed) != 0 {
+                state.refused_streak.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether `credential` has had a usable token since start-up (it may be failing now).
+    pub fn ever_fetched(&self, credential: &str) -> bool {
+        self.credentials
+            .get(credential)
+            .is_some_and(|state| lock(&state.status).successes > 0)
     }
 
     /// Whether `credential` holds a token that may be sent now.
@@ -258,7 +338,8 @@ impl TokenCache {
                 .as_ref()
                 .map(|c| signed_millis_until(c.schedule.expires_at, now)),
             fingerprint: cached.as_ref().map(|c| c.token.fingerprint().to_owned()),
-            fetches: status.fetches,
+            fetches: status.successes,
+            attempts: status.attempts,
             last_error: status.last_error.as_ref().map(ToString::to_string),
         })
     }
@@ -275,10 +356,16 @@ impl TokenCache {
         }
     }
 
+    /// Refreshes what comes due: recently used credentials, and `prefetch` credentials
+    /// always — also when they hold no token yet (a failed start-up fetch is retried on the
+    /// back-off schedule).
     async fn refresh_due(self: &Arc<Self>) {
         let now = self.clock.now();
         for state in self.credentials.values() {
             let Some(cached) = self.store.get(&state.spec.name).await else {
+                if state.spec.prefetch {
+                    self.refresh_in_background(state);
+                }
                 continue;
             };
             let lifetime = cached
@@ -286,7 +373,8 @@ impl TokenCache {
                 .expires_at
                 .duration_since(cached.obtained_at)
                 .unwrap_or_default();
-            if cached.schedule.freshness(now) != Freshness::Fresh && state.recently_used(now, lifetime) {
+            let keep_warm = state.spec.prefetch || state.recently_used(now, lifetime);
+            if cached.schedule.freshness(now) != Freshness::Fresh && keep_warm {
                 self.refresh_in_background(state);
             }
         }
@@ -331,7 +419,7 @@ impl TokenCache {
         let cache = self.clone();
         let state = state.clone();
         tokio::spawn(async move {
-            if let Err(err) = cache.fetch_exclusive(&state, Want::Fresh).await {
+            if let Err(err) = cache.fetch_exclusive(&state, Want::Fresh, true).await {
                 tracing::warn!(credential = %state.spec.name, error = %err, "background token refresh failed; still using the cached token");
             }
             state.refreshing.store(false, Ordering::Release);
@@ -344,6 +432,7 @@ impl TokenCache {
         &self,
         state: &Arc<CredentialState>,
         want: Want,
+        respect_backoff: bool,
     ) -> Result<Arc<CachedToken>, TokenError> {
         let key = state.spec.name.clone();
         let outcome = self
@@ -356,7 +445,7 @@ impl TokenCache {
                         return Ok(Op::Nop);
                     }
                 }
-                if want != Want::New {
+                if respect_backoff {
                     self.check_backoff(state, now)?;
                 }
                 self.fetch_with_retries(state).await.map(Op::Put)
@@ -395,14 +484,15 @@ impl TokenCache {
         loop {
             let result = {
                 let _permit = self.fetch_permits.acquire().await;
-                lock(&state.status).fetches += 1;
+                lock(&state.status).attempts += 1;
                 self.fetcher.fetch(&state.spec).await
             };
-            let error = match result {
-                Ok(issued) => return Ok(self.record_success(state, issued)),
+            let error = match result.and_then(|issued| self.usable_on_arrival(issued)) {
+                Ok(token) => return Ok(self.record_success(state, token)),
                 Err(error) => error,
             };
             self.metrics.token_fetch(credential, error.outcome());
+            lock(&state.status).last_error = Some(error.clone());
             let gap = retry_gap(&error, attempt);
             let retry =
                 gap.filter(|gap| attempt < MAX_ATTEMPTS && tokio::time::Instant::now() + *gap < deadline);
@@ -417,18 +507,9 @@ impl TokenCache {
         }
     }
 
-    fn record_success(
-        &self,
-        state: &CredentialState,
-        issued: super::dialect::IssuedToken,
-    ) -> Arc<CachedToken> {
-        let credential = &state.spec.name;
-        self.metrics.token_fetch(credential, "ok");
-        let mut status = lock(&state.status);
-        status.consecutive_failures = 0;
-        status.retry_not_before = None;
-        status.last_error = None;
-        drop(status);
+    /// A fetched token with its schedule, if it may still be sent now: a slow endpoint can
+    /// deliver a token already in its last moments, and that is a failed fetch, not a token.
+    fn usable_on_arrival(&self, issued: super::dialect::IssuedToken) -> Result<CachedToken, FetchError> {
         let obtained_at = issued
             .expires_at
             .checked_sub(issued.lifetime)
@@ -438,18 +519,42 @@ impl TokenCache {
             .settings
             .refresh
             .schedule(obtained_at, issued.expires_at, jitter);
-        tracing::info!(
-            credential = %credential,
-            token = %issued.token,
-            lifetime_s = issued.lifetime.as_secs_f64(),
-            "fetched token"
-        );
-        Arc::new(CachedToken {
+        if schedule.freshness(self.clock.now()) == Freshness::Unusable {
+            return Err(FetchError::malformed(
+                "token arrived too close to its expiry to be sent",
+            ));
+        }
+        Ok(CachedToken {
             token: issued.token,
             schedule,
             obtained_at,
             token_id: issued.token_id,
+            generation: 0,
         })
+    }
+
+    fn record_success(&self, state: &CredentialState, mut token: CachedToken) -> Arc<CachedToken> {
+        let credential = &state.spec.name;
+        self.metrics.token_fetch(credential, "ok");
+        let mut status = lock(&state.status);
+        status.successes += 1;
+        status.consecutive_failures = 0;
+        status.retry_not_before = None;
+        status.last_error = None;
+        token.generation = status.successes;
+        drop(status);
+        let lifetime = token
+            .schedule
+            .expires_at
+            .duration_since(token.obtained_at)
+            .unwrap_or_default();
+        tracing::info!(
+            credential = %credential,
+            token = %token.token,
+            lifetime_s = lifetime.as_secs_f64(),
+            "fetched token"
+        );
+        Arc::new(token)
     }
 
     /// Records a failure and returns how long the credential now backs off.
@@ -475,16 +580,20 @@ impl TokenCache {
 /// `max_failure_backoff`; rejected credentials wait the maximum (retrying soon cannot help);
 /// a `Retry-After` longer than that is honoured.
 pub fn backoff(settings: &CacheSettings, failures: u32, error: &FetchError) -> Duration {
-    let exponent = failures.saturating_sub(1).min(20);
-    let doubling = settings
-        .failure_backoff
-        .saturating_mul(1u32 << exponent)
-        .min(settings.max_failure_backoff);
     let base = match error {
         FetchError::Rejected { .. } => settings.max_failure_backoff,
-        _ => doubling,
+        _ => doubling(settings, failures),
     };
     base.max(error.retry_after().unwrap_or_default())
+}
+
+/// `failure_backoff` doubled per repetition after the first, up to `max_failure_backoff`.
+fn doubling(settings: &CacheSettings, repetitions: u32) -> Duration {
+    let exponent = repetitions.saturating_sub(1).min(20);
+    settings
+        .failure_backoff
+        .saturating_mul(1u32 << exponent)
+        .min(settings.max_failure_backoff)
 }
 
 /// The gap before retrying a failed fetch, or `None` when retrying soon cannot help.
@@ -493,12 +602,11 @@ pub fn retry_gap(error: &FetchError, attempt: u32) -> Option<Duration> {
     let jittered = doubling.mul_f64(rand::thread_rng().gen_range(0.8..1.2));
     match error {
         FetchError::Rejected { .. } => None,
-        FetchError::Status { status } if *status < 500 => None,
-        FetchError::RateLimited { retry_after } => Some(retry_after.unwrap_or(jittered).max(jittered)),
-        FetchError::Status { .. }
-        | FetchError::Malformed { .. }
-        | FetchError::Timeout
-        | FetchError::Unreachable { .. } => Some(jittered),
+        FetchError::Status { status, .. } if *status < 500 => None,
+        FetchError::RateLimited { retry_after } | FetchError::Status { retry_after, .. } => {
+            Some(retry_after.unwrap_or(jittered).max(jittered))
+        }
+        FetchError::Malformed { .. } | FetchError::Timeout | FetchError::Unreachable { .. } => Some(jittered),
     }
 }
 
@@ -506,7 +614,7 @@ fn satisfies(cached: &CachedToken, want: Want, now: SystemTime) -> bool {
     match want {
         Want::Usable => cached.schedule.freshness(now) != Freshness::Unusable,
         Want::Fresh => cached.schedule.freshness(now) == Freshness::Fresh,
-        Want::New => false,
+        Want::NewerThan(generation) => cached.generation > generation,
     }
 }
 
@@ -531,7 +639,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let err = FetchError::Status { status: 503 };
+        let err = FetchError::Status {
+            status: 503,
+            retry_after: None,
+        };
         let waits: Vec<u64> = (1..=8).map(|n| backoff(&settings(), n, &err).as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
     }
@@ -547,7 +658,10 @@ mod tests {
 
     #[test]
     fn retry_gaps_grow_and_skip_hopeless_errors() {
-        let err = FetchError::Status { status: 503 };
+        let err = FetchError::Status {
+            status: 503,
+            retry_after: None,
+        };
         let gaps: Vec<Duration> = (1..=3).map(|n| retry_gap(&err, n).unwrap()).collect();
         assert!(
             gaps[0] >= Duration::from_millis(80) && gaps[0] <= Duration::from_millis(120),
@@ -567,7 +681,16 @@ mod tests {
             ),
             None
         );
-        assert_eq!(retry_gap(&FetchError::Status { status: 404 }, 1), None);
+        assert_eq!(
+            retry_gap(
+                &FetchError::Status {
+                    status: 404,
+                    retry_after: None
+                },
+                1
+            ),
+            None
+        );
         let limited = FetchError::RateLimited {
             retry_after: Some(Duration::from_secs(3)),
         };

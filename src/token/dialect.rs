@@ -41,6 +41,9 @@ pub struct TokenRequest {
     pub fields: Vec<(String, BodyValue)>,
     /// A ready `Authorization` header value (`Basic …`), when the client authenticates that way.
     pub authorization: Option<Secret>,
+    /// Every secret this request carries, as configured: an error answer that echoes one is
+    /// never passed on.
+    pub secrets: Vec<Secret>,
 }
 
 impl TokenRequest {
@@ -102,6 +105,33 @@ pub struct ResponseSpec {
     pub token_id: Option<String>,
     /// Lifetime when neither the answer nor the JWT says.
     pub default_ttl: Option<Duration>,
+    /// Which characters a token may have to be accepted.
+    pub token_chars: TokenChars,
+}
+
+/// The characters an access token may consist of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenChars {
+    /// RFC 6750's `b64token` (RFC 7235 `token68`): letters, digits, `-._~+/`, then `=` padding.
+    #[default]
+    Token68,
+    /// Any visible ASCII character (`!` to `~`), for providers whose tokens are not token68.
+    VisibleAscii,
+}
+
+impl TokenChars {
+    pub fn admits(self, token: &str) -> bool {
+        match self {
+            Self::Token68 => {
+                let body = token.trim_end_matches('=');
+                !body.is_empty()
+                    && body
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
+            }
+            Self::VisibleAscii => token.bytes().all(|b| b.is_ascii_graphic()),
+        }
+    }
 }
 
 impl ResponseSpec {
@@ -114,6 +144,7 @@ impl ResponseSpec {
             issued_at: None,
             token_id: None,
             default_ttl: None,
+            token_chars: TokenChars::Token68,
         }
     }
 
@@ -127,6 +158,7 @@ impl ResponseSpec {
             issued_at: Some(("/data/createdTimestamp".into(), TimeUnit::Millis)),
             token_id: Some("/data/id".into()),
             default_ttl: Some(default_ttl),
+            token_chars: TokenChars::Token68,
         }
     }
 }
@@ -139,6 +171,9 @@ pub struct IssuedToken {
     pub lifetime: Duration,
     pub token_id: Option<String>,
 }
+
+/// A token that lives less than this cannot be used safely: it is a failed fetch.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
 
 /// The largest token answer we read; anything bigger is an error.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
@@ -158,8 +193,10 @@ pub fn parse_response(
         Some(_) => return Err(FetchError::malformed("token field is not a string")),
         None => return Err(FetchError::malformed("answer has no token field")),
     };
-    if token.len() > 16 * 1024 || token.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(FetchError::malformed("token is not a header-safe string"));
+    if token.len() > 16 * 1024 || !spec.token_chars.admits(token) {
+        return Err(FetchError::malformed(
+            "token has characters outside the allowed set (token_chars)",
+        ));
     }
     let expires_at = expiry(spec, &json, token, requested_at)?;
     let lifetime = expires_at
@@ -167,6 +204,9 @@ pub fn parse_response(
         .ok()
         .filter(|lifetime| !lifetime.is_zero())
         .ok_or_else(|| FetchError::malformed("token had expired when it arrived"))?;
+    if lifetime < MIN_LIFETIME {
+        return Err(FetchError::malformed("token lives less than a second"));
+    }
     let token_id = spec
         .token_id
         .as_deref()

@@ -12,9 +12,12 @@ pub enum FetchError {
     /// 429: the endpoint asks us to slow down.
     #[error("token endpoint is rate limiting (429)")]
     RateLimited { retry_after: Option<Duration> },
-    /// Any other non-2xx status.
+    /// Any other non-2xx status; a 503 may say when to come back.
     #[error("token endpoint answered {status}")]
-    Status { status: u16 },
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
     /// 2xx, but not an answer we can use.
     #[error("token endpoint answer unusable: {reason}")]
     Malformed { reason: &'static str },
@@ -48,26 +51,49 @@ impl FetchError {
     /// How long the endpoint asked us to wait, if it did.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::RateLimited { retry_after } => *retry_after,
-            _ => None,
+            Self::RateLimited { retry_after } | Self::Status { retry_after, .. } => *retry_after,
+            Self::Rejected { .. } | Self::Malformed { .. } | Self::Timeout | Self::Unreachable { .. } => None,
         }
     }
 }
 
-/// A safe one-word reason from an error body: the OAuth `error` code or Nuapay's `returnCode`,
-/// and only when it looks like a code (never free text, which may echo what we sent).
-pub fn error_code_from_body(body: &[u8]) -> Option<String> {
+/// The error codes of RFC 6749 §5.2, RFC 6750 §3.1, RFC 8707 and RFC 9449: the only strings
+/// from an OAuth error body that are passed on.
+const OAUTH_ERROR_CODES: &[&str] = &[
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+    "invalid_token",
+    "insufficient_scope",
+    "access_denied",
+    "server_error",
+    "temporarily_unavailable",
+    "invalid_target",
+    "invalid_dpop_proof",
+    "use_dpop_nonce",
+];
+
+/// A safe reason from an error body: a standard OAuth `error` code, or Nuapay's numeric
+/// `returnCode` (`"40000"`), and never one equal to or containing any of `secrets` — an
+/// endpoint may echo what we sent, so free text is never passed on.
+pub fn error_code_from_body(body: &[u8], secrets: &[&str]) -> Option<String> {
     let json: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let code = json
-        .get("error")
-        .and_then(|e| e.as_str())
-        .or_else(|| json.get("returnCode").and_then(|c| c.as_str()))?;
-    let looks_like_code = !code.is_empty()
-        && code.len() <= 40
-        && code
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
-    looks_like_code.then(|| code.to_owned())
+    let code = match (json.get("error"), json.get("returnCode")) {
+        (Some(serde_json::Value::String(code)), _) if OAUTH_ERROR_CODES.contains(&code.as_str()) => code,
+        (_, Some(serde_json::Value::String(code)))
+            if (1..=6).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            code
+        }
+        _ => return None,
+    };
+    let echoes_a_secret = secrets
+        .iter()
+        .any(|secret| !secret.is_empty() && (code.contains(secret) || secret.contains(code.as_str())));
+    (!echoes_a_secret).then(|| code.clone())
 }
 
 #[cfg(test)]
@@ -77,10 +103,10 @@ mod tests {
     #[test]
     fn oauth_error_code_is_kept_but_description_is_not() {
         let body = br#"{"error":"invalid_client","error_description":"secret s3cr3t is wrong"}"#;
-        assert_eq!(error_code_from_body(body).as_deref(), Some("invalid_client"));
+        assert_eq!(error_code_from_body(body, &[]).as_deref(), Some("invalid_client"));
         let err = FetchError::Rejected {
             status: 401,
-            reason: error_code_from_body(body),
+            reason: error_code_from_body(body, &[]),
         };
         assert_eq!(
             err.to_string(),
@@ -91,13 +117,27 @@ mod tests {
     #[test]
     fn free_text_in_error_field_is_dropped() {
         assert_eq!(
-            error_code_from_body(br#"{"error":"client s3cr3t not valid"}"#),
+            error_code_from_body(br#"{"error":"client s3cr3t not valid"}"#, &[]),
             None
         );
         assert_eq!(
-            error_code_from_body(br#"{"returnCode":"40000"}"#).as_deref(),
+            error_code_from_body(br#"{"returnCode":"40000"}"#, &[]).as_deref(),
             Some("40000")
         );
-        assert_eq!(error_code_from_body(b"<html>"), None);
+        assert_eq!(error_code_from_body(b"<html>", &[]), None);
+    }
+
+    #[test]
+    fn an_echoed_secret_that_looks_like_a_code_is_dropped() {
+        let echo = br#"{"error":"Sup3rSecretValue42"}"#;
+        assert_eq!(error_code_from_body(echo, &["Sup3rSecretValue42"]), None);
+        assert_eq!(error_code_from_body(echo, &[]), None, "not a standard code");
+        let numeric = br#"{"returnCode":"424242"}"#;
+        assert_eq!(error_code_from_body(numeric, &["424242"]), None);
+        let standard = br#"{"error":"invalid_scope"}"#;
+        assert_eq!(
+            error_code_from_body(standard, &["other-secret"]).as_deref(),
+            Some("invalid_scope")
+        );
     }
 }

@@ -12,6 +12,7 @@ use super::dialect::{parse_response, IssuedToken, MAX_RESPONSE_BYTES};
 use super::error::{error_code_from_body, FetchError};
 use crate::clock::SharedClock;
 use crate::config::{CredentialSpec, ProviderSpec};
+use crate::secret::Secret;
 
 /// Fetches tokens for any configured credential.
 pub struct TokenFetcher {
@@ -55,7 +56,7 @@ impl TokenFetcher {
         let status = response.status();
         let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
         let body = read_capped(response).await?;
-        classify(status, retry_after, &body)?;
+        classify(status, retry_after, &body, &request.secrets)?;
         parse_response(&credential.response, &body, requested_at)
     }
 
@@ -75,7 +76,7 @@ impl TokenFetcher {
             .map_err(transport_error)?;
         let status = response.status();
         let body = read_capped(response).await?;
-        classify(status, None, &body)
+        classify(status, None, &body, &credential.request.secrets)
     }
 
     /// A POST to the credential's provider, authenticated as the credential says.
@@ -103,15 +104,26 @@ impl TokenFetcher {
     }
 }
 
-fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Result<(), FetchError> {
+fn classify(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+    secrets: &[Secret],
+) -> Result<(), FetchError> {
     match status.as_u16() {
         200..=299 => Ok(()),
-        400 | 401 | 403 => Err(FetchError::Rejected {
-            status: status.as_u16(),
-            reason: error_code_from_body(body),
-        }),
+        400 | 401 | 403 => {
+            let secrets: Vec<&str> = secrets.iter().map(Secret::expose).collect();
+            Err(FetchError::Rejected {
+                status: status.as_u16(),
+                reason: error_code_from_body(body, &secrets),
+            })
+        }
         429 => Err(FetchError::RateLimited { retry_after }),
-        other => Err(FetchError::Status { status: other }),
+        other => Err(FetchError::Status {
+            status: other,
+            retry_after,
+        }),
     }
 }
 

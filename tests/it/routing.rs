@@ -100,7 +100,11 @@ async fn unmatched_requests_get_the_json_404_and_fetch_no_token() {
     // away, so send them raw.
     for path in ["/acme/payu/../nuapay/x", "/acme/payu/%2E%2e/x"] {
         let answer = raw_request(&h, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")).await;
-        assert!(answer.starts_with("HTTP/1.1 404"), "{path}: {answer}");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(
+            answer.contains("x-token-sidecar-error: bad_request"),
+            "{path}: {answer}"
+        );
     }
     assert!(h.stand_ins.providers.seen().is_empty());
 }

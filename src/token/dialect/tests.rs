@@ -94,6 +94,24 @@ fn numeric_strings_are_accepted_for_expiry() {
     assert_eq!(issued.lifetime, Duration::from_secs(3600));
 }
 
+const TOKEN_CHARS: &str = "token has characters outside the allowed set (token_chars)";
+
+#[test]
+fn tokens_outside_token68_are_refused_unless_the_provider_allows_visible_ascii() {
+    assert!(TokenChars::Token68.admits("eyJhbGciOi.payload_-~+/sig=="));
+    assert!(!TokenChars::Token68.admits("tok:en"));
+    assert!(!TokenChars::Token68.admits("tök"));
+    assert!(TokenChars::VisibleAscii.admits("tok:en|{x}"));
+    assert!(!TokenChars::VisibleAscii.admits("tök"));
+    assert!(!TokenChars::VisibleAscii.admits("a b"));
+    let spec = ResponseSpec {
+        token_chars: TokenChars::VisibleAscii,
+        ..oauth2_spec()
+    };
+    let issued = parse_response(&spec, br#"{"access_token":"a:b","expires_in":10}"#, at(0)).unwrap();
+    assert_eq!(issued.token.expose(), "a:b");
+}
+
 #[test]
 fn unusable_answers_are_typed_errors() {
     let cases: &[(&[u8], &str)] = &[
@@ -102,7 +120,12 @@ fn unusable_answers_are_typed_errors() {
         (br#"{"token":"x","expires_in":10}"#, "answer has no token field"),
         (br#"{"access_token":42,"expires_in":10}"#, "token field is not a string"),
         (br#"{"access_token":"","expires_in":10}"#, "token field is empty"),
-        (br#"{"access_token":"a b","expires_in":10}"#, "token is not a header-safe string"),
+        (br#"{"access_token":"a b","expires_in":10}"#, TOKEN_CHARS),
+        ("{\"access_token\":\"t\u{e9}\",\"expires_in\":10}".as_bytes(), TOKEN_CHARS),
+        (br#"{"access_token":"a\"b","expires_in":10}"#, TOKEN_CHARS),
+        (br#"{"access_token":"=abc","expires_in":10}"#, TOKEN_CHARS),
+        (br#"{"access_token":"t","expires_in":1e-9}"#, "token lives less than a second"),
+        (br#"{"access_token":"t","expires_in":0.5}"#, "token lives less than a second"),
         (br#"{"access_token":"t","expires_in":{"x":1}}"#, "expires_in field is not a number"),
         (br#"{"access_token":"t","expires_in":0}"#, "token had expired when it arrived"),
         (br#"{"access_token":"t","expires_in":-5}"#, "token had expired when it arrived"),
@@ -144,6 +167,7 @@ fn form_body_joins_lists_with_spaces_and_json_keeps_them() {
             ),
         ],
         authorization: None,
+        secrets: vec![],
     };
     let (content_type, body) = request.encode_body();
     assert_eq!(content_type, "application/x-www-form-urlencoded");

@@ -1,0 +1,154 @@
+//! The application's request body on its way upstream: cut off at `max_request_body`,
+//! abandoned when the client stops sending for `body_read_timeout`, and — whatever fails —
+//! the failure recorded as the client's, so it is answered as such (413, 408, 400) and not
+//! blamed on the upstream.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::BoxError;
+
+/// Why a client's request body could not be passed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyFault {
+    #[error("the request body is larger than the {limit} bytes allowed")]
+    TooLarge { limit: u64 },
+    #[error("the client sent nothing of the request body for {after:?}")]
+    Stalled { after: Duration },
+    #[error("the request body was cut off or badly framed")]
+    Broken,
+}
+
+/// Where a [`ClientBody`] records its fault, for the request handler to read after the
+/// upstream call failed (the upstream client reports only that the body failed).
+#[derive(Debug, Default)]
+pub struct FaultRecord(AtomicU8);
+
+impl FaultRecord {
+    fn set(&self, fault: BodyFault) {
+        let code = match fault {
+            BodyFault::TooLarge { .. } => 1,
+            BodyFault::Stalled { .. } => 2,
+            BodyFault::Broken => 3,
+        };
+        let _ = self
+            .0
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The first fault recorded, given the limits the body ran with.
+    pub fn get(&self, limits: &BodyLimits) -> Option<BodyFault> {
+        match self.0.load(Ordering::Acquire) {
+            1 => Some(BodyFault::TooLarge {
+                limit: limits.max_bytes.unwrap_or(u64::MAX),
+            }),
+            2 => Some(BodyFault::Stalled {
+                after: limits.idle_timeout,
+            }),
+            3 => Some(BodyFault::Broken),
+            _ => None,
+        }
+    }
+}
+
+/// The limits a request body is read under.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub max_bytes: Option<u64>,
+    pub idle_timeout: Duration,
+}
+
+/// A client's request body under [`BodyLimits`].
+pub struct ClientBody {
+    inner: Incoming,
+    read: u64,
+    limits: BodyLimits,
+    /// Armed when the client is waited on; `None` until the first wait (no timer for bodies
+    /// that arrive at once).
+    deadline: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+    faults: Arc<FaultRecord>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, limits: BodyLimits, faults: Arc<FaultRecord>) -> Self {
+        Self {
+            inner,
+            read: 0,
+            limits,
+            deadline: None,
+            waiting: false,
+            faults,
+        }
+    }
+
+    fn fail(&mut self, fault: BodyFault) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.faults.set(fault);
+        Poll::Ready(Some(Err(Box::new(fault))))
+    }
+
+    /// Starts the idle clock when the client is first waited on after sending something, and
+    /// says whether it ran out.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let idle_until = Instant::now() + self.limits.idle_timeout;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(idle_until)));
+        if !self.waiting {
+            deadline.as_mut().reset(idle_until);
+            self.waiting = true;
+        }
+        deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.waiting = false;
+                if let Some(data) = frame.data_ref() {
+                    this.read += data.len() as u64;
+                    if let Some(limit) = this.limits.max_bytes.filter(|limit| this.read > *limit) {
+                        return this.fail(BodyFault::TooLarge { limit });
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                tracing::debug!(error = %err, "request body failed");
+                this.fail(BodyFault::Broken)
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending if this.stalled(cx) => {
+                let after = this.limits.idle_timeout;
+                this.fail(BodyFault::Stalled { after })
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
