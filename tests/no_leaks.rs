@@ -58,7 +58,7 @@ async fn no_secret_or_token_appears_anywhere_at_trace_level() {
     h.stand_ins.providers.set_failing(Some(Failure {
         status: 401,
         retry_after: None,
-        body: r#"{"error":"invalid_client","error_description":"bad secret dev-setu-secret"}"#.into(),
+        body: r#"{"error":"dev-setu-secret","error_description":"bad secret dev-setu-secret"}"#.into(),
     }));
     let refresh = h
         .client

@@ -47,6 +47,8 @@ pub struct Activity {
     idle_since_ms: AtomicU64,
     /// Bytes arrived while no request was in flight: the start of the next request (or garbage).
     unclaimed_bytes: AtomicBool,
+    /// Wakes the watchdog when a request finishes, so an idle deadline is counted from then.
+    finished: Notify,
 }
 
 impl Activity {
@@ -57,6 +59,7 @@ impl Activity {
             served: AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
             unclaimed_bytes: AtomicBool::new(false),
+            finished: Notify::new(),
         })
     }
 
@@ -101,6 +104,7 @@ impl Drop for InFlight {
         let idle_ms = activity.started.elapsed().as_millis() as u64;
         activity.idle_since_ms.store(idle_ms, Ordering::Release);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        activity.finished.notify_one();
     }
 }
 
@@ -189,6 +193,7 @@ where
                 }
             }
             _ = shared.pressure.notified(), if closing.is_none() => {}
+            _ = activity.finished.notified(), if closing.is_none() => {}
             _ = shutdown.changed(), if closing.is_none() => {
                 connection.as_mut().graceful_shutdown();
                 closing = Some(Instant::now() + super::SHUTDOWN_GRACE);

@@ -7,6 +7,7 @@ mod clients;
 mod config;
 mod dev;
 mod forwarding;
+mod hardening;
 mod lifecycle;
 mod providers;
 mod routing;

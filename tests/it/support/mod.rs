@@ -251,3 +251,112 @@ credential = "acme-payu"
 pub fn secs(seconds: u64) -> Duration {
     Duration::from_secs(seconds)
 }
+
+/// Sends `request` on a new connection to `addr` and reads the answer: until the connection
+/// closes, or until one whole response (head and `content-length` body) has arrived.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("send");
+    let mut answer = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("an answer in time");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+        }
+        if whole_response(&answer) {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn whole_response(bytes: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let Ok(httparse::Status::Complete(head)) = response.parse(bytes) else {
+        return false;
+    };
+    let length = response
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok());
+    length.is_some_and(|length| bytes.len() >= head + length)
+}
+
+/// Asserts that a raw answer is the sidecar's JSON error with `status` and `code`.
+pub fn assert_json_error(answer: &str, status: u16, code: &str) {
+    assert!(
+        answer.starts_with(&format!("HTTP/1.1 {status} ")),
+        "expected {status}: {answer}"
+    );
+    let lower = answer.to_ascii_lowercase();
+    assert!(
+        lower.contains(&format!("x-token-sidecar-error: {code}\r\n")),
+        "expected code {code}: {answer}"
+    );
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("JSON body expected: {answer}"));
+    assert_eq!(json["error"]["code"], code, "{answer}");
+}
+
+/// Answers of a test's own token endpoint: status and JSON body, by request number (from 1).
+pub type TokenAnswers = Arc<dyn Fn(usize) -> (u16, String) + Send + Sync>;
+
+/// A token endpoint of the test's own (TLS from `pki`), counting its requests; `before` runs
+/// as each request arrives (e.g. to move the sidecar's clock, as a slow endpoint would).
+pub async fn spawn_token_endpoint(
+    pki: &TestPki,
+    answers: TokenAnswers,
+    before: Arc<dyn Fn() + Send + Sync>,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    let handler: token_sidecar::server::Handler = Arc::new(move |_request| {
+        let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        before();
+        let (status, body) = answers(n);
+        Box::pin(async move {
+            let mut response = http::Response::new(token_sidecar::error::full_body(body));
+            *response.status_mut() = http::StatusCode::from_u16(status).expect("status");
+            response
+                .headers_mut()
+                .insert("content-type", http::HeaderValue::from_static("application/json"));
+            response
+        })
+    });
+    (spawn_tls_server(pki, handler).await, count)
+}
+
+/// A config with one provider at `token_url`, one credential `c` and one route `/api` to
+/// `upstream`; the extras go into `[server]` and `[providers.p]`.
+pub fn custom_config(token_url: &str, upstream: &str, server_extra: &str, provider_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "{ANY_PORT}"
+admin_listen = "{ANY_PORT}"
+{server_extra}
+
+[providers.p]
+token_url = "{token_url}"
+{provider_extra}
+
+[credentials.c]
+provider = "p"
+client_id = "custom-client"
+client_secret = "custom-client-secret-value"
+
+[[routes]]
+path_prefix = "/api"
+upstream = "{upstream}"
+credential = "c"
+"#
+    )
+}
