@@ -22,9 +22,8 @@ use crate::config::Config;
                   over TLS to the provider.\n\nWith only --config, `run` is implied."
 )]
 pub struct Cli {
-    /// Config file (TOML)
-    #[arg(long, global = true, env = "TOKEN_SIDECAR_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArg,
 
     /// Log line format; the filter comes from TOKEN_SIDECAR_LOG (e.g. `info`, `token_sidecar=debug`)
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -34,14 +33,26 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+/// `--config FILE`, for the commands that read one (`dev` runs its own).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArg {
+    /// Config file (TOML); relative paths inside it are relative to its directory
+    #[arg(long, env = "TOKEN_SIDECAR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve: the proxy listener and the admin listener
-    Run,
+    Run(ConfigArg),
     /// Validate the config and every secret it references; exit 0 with a summary or 2 with every problem
-    Check,
-    /// Self-contained demo: local stand-ins for the four token endpoint shapes and an echo upstream
+    Check(ConfigArg),
+    /// Self-contained demo: local stand-ins for the four token endpoint shapes and an echo upstream,
+    /// on an embedded config (no --config)
     Dev(crate::dev::DevArgs),
+    /// Ask a running sidecar's admin listener whether it is ready (exit 0) or not (exit 1): a
+    /// health check for images without a shell
+    Probe(crate::probe::ProbeArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -66,9 +77,14 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Dev(args)) => runtime_result(runtime.block_on(crate::dev::run(args))),
-        Some(Command::Check) => check(cli.config),
-        Some(Command::Run) | None => {
-            let Some(config) = load(cli.config) else {
+        Some(Command::Probe(args)) => runtime.block_on(crate::probe::run(args)),
+        Some(Command::Check(arg)) => check(arg.config.or(cli.config.config)),
+        command @ (Some(Command::Run(_)) | None) => {
+            let own = match command {
+                Some(Command::Run(arg)) => arg.config,
+                _ => None,
+            };
+            let Some(config) = load(own.or(cli.config.config)) else {
                 return ExitCode::from(EXIT_CONFIG);
             };
             runtime_result(

@@ -38,9 +38,10 @@ pub enum ProxyError {
     ConnectNotSupported,
     #[error("TRACE is not supported: it would reflect the injected credentials back")]
     TraceNotAllowed,
-    #[error("no usable token for credential `{credential}`: {cause}")]
+    #[error("no usable token for credential `{credential}` from {endpoint}: {cause}")]
     TokenUnavailable {
         credential: String,
+        endpoint: String,
         #[source]
         cause: FetchError,
         retry_after: Duration,
@@ -120,10 +121,12 @@ impl From<TokenError> for ProxyError {
         match err {
             TokenError::Unavailable {
                 credential,
+                endpoint,
                 cause,
                 retry_after,
             } => Self::TokenUnavailable {
                 credential: credential.to_string(),
+                endpoint: endpoint.to_string(),
                 cause,
                 retry_after,
             },
@@ -195,6 +198,7 @@ mod tests {
     fn token_unavailable_carries_retry_after_in_whole_seconds() {
         let response = ProxyError::TokenUnavailable {
             credential: "acme".into(),
+            endpoint: "auth.example:443".into(),
             cause: FetchError::Status {
                 status: 503,
                 retry_after: None,

@@ -19,6 +19,7 @@ pub mod dev;
 pub mod error;
 pub mod forward;
 pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod route;
 pub mod secret;

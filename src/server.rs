@@ -73,11 +73,11 @@ impl Default for ConnectionLimits {
 pub enum StartError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("cannot build the token endpoint client: {0}")]
+    #[error("cannot build the token endpoint client")]
     TokenClient(#[source] reqwest::Error),
-    #[error("cannot catch shutdown signals: {0}")]
+    #[error("cannot catch shutdown signals")]
     Signals(#[source] std::io::Error),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]

@@ -8,9 +8,9 @@ use rustls::{ClientConfig, RootCertStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("ca_file certificate rejected: {0}")]
+    #[error("ca_file certificate rejected")]
     BadRoot(#[source] rustls::Error),
-    #[error("TLS setup failed: {0}")]
+    #[error("TLS setup failed")]
     Setup(#[source] rustls::Error),
 }
 

@@ -230,7 +230,8 @@ impl Config {
 
     /// Validates config text; `path` names it in errors and anchors relative file paths.
     pub fn from_toml(source: &str, path: &Path) -> Result<Config, ConfigError> {
-        validate::validate(source).map_err(|problems| ConfigError::Invalid {
+        let base_dir = path.parent().unwrap_or(Path::new(""));
+        validate::validate(source, base_dir).map_err(|problems| ConfigError::Invalid {
             path: path.to_owned(),
             problems,
         })

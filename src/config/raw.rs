@@ -122,7 +122,7 @@ pub struct RawProvider {
     pub token_url: Option<String>,
     pub body: Option<RawBodyEncoding>,
     pub client_auth: Option<RawClientAuth>,
-    pub client_id: Option<String>,
+    pub client_id: Option<RawSecret>,
     pub client_secret: Option<RawSecret>,
     pub token_field: Option<String>,
     pub expires_in_field: Option<String>,
@@ -153,9 +153,9 @@ pub struct RawProvider {
 #[serde(deny_unknown_fields)]
 pub struct RawCredential {
     pub provider: Option<String>,
-    pub client_id: Option<String>,
+    pub client_id: Option<RawSecret>,
     pub client_secret: Option<RawSecret>,
-    pub organisation: Option<String>,
+    pub organisation: Option<RawSecret>,
     pub scopes: Option<Vec<String>>,
     #[serde(default)]
     pub prefetch: bool,

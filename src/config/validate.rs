@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,12 +46,19 @@ const RESERVED_HEADERS: &[&str] = &[
     "content-length",
 ];
 
-pub(super) fn validate(source: &str) -> Result<Config, Vec<Problem>> {
+pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     let map = SourceMap::new(source);
-    let raw = parse(source, &map)?;
+    let (raw, shape_problems) = parse(source, &map);
     let mut v = Validator {
         map,
-        problems: Vec::new(),
+        removed: shape_problems.iter().map(|p| p.key_path.clone()).collect(),
+        problems: shape_problems,
+        base_dir: base_dir.to_owned(),
+    };
+    // With the keys that had shape problems removed, the rest is still checked: one run
+    // reports every problem.
+    let Some(raw) = raw else {
+        return Err(v.problems);
     };
     let root = KeyPath::root();
 
@@ -107,20 +115,20 @@ fn internal_problem() -> Problem {
 
 /// TOML syntax and shape (unknown keys, wrong types). serde stops at the first such problem, so
 /// each one found is removed from a copy of the document and parsing tried again, until it
-/// succeeds: every shape problem is reported at once (a syntax error stops the search).
-fn parse(source: &str, map: &SourceMap) -> Result<RawConfig, Vec<Problem>> {
+/// succeeds: every shape problem is reported at once, with the document that remains (a
+/// syntax error stops the search, and leaves no document).
+fn parse(source: &str, map: &SourceMap) -> (Option<RawConfig>, Vec<Problem>) {
     const MAX_PROBLEMS: usize = 100;
     let mut problems = Vec::new();
     let mut text = source.to_owned();
     loop {
         let error = match serde_path_to_error::deserialize::<_, RawConfig>(toml::Deserializer::new(&text)) {
-            Ok(raw) if problems.is_empty() => return Ok(raw),
-            Ok(_) => return Err(problems),
+            Ok(raw) => return (Some(raw), problems),
             Err(error) => error,
         };
         let mut path = key_path_of(error.path());
         let inner = error.into_inner();
-        let message = inner.message().trim().to_owned();
+        let message = with_suggestion(inner.message().trim());
         if let Some(field) = unknown_field_name(&message) {
             if !path.ends_with_key(field) {
                 path = path.key(field);
@@ -139,8 +147,46 @@ fn parse(source: &str, map: &SourceMap) -> Result<RawConfig, Vec<Problem>> {
         });
         match locate::remove_path(&text, &path) {
             Some(rest) if problems.len() < MAX_PROBLEMS => text = rest,
-            _ => return Err(problems),
+            _ => return (None, problems),
         }
+    }
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" (or variant), with the closest
+/// expected name first when one is close: "did you mean `a`?".
+fn with_suggestion(message: &str) -> String {
+    let Some((unknown, expected)) = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))
+        .and_then(|rest| rest.split_once('`'))
+    else {
+        return message.to_owned();
+    };
+    let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    match closest(unknown, candidates.iter().copied()) {
+        Some(best) => format!("{message}; did you mean `{best}`?"),
+        None => message.to_owned(),
+    }
+}
+
+/// The candidate most like `wanted`, if any is close enough to be a typo of it.
+pub(super) fn closest<'c>(wanted: &str, candidates: impl Iterator<Item = &'c str>) -> Option<&'c str> {
+    candidates
+        .map(|candidate| (strsim::jaro_winkler(wanted, candidate), candidate))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, candidate)| candidate)
+}
+
+/// "; did you mean `x`?" (when one is close) and the names that exist.
+fn suggest(wanted: &str, defined: &[&str]) -> String {
+    let hint = closest(wanted, defined.iter().copied())
+        .map(|best| format!("; did you mean `{best}`?"))
+        .unwrap_or_default();
+    if defined.is_empty() {
+        format!("{hint} (none are defined)")
+    } else {
+        format!("{hint} (defined: {})", defined.join(", "))
     }
 }
 
@@ -189,10 +235,24 @@ enum Endpoint {
 struct Validator {
     map: SourceMap,
     problems: Vec<Problem>,
+    /// Key paths removed for shape problems: what follows from their absence is not reported.
+    removed: Vec<String>,
+    /// The config file's directory: relative file paths in it are relative to it.
+    base_dir: PathBuf,
 }
 
 impl Validator {
     fn problem(&mut self, path: &KeyPath, message: impl Into<String>) {
+        let key_path = path.to_string();
+        let follows_from_a_removal = self.removed.iter().any(|removed| {
+            removed == &key_path
+                || removed
+                    .strip_prefix(key_path.as_str())
+                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        });
+        if follows_from_a_removal && !key_path.is_empty() {
+            return;
+        }
         self.problems.push(Problem {
             line: self.map.line_of_path(path),
             key_path: path.to_string(),
@@ -301,7 +361,8 @@ impl Validator {
             return Some(Vec::new());
         };
         let path = path.key("ca_file");
-        let pem = match std::fs::read(file) {
+        let file = self.resolve(file);
+        let pem = match std::fs::read(&file) {
             Ok(pem) => pem,
             Err(err) => {
                 self.problem(&path, format!("cannot read {}: {err}", file.display()));
@@ -503,7 +564,7 @@ impl Validator {
                 RawBodyEncoding::Json => BodyEncoding::Json,
             },
             client_auth: raw.client_auth.unwrap_or(RawClientAuth::Body),
-            client_id: raw.client_id.clone(),
+            client_id: self.text(&path.key("client_id"), raw.client_id.as_ref()),
             client_secret,
         };
         let response = ResponseSpec {
@@ -578,7 +639,10 @@ impl Validator {
             None => {
                 self.problem(
                     &path.key("provider"),
-                    format!("no provider named `{provider_name}` in [providers]"),
+                    format!(
+                        "no provider named `{provider_name}` in [providers]{}",
+                        suggest(provider_name, &providers.keys().copied().collect::<Vec<_>>())
+                    ),
                 );
                 return None;
             }
@@ -625,7 +689,9 @@ impl Validator {
             Some(secret) => Some(self.secret(&path.key("client_secret"), secret)?),
             None => None,
         };
-        let client_id = raw.client_id.clone().or_else(|| client_id.clone());
+        let client_id = self
+            .text(&path.key("client_id"), raw.client_id.as_ref())
+            .or_else(|| client_id.clone());
         let client_secret = own_secret.or_else(|| client_secret.clone());
         let provider_name = &provider.spec.name;
         let (Some(client_id), Some(client_secret)) = (client_id, client_secret) else {
@@ -694,23 +760,24 @@ impl Validator {
                 );
             }
         }
-        let organisation = match raw.organisation.as_deref() {
-            Some(org)
-                if !org.is_empty()
-                    && org
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+        let organisation = self.text(&path.key("organisation"), raw.organisation.as_ref());
+        let organisation = match (organisation.as_deref(), &raw.organisation) {
+            (Some(org), _)
+                if org
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
             {
                 org
             }
-            Some(org) => {
+            (Some(org), _) => {
                 self.problem(
                     &path.key("organisation"),
                     format!("`{org}` is not an encoded organisation id"),
                 );
                 return None;
             }
-            None => {
+            (None, Some(_)) => return None, // the reference's own problem is reported
+            (None, None) => {
                 self.problem(
                     &path.key("organisation"),
                     "missing: the merchant's encoded organisation id",
@@ -975,7 +1042,14 @@ impl Validator {
         match credentials.get(name) {
             Some(spec) => spec.clone(), // an invalid credential reports its own problems
             None => {
-                self.problem(path, format!("no credential named `{name}` in [credentials]"));
+                let defined: Vec<&str> = credentials.keys().copied().collect();
+                self.problem(
+                    path,
+                    format!(
+                        "no credential named `{name}` in [credentials]{}",
+                        suggest(name, &defined)
+                    ),
+                );
                 None
             }
         }
@@ -1113,6 +1187,16 @@ impl Validator {
     }
 
     fn secret(&mut self, path: &KeyPath, raw: &RawSecret) -> Option<Secret> {
+        self.reference(path, raw, "secret").map(Secret::new)
+    }
+
+    /// A value that may be written in place or come from `{ env }` / `{ file }`, as secrets
+    /// may (a client id, an organisation): not secret, but often kept beside one.
+    fn text(&mut self, path: &KeyPath, raw: Option<&RawSecret>) -> Option<String> {
+        self.reference(path, raw?, "value")
+    }
+
+    fn reference(&mut self, path: &KeyPath, raw: &RawSecret, what: &str) -> Option<String> {
         let value = match raw {
             RawSecret::Literal(value) => value.clone(),
             RawSecret::Env(name) => match std::env::var(name) {
@@ -1122,19 +1206,28 @@ impl Validator {
                     return None;
                 }
             },
-            RawSecret::File(file) => match std::fs::read_to_string(file) {
+            RawSecret::File(file) => match std::fs::read_to_string(self.resolve(file)) {
                 Ok(contents) => contents.trim_end_matches(['\n', '\r']).to_owned(),
                 Err(err) => {
-                    self.problem(path, format!("cannot read secret file {}: {err}", file.display()));
+                    self.problem(path, format!("cannot read {what} file {}: {err}", file.display()));
                     return None;
                 }
             },
         };
         if value.is_empty() {
-            self.problem(path, "the secret is empty");
+            self.problem(path, format!("the {what} is empty"));
             return None;
         }
-        Some(Secret::new(value))
+        Some(value)
+    }
+
+    /// A path from the config file: relative ones are relative to the file's directory.
+    fn resolve(&self, file: &Path) -> PathBuf {
+        if file.is_relative() {
+            self.base_dir.join(file)
+        } else {
+            file.to_owned()
+        }
     }
 }
 

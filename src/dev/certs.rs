@@ -9,9 +9,9 @@ use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("certificate generation failed: {0}")]
+    #[error("certificate generation failed")]
     Generate(#[from] rcgen::Error),
-    #[error("TLS server setup failed: {0}")]
+    #[error("TLS server setup failed")]
     Tls(#[from] rustls::Error),
 }
 

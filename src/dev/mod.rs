@@ -144,6 +144,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         sidecar.admin_addr.unwrap_or(args.admin_listen),
     );
     signals.recv().await;
+    tracing::info!("shutting down");
     sidecar.shutdown().await;
     stand_ins.shutdown().await;
     Ok(())

@@ -48,9 +48,11 @@ pub struct CachedToken {
 /// Why the request path got no token.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
-    #[error("no usable token for credential `{credential}`: {cause}")]
+    #[error("no usable token for credential `{credential}` from {endpoint}: {cause}")]
     Unavailable {
         credential: Arc<str>,
+        /// The token endpoint's host (and port), never its path or query.
+        endpoint: Arc<str>,
         cause: FetchError,
         /// When a new attempt will be made.
         retry_after: Duration,
@@ -73,6 +75,8 @@ enum Want {
 
 struct CredentialState {
     spec: Arc<CredentialSpec>,
+    /// The token endpoint's `host[:port]`, for errors.
+    endpoint: Arc<str>,
     refreshing: AtomicBool,
     /// When a request last asked for this credential's token (Unix ms on our clock; 0 = never).
     last_used_ms: AtomicU64,
@@ -157,8 +161,10 @@ impl TokenCache {
         let credentials = credentials
             .iter()
             .map(|spec| {
+                let endpoint = spec.request.url[url::Position::BeforeHost..url::Position::AfterPort].into();
                 let state = CredentialState {
                     spec: spec.clone(),
+                    endpoint,
                     refreshing: AtomicBool::new(false),
                     last_used_ms: AtomicU64::new(0),
                     status: Mutex::new(FetchStatus::default()),
@@ -340,7 +346,10 @@ impl TokenCache {
             fingerprint: cached.as_ref().map(|c| c.token.fingerprint().to_owned()),
             fetches: status.successes,
             attempts: status.attempts,
-            last_error: status.last_error.as_ref().map(ToString::to_string),
+            last_error: status
+                .last_error
+                .as_ref()
+                .map(|error| format!("{}: {error}", state.endpoint)),
         })
     }
 
@@ -570,6 +579,7 @@ impl TokenCache {
     fn unavailable(&self, state: &CredentialState, cause: FetchError, retry_after: Duration) -> TokenError {
         TokenError::Unavailable {
             credential: state.spec.name.clone(),
+            endpoint: state.endpoint.clone(),
             cause,
             retry_after,
         }
