@@ -3,6 +3,8 @@
 
 use sha2::{Digest, Sha256};
 
+use token_sidecar::dev::providers::Failure;
+
 use crate::support::Harness;
 
 #[tokio::test]
@@ -131,4 +133,159 @@ async fn an_unused_token_past_its_life_shows_as_expired() {
     let state = h.token_state("acme-payu").await;
     assert_eq!(state["state"], "expired");
     assert!(state["expires_in_ms"].as_i64().unwrap() <= 0);
+}
+
+fn prefetching(credential: &'static str) -> impl FnOnce(&token_sidecar::dev::StandIns) -> String {
+    move |s| {
+        let table = format!("[credentials.{credential}]\n");
+        s.config_toml(any(), any())
+            .replace(&table, &format!("{table}prefetch = true\n"))
+    }
+}
+
+async fn readyz(h: &Harness) -> (u16, serde_json::Value) {
+    let response = h.client.get(h.admin_url("/readyz")).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// Polls `/readyz` (real time, up to 3 s) until it answers `status`.
+async fn wait_for_readyz(h: &Harness, status: u16) -> serde_json::Value {
+    for _ in 0..150 {
+        let (now, body) = readyz(h).await;
+        if now == status {
+            return body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("/readyz never answered {status}: {:?}", readyz(h).await);
+}
+
+#[tokio::test]
+async fn prefetched_credentials_stay_warm_without_traffic() {
+    let h = Harness::with_config(prefetching("acme-nuapay")).await;
+    wait_for_readyz(&h, 200).await;
+    // Six 10 s lifetimes with no request at all.
+    for _ in 0..30 {
+        h.advance(std::time::Duration::from_secs(2));
+        tokio::time::sleep(std::time::Duration::from_millis(220)).await;
+        h.settle().await;
+    }
+    let state = h.token_state("acme-nuapay").await;
+    assert_eq!(state["state"], "fresh", "{state}");
+    assert!(state["fetches"].as_u64().unwrap() >= 5, "{state}");
+    assert_eq!(readyz(&h).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_failed_start_up_fetch_is_retried_until_ready() {
+    let h = Harness::with_config(|s| {
+        s.providers.fail_next(8, Failure::status(503));
+        prefetching("acme-payu")(s)
+    })
+    .await;
+    let waiting = wait_for_readyz(&h, 503).await;
+    assert_eq!(waiting["pending"], serde_json::json!(["acme-payu"]));
+    // The back-off runs on the sidecar's clock: move it on until the endpoint answers again.
+    for _ in 0..20 {
+        if readyz(&h).await.0 == 200 {
+            break;
+        }
+        h.advance(std::time::Duration::from_secs(5));
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    }
+    assert_eq!(readyz(&h).await.0, 200, "{}", h.token_state("acme-payu").await);
+}
+
+#[tokio::test]
+async fn readiness_survives_a_provider_outage_and_names_the_degraded_credential() {
+    let h = Harness::with_config(prefetching("acme-payu")).await;
+    wait_for_readyz(&h, 200).await;
+    h.stand_ins.providers.set_failing(Some(Failure::status(503)));
+    h.advance(std::time::Duration::from_secs(7200));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, body) = readyz(&h).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["degraded"], serde_json::json!(["acme-payu"]));
+}
+
+#[tokio::test]
+async fn last_error_names_the_endpoint_from_the_first_failed_attempt() {
+    let h = Harness::start().await;
+    h.stand_ins.providers.set_failing(Some(Failure::status(503)));
+    let request = tokio::spawn({
+        let url = h.url("/acme/payu/x");
+        let client = h.client.clone();
+        async move { client.get(url).send().await.unwrap().status() }
+    });
+    let mut seen = None;
+    for _ in 0..100 {
+        let state = h.token_state("acme-payu").await;
+        // The second attempt has started: the first one has failed.
+        if state["attempts"].as_u64().unwrap() >= 2 && !request.is_finished() {
+            seen = Some(state);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let state = seen.expect("an attempt while the request was still retrying");
+    let last_error = state["last_error"].as_str().expect("set during the retries");
+    assert!(
+        last_error.starts_with(&h.stand_ins.token_addr.to_string()),
+        "{last_error}"
+    );
+    assert!(
+        last_error.ends_with("token endpoint answered 503"),
+        "{last_error}"
+    );
+    assert_eq!(
+        state["fetches"], 0,
+        "attempts and successful fetches are counted apart"
+    );
+    assert_eq!(request.await.unwrap(), 503);
+}
+
+#[tokio::test]
+async fn admin_json_answers_end_with_a_newline() {
+    let h = Harness::start().await;
+    for path in ["/healthz", "/readyz", "/tokens", "/nowhere"] {
+        let body = h
+            .client
+            .get(h.admin_url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(body.ends_with("}\n") || body.ends_with("]\n"), "{path}: {body:?}");
+    }
+}
+
+#[tokio::test]
+async fn probe_exits_zero_when_ready_and_one_otherwise() {
+    let h = Harness::start().await;
+    let admin = h.sidecar.admin_addr.unwrap().to_string();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::support::run_binary(&args, &[])
+        })
+    };
+    let (code, stdout, _) = run(vec!["probe".into(), "--admin".into(), admin.clone()])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("/readyz: 200"), "{stdout}");
+    let (code, _, _) = run(vec!["probe".into(), "--live".into(), "--admin".into(), admin])
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (code, stdout, _) = run(vec!["probe".into(), "--admin".into(), closed.to_string()])
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{stdout}");
 }

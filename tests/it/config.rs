@@ -300,3 +300,114 @@ fn bad_urls_are_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn one_run_reports_shape_reference_and_secret_problems_with_suggestions() {
+    let text = VALID
+        .replace("listen = ", "listne = ")
+        .replace("credential = \"acme-payu\"", "credential = \"acme-payuu\"")
+        .replace("\"literal-secret\"", "{ env = \"TOKEN_SIDECAR_TEST_UNSET_VAR\" }");
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2, "{stderr}");
+    let expected = [
+        "FILE:2: server.listne: unknown field `listne`",
+        "did you mean `listen`?",
+        "FILE:10: credentials.acme-payu.client_secret: environment variable TOKEN_SIDECAR_TEST_UNSET_VAR is not set",
+        "FILE:15: routes[0].credential: no credential named `acme-payuu` in [credentials]; did you mean `acme-payu`? (defined: acme-payu)",
+    ];
+    for line in expected {
+        assert!(stderr.contains(line), "missing `{line}` in\n{stderr}");
+    }
+}
+
+#[test]
+fn a_missing_provider_lists_the_defined_ones() {
+    let text = VALID.replace("provider = \"payu\"", "provider = \"pauy\"");
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("no provider named `pauy` in [providers]; did you mean `payu`? (defined: payu)"),
+        "{stderr}"
+    );
+}
+
+/// `client_id` and `organisation` may come from the environment or a file, as secrets do, and
+/// every relative path is relative to the config file's directory, not the working directory.
+#[test]
+fn ids_take_secret_references_and_relative_paths_follow_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = token_sidecar::dev::certs::TestPki::new().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), pki.ca_pem()).unwrap();
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    std::fs::write(dir.path().join("secrets/org"), "ybo8zd8j2q\n").unwrap();
+    std::fs::write(dir.path().join("secrets/api-key"), "key\n").unwrap();
+    let text = r#"
+[tls]
+ca_file = "ca.pem"
+
+[providers.nuapay]
+kind = "nuapay"
+base_url = "https://sandbox.nuapay.com"
+api_key = { file = "secrets/api-key" }
+
+[providers.payu]
+token_url = "https://uat-accounts.payu.in/oauth/token"
+
+[credentials.acme-nuapay]
+provider = "nuapay"
+organisation = { file = "secrets/org" }
+scopes = ["openbanking_pisp"]
+
+[credentials.acme-payu]
+provider = "payu"
+client_id = { env = "TOKEN_SIDECAR_TEST_CLIENT_ID" }
+client_secret = "s"
+
+[[routes]]
+path_prefix = "/n"
+upstream = "https://sandbox.nuapay.com"
+credential = "acme-nuapay"
+
+[[routes]]
+path_prefix = "/p"
+upstream = "https://uat-accounts.payu.in"
+credential = "acme-payu"
+"#;
+    let config = dir.path().join("sidecar.toml");
+    std::fs::write(&config, text).unwrap();
+    let args = ["check", "--config", config.to_str().unwrap()];
+    let (code, stdout, stderr) = run_binary(&args, &[("TOKEN_SIDECAR_TEST_CLIENT_ID", "acme")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("config OK"), "{stdout}");
+    let (code, _, stderr) = run_binary(&args, &[]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains(
+            "credentials.acme-payu.client_id: environment variable TOKEN_SIDECAR_TEST_CLIENT_ID is not set"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_port_clash_is_reported_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    let text = VALID.replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    file.write_all(text.as_bytes()).unwrap();
+    let (code, _, stderr) = run_binary(&["run", "--config", file.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(stderr.matches("in use").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn dev_runs_its_own_config_and_refuses_one_given() {
+    let (code, _, stderr) = run_binary(&["dev", "--config", "mine.toml"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("unexpected argument '--config'"), "{stderr}");
+}

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::support::binary;
+use crate::support::{binary, skip, tool_works};
 
 struct KillOnDrop(std::process::Child);
 
@@ -18,6 +18,12 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn dev_answers_its_own_curl_lines() {
+    if !tool_works("curl", &["--version"]) {
+        return skip(
+            "dev_answers_its_own_curl_lines",
+            "curl is not installed (`apt-get install curl`; .ci/run does)",
+        );
+    }
     let mut child = Command::new(binary())
         .args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .env_remove("TOKEN_SIDECAR_CONFIG")

@@ -360,3 +360,39 @@ credential = "c"
 "#
     )
 }
+
+/// Whether `program args…` runs and exits 0: for tests that need a tool beyond cargo.
+pub fn tool_works(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// Python 3 with `requests`, installed with pip on first need; `false` (and the reason
+/// printed) when it cannot be had here.
+pub fn python_requests() -> bool {
+    static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *READY.get_or_init(|| {
+        if tool_works("python3", &["-c", "import requests"]) {
+            return true;
+        }
+        if !tool_works("python3", &["--version"]) {
+            return false;
+        }
+        eprintln!("installing Python `requests` for the client tests (python3 -m pip install requests)");
+        let installed = tool_works("python3", &["-m", "pip", "install", "--quiet", "requests"])
+            || tool_works(
+                "python3",
+                &["-m", "pip", "install", "--quiet", "--user", "requests"],
+            );
+        installed && tool_works("python3", &["-c", "import requests"])
+    })
+}
+
+/// Says, in the test's output, why a test checked nothing here.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIPPED {test}: {reason}");
+}
