@@ -5,6 +5,7 @@ mod admin;
 mod cache;
 mod clients;
 mod config;
+mod deploy;
 mod dev;
 mod forwarding;
 mod hardening;

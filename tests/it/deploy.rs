@@ -1,0 +1,166 @@
+//! The deployment examples in `deploy/`: every YAML file parses, the Kubernetes and compose
+//! files keep the properties the README promises, and every sidecar config they carry passes
+//! `check` (its `/run/secrets/…` files stood in for by files in a temporary directory).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_norway::Value;
+
+use crate::support::{repo_root, run_binary};
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+fn deploy_files(extensions: &[&str]) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    files_under(&repo_root().join("deploy"), &mut files);
+    files.retain(|f| f.extension().is_some_and(|e| extensions.iter().any(|x| e == *x)));
+    files.sort();
+    files
+}
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+/// `check` on a sidecar config, with each `/run/secrets/…` file it names made in a temporary
+/// directory.
+fn check_config(text: &str, origin: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let text = text.replace("/run/secrets/", &format!("{}/", secrets.display()));
+    for line in text.lines() {
+        if let Some((_, rest)) = line.split_once("{ file = \"") {
+            let file = PathBuf::from(rest.split('"').next().unwrap());
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, "example-secret\n").unwrap();
+        }
+    }
+    let config = dir.path().join("sidecar.toml");
+    std::fs::write(&config, text).unwrap();
+    let (code, stdout, stderr) = run_binary(&["check", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{origin}: {stderr}");
+    assert!(stdout.starts_with("config OK"), "{origin}: {stdout}");
+}
+
+#[test]
+fn every_yaml_file_parses_and_every_embedded_config_passes_check() {
+    let yaml = deploy_files(&["yaml", "yml"]);
+    assert!(yaml.len() >= 2, "Kubernetes and compose examples: {yaml:?}");
+    let mut configs = 0;
+    for file in &yaml {
+        for doc in documents(file) {
+            if doc["kind"] == "ConfigMap" {
+                let Value::Mapping(data) = &doc["data"] else {
+                    panic!("{}: ConfigMap without data", file.display());
+                };
+                for (key, value) in data {
+                    if key.as_str().is_some_and(|k| k.ends_with(".toml")) {
+                        check_config(value.as_str().unwrap(), &file.display().to_string());
+                        configs += 1;
+                    }
+                }
+            }
+        }
+    }
+    for file in deploy_files(&["toml"]) {
+        check_config(
+            &std::fs::read_to_string(&file).unwrap(),
+            &file.display().to_string(),
+        );
+        configs += 1;
+    }
+    assert!(
+        configs >= 2,
+        "the Kubernetes ConfigMap and the compose file's config"
+    );
+}
+
+#[test]
+fn the_kubernetes_sidecar_is_native_probed_and_locked_down() {
+    let file = repo_root().join("deploy/kubernetes/token-sidecar.yaml");
+    let docs = documents(&file);
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("a Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let sidecar = &pod["initContainers"][0];
+    assert_eq!(sidecar["restartPolicy"], "Always", "a native sidecar");
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        let command = &sidecar[probe]["exec"]["command"];
+        assert_eq!(command[0], "/usr/local/bin/token-sidecar", "{probe}");
+        assert_eq!(command[1], "probe", "{probe}");
+    }
+    let security = &sidecar["securityContext"];
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["runAsNonRoot"], true);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["capabilities"]["drop"][0], "ALL");
+    assert!(!sidecar["resources"]["requests"]["memory"].is_null());
+    let secret_volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| !v["secret"].is_null())
+        .expect("secrets mounted as files");
+    assert_eq!(secret_volume["secret"]["defaultMode"], 0o440);
+    assert_eq!(
+        pod["securityContext"]["fsGroup"], 65532,
+        "the non-root sidecar can read them"
+    );
+}
+
+#[test]
+fn the_compose_app_shares_the_sidecar_network() {
+    let file = repo_root().join("deploy/compose/docker-compose.yml");
+    let doc = &documents(&file)[0];
+    let services = &doc["services"];
+    assert_eq!(services["app"]["network_mode"], "service:token-sidecar");
+    assert_eq!(
+        services["app"]["depends_on"]["token-sidecar"]["condition"],
+        "service_healthy"
+    );
+    let sidecar = &services["token-sidecar"];
+    assert_eq!(sidecar["read_only"], true);
+    assert_eq!(sidecar["cap_drop"][0], "ALL");
+    let mount = sidecar["volumes"][0].as_str().unwrap();
+    assert!(
+        mount.starts_with("./sidecar.toml:/etc/token-sidecar/sidecar.toml"),
+        "{mount}"
+    );
+}
+
+#[test]
+fn the_dockerfile_runs_the_binary_as_non_root_with_the_documented_config_path() {
+    let text = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    for line in [
+        "RUN cargo build --release --locked",
+        "USER 65532:65532",
+        "ENV TOKEN_SIDECAR_CONFIG=/etc/token-sidecar/sidecar.toml",
+        "EXPOSE 8080 9901",
+        "STOPSIGNAL SIGTERM",
+        "ENTRYPOINT [\"/usr/local/bin/token-sidecar\"]",
+    ] {
+        assert!(text.lines().any(|l| l.trim() == line), "missing `{line}`");
+    }
+    let ci = std::fs::read_to_string(repo_root().join(".ci/run")).unwrap();
+    assert!(
+        ci.contains("cargo build --release --locked"),
+        ".ci/run proves the image's build command"
+    );
+    assert!(ci.contains("hadolint Dockerfile"));
+}
