@@ -1,15 +1,19 @@
 //! token-sidecar: a local HTTP proxy that injects per-merchant OAuth access tokens.
 //!
 //! The request path, top to bottom (see [`proxy`]):
-//! 1. [`route`] matches a request to a configured route and picks its credential (or 404/400);
+//! 1. [`route::target`] checks the request's host and path (one well-formed Host, no dot
+//!    segments or encoded separators), then [`route`] matches it to a configured route and
+//!    [`proxy`] picks its credential (or 404/400);
 //! 2. [`token::cache`] hands out that credential's token, fetching it once however many requests
 //!    wait and refreshing it ahead of expiry by the [`token::lifetime`] policy;
 //! 3. [`forward`] rewrites the URI, cleans the headers, injects the token and streams the request
-//!    to the route's upstream over rustls, and the response back.
+//!    to the route's upstream over rustls, and the response back; [`proxy::client_body`] reads
+//!    the client's body under its limits.
 //!
-//! Around it: [`config`] (TOML → validated types), [`server`] (listeners, shutdown),
-//! [`admin`] (health, readiness, metrics, token admin), [`error`] (the sidecar's JSON errors),
-//! [`dev`] (the self-contained demo and the test doubles it shares with the tests).
+//! Around it: [`config`] (TOML → validated types), [`server`] (listeners, shutdown; one
+//! connection's watchdog in `server::connection`), [`admin`] (health, readiness, metrics, token
+//! admin), [`error`] (the sidecar's JSON errors), [`probe`] (the image's health check), [`dev`]
+//! (the self-contained demo and the test doubles it shares with the tests).
 
 pub mod admin;
 pub mod cli;
