@@ -129,6 +129,8 @@ credential = "acme"
         .status()
         .unwrap();
     assert!(status.success());
+    let said = lines.map_while(Result::ok).collect::<Vec<_>>().join("\n");
+    assert!(said.contains("shutting down"), "{said}");
     let started = std::time::Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -141,4 +143,29 @@ credential = "acme"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `run` and `dev` both say they are shutting down when stopped, and exit 0.
+#[test]
+fn dev_says_it_is_shutting_down_on_sigterm() {
+    let mut child = Command::new(binary())
+        .args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env_remove("TOKEN_SIDECAR_CONFIG")
+        .env("TOKEN_SIDECAR_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dev starts");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let listening = lines.next().expect("a log line").unwrap();
+    assert!(listening.contains("token-sidecar listening"), "{listening}");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().unwrap().success());
+    assert!(rest.iter().any(|l| l.contains("shutting down")), "{rest:?}");
 }
