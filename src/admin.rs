@@ -9,18 +9,24 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::error::{error_response, full_body, json_response, ProxyBody, ProxyError};
+use crate::error::{error_response, full_body, json_response, ProxyBody, ProxyError, ERROR_HEADER};
 use crate::metrics::Metrics;
+use crate::reload::{ReloadError, Reloader};
 use crate::token::cache::{TokenCache, TokenError};
 
 pub struct AdminState {
     tokens: Arc<TokenCache>,
     metrics: Metrics,
+    reloader: Arc<Reloader>,
 }
 
 impl AdminState {
-    pub fn new(tokens: Arc<TokenCache>, metrics: Metrics) -> Self {
-        Self { tokens, metrics }
+    pub fn new(tokens: Arc<TokenCache>, metrics: Metrics, reloader: Arc<Reloader>) -> Self {
+        Self {
+            tokens,
+            metrics,
+            reloader,
+        }
     }
 }
 
@@ -42,7 +48,10 @@ pub async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Respo
         (&Method::POST, ["tokens", credential, "refresh"]) => {
             refresh(&state, credential, forced(request.uri().query())).await
         }
-        (_, ["healthz" | "readyz" | "metrics" | "tokens"]) | (_, ["tokens", _, "refresh"]) => error_response(
+        (&Method::POST, ["config", "reload"]) => reload(&state).await,
+        (_, ["healthz" | "readyz" | "metrics" | "tokens"])
+        | (_, ["tokens", _, "refresh"])
+        | (_, ["config", "reload"]) => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "method not allowed on this admin path",
@@ -75,6 +84,44 @@ async fn readiness(state: &AdminState) -> Response<ProxyBody> {
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({ "status": "waiting for tokens", "pending": pending }),
         )
+    }
+}
+
+/// `POST /config/reload`: 200 with what was loaded, or 422 `invalid_config` with the
+/// problems (the old configuration keeps serving).
+async fn reload(state: &AdminState) -> Response<ProxyBody> {
+    match state.reloader.reload().await {
+        Ok(reloaded) => json_response(
+            StatusCode::OK,
+            &json!({
+                "reloaded": true,
+                "routes": reloaded.routes,
+                "credentials": reloaded.credentials,
+                "version": reloaded.version,
+            }),
+        ),
+        Err(err @ ReloadError::Invalid(_)) => {
+            let mut response = json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &json!({ "error": {
+                    "code": "invalid_config",
+                    "message": err.to_string(),
+                    "problems": err.problems(),
+                }}),
+            );
+            response
+                .headers_mut()
+                .insert(ERROR_HEADER, HeaderValue::from_static("invalid_config"));
+            response
+        }
+        Err(err @ ReloadError::NoFile) => {
+            error_response(StatusCode::CONFLICT, "no_config_file", &err.to_string())
+        }
+        Err(err) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "reload_failed",
+            &crate::error::Chain(&err).to_string(),
+        ),
     }
 }
 

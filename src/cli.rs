@@ -84,12 +84,13 @@ pub fn main() -> ExitCode {
                 Some(Command::Run(arg)) => arg.config,
                 _ => None,
             };
-            let Some(config) = load(own.or(cli.config.config)) else {
+            let path = own.or(cli.config.config);
+            let Some((config, path)) = load(path.clone()).zip(path) else {
                 return ExitCode::from(EXIT_CONFIG);
             };
             runtime_result(
                 runtime
-                    .block_on(crate::server::run(config, Arc::new(SystemClock)))
+                    .block_on(crate::server::run(config, path, Arc::new(SystemClock)))
                     .map_err(Into::into),
             )
         }

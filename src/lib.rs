@@ -25,6 +25,7 @@ pub mod forward;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod secret;
 pub mod server;

@@ -29,6 +29,16 @@ pub struct FetchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CredentialLabels {
     pub credential: String,
 }
@@ -44,6 +54,8 @@ pub struct Metrics {
     cache_misses: Family<CredentialLabels, Counter>,
     upstream_401_retries: Family<RouteLabels, Counter>,
     connections: Gauge,
+    config_reloads: Family<OutcomeLabels, Counter>,
+    config_info: Family<VersionLabels, Gauge>,
 }
 
 impl Metrics {
@@ -58,6 +70,18 @@ impl Metrics {
         let cache_misses = Family::<CredentialLabels, Counter>::default();
         let upstream_401_retries = Family::<RouteLabels, Counter>::default();
         let connections = Gauge::default();
+        let config_reloads = Family::<OutcomeLabels, Counter>::default();
+        let config_info = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "token_sidecar_config_reloads",
+            "Configuration reloads, by outcome (ok, invalid, error)",
+            config_reloads.clone(),
+        );
+        registry.register(
+            "token_sidecar_config_info",
+            "1, labelled with the version (a short hash) of the configuration in use",
+            config_info.clone(),
+        );
         registry.register(
             "token_sidecar_requests",
             "Requests handled, by route (\"none\" when nothing matched) and status",
@@ -102,7 +126,27 @@ impl Metrics {
             cache_misses,
             upstream_401_retries,
             connections,
+            config_reloads,
+            config_info,
         }
+    }
+
+    pub fn config_reload(&self, outcome: &str) {
+        self.config_reloads
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Marks `version` as the configuration in use (and no other).
+    pub fn config_loaded(&self, version: &str) {
+        self.config_info.clear();
+        self.config_info
+            .get_or_create(&VersionLabels {
+                version: version.to_owned(),
+            })
+            .set(1);
     }
 
     pub fn request(&self, route: &str, status: u16, elapsed: Duration) {

@@ -2,10 +2,10 @@
 //! the one replay after an upstream 401. Every error becomes the contract's JSON answer here,
 //! at the edge.
 
+pub mod access_log;
 pub mod client_body;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
@@ -17,14 +17,14 @@ use subtle::ConstantTimeEq;
 use crate::config::{CredentialChoice, CredentialSpec, RouteSpec, ServerSettings};
 use crate::error::{full_body, Chain, ProxyBody, ProxyError, ERROR_HEADER};
 use crate::forward::{clean_request_headers, inject_token, remove_hop_by_hop, upstream_uri, UpstreamClient};
+use arc_swap::ArcSwap;
+
 use crate::metrics::Metrics;
 use crate::route::{check_path, request_host, Router};
 use crate::secret::Secret;
 use crate::token::cache::{CachedToken, TokenCache};
-use client_body::{BodyFault, BodyLimits, ClientBody, FaultRecord};
-
-/// The metrics label for requests that matched no route.
-const NO_ROUTE: &str = "none";
+use access_log::Exchange;
+use client_body::{BodyFault, BodyLimits, BodyRecord, ClientBody};
 
 /// Checks every request meets before it is routed: size of its head, the shared-secret header,
 /// the declared body size; and the limits its body is read under.
@@ -80,196 +80,226 @@ impl RequestGuards {
     }
 }
 
+/// The configuration a request is served with, read once per request and replaced whole by a
+/// reload: a request in flight finishes on the snapshot it started with.
+pub struct Snapshot {
+    pub guards: RequestGuards,
+    pub router: Router,
+    /// The pooled client to the upstreams (rebuilt by a reload only when the trusted roots
+    /// change, so pooled connections survive reloads).
+    pub client: UpstreamClient,
+    /// One `token_sidecar::access` event per request.
+    pub access_log: bool,
+}
+
 pub struct Proxy {
-    guards: RequestGuards,
-    router: Router,
+    snapshot: ArcSwap<Snapshot>,
     tokens: Arc<TokenCache>,
-    client: UpstreamClient,
     metrics: Metrics,
 }
 
 impl Proxy {
-    pub fn new(
-        guards: RequestGuards,
-        router: Router,
-        tokens: Arc<TokenCache>,
-        client: UpstreamClient,
-        metrics: Metrics,
-    ) -> Self {
+    pub fn new(snapshot: Snapshot, tokens: Arc<TokenCache>, metrics: Metrics) -> Self {
         Self {
-            guards,
-            router,
+            snapshot: ArcSwap::from_pointee(snapshot),
             tokens,
-            client,
             metrics,
         }
     }
 
+    /// Serves new requests with `snapshot`; requests in flight keep theirs.
+    pub fn swap(&self, snapshot: Snapshot) -> Arc<Snapshot> {
+        self.snapshot.swap(Arc::new(snapshot))
+    }
+
+    /// The snapshot new requests are served with.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
     /// Handles one request from the application; never fails, errors are JSON answers.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<ProxyBody> {
-        let started = Instant::now();
-        let method = request.method().clone();
-        let (route_name, result) = self.route_and_forward(request).await;
+        let snapshot = self.snapshot.load_full();
+        let mut exchange = Exchange::new(&request);
+        let result = self.route_and_forward(&snapshot, request, &mut exchange).await;
         let response = result.unwrap_or_else(|err| {
+            let route = exchange.route_label();
             if err.status().is_server_error() {
-                tracing::warn!(route = %route_name, %method, code = err.code(), error = %Chain(&err), "request failed");
+                tracing::warn!(route, method = %exchange.method, code = err.code(), error = %Chain(&err), "request failed");
             } else {
-                tracing::info!(route = %route_name, %method, code = err.code(), error = %Chain(&err), "request refused");
+                tracing::info!(route, method = %exchange.method, code = err.code(), error = %Chain(&err), "request refused");
             }
+            exchange.error = Some(err.code());
             err.into_response()
         });
-        tracing::debug!(route = %route_name, %method, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
+        let status = response.status().as_u16();
         self.metrics
-            .request(&route_name, response.status().as_u16(), started.elapsed());
-        response
+            .request(exchange.route_label(), status, exchange.started.elapsed());
+        if !snapshot.access_log {
+            return response;
+        }
+        let (parts, body) = response.into_parts();
+        Response::from_parts(parts, access_log::logged(body, exchange, status))
     }
 
     async fn route_and_forward(
         &self,
+        snapshot: &Snapshot,
         request: Request<Incoming>,
-    ) -> (String, Result<Response<ProxyBody>, ProxyError>) {
-        let host = match self.check(&request) {
-            Ok(host) => host,
-            Err(err) => return (NO_ROUTE.into(), Err(err)),
-        };
-        let Some(matched) = self.router.find(host.as_deref(), request.uri().path()) else {
-            return (NO_ROUTE.into(), Err(ProxyError::NoRoute));
+        exchange: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let host = check(&snapshot.guards, &request)?;
+        let Some(matched) = snapshot.router.find(host.as_deref(), request.uri().path()) else {
+            return Err(ProxyError::NoRoute);
         };
         let route = matched.route.clone();
-        let uri = upstream_uri(&route.upstream, matched.rest, request.uri().query());
-        let result = match uri {
-            Ok(uri) => self.forward(&route, uri, request).await,
-            Err(err) => Err(ProxyError::Internal(format!("cannot build upstream URI: {err}"))),
-        };
-        (route.name.clone(), result)
-    }
-
-    /// What every request must pass before routing; gives the host it is for.
-    fn check(&self, request: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
-        match *request.method() {
-            Method::CONNECT => return Err(ProxyError::ConnectNotSupported),
-            Method::TRACE => return Err(ProxyError::TraceNotAllowed),
-            _ => {}
-        }
-        self.guards.check(request)?;
-        let host = request_host(request)?;
-        check_path(request.uri().path())?;
-        Ok(host)
+        exchange.route = Some(route.clone());
+        let uri = upstream_uri(&route.upstream, matched.rest, request.uri().query())
+            .map_err(|err| ProxyError::Internal(format!("cannot build upstream URI: {err}")))?;
+        self.forward(snapshot, &route, uri, request, exchange).await
     }
 
     async fn forward(
         &self,
+        snapshot: &Snapshot,
         route: &RouteSpec,
         uri: Uri,
         request: Request<Incoming>,
+        exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let credential = select_credential(route, request.headers())?.clone();
+        exchange.credential = Some(credential.name.clone());
         let (parts, body) = request.into_parts();
-        let outgoing = self.outgoing(route, parts, uri);
-        let limits = self.guards.body;
-        let faults = Arc::new(FaultRecord::default());
-        let kept = keep_for_replay(&outgoing.headers, body, route.replay_body_limit, limits, &faults).await?;
+        let outgoing = outgoing(&snapshot.guards, route, parts, uri);
+        let limits = snapshot.guards.body;
+        let body_record = exchange.body.clone();
+        let kept = keep_for_replay(
+            &outgoing.headers,
+            body,
+            route.replay_body_limit,
+            limits,
+            &body_record,
+        )
+        .await?;
         let (first_body, replay_body) = match kept {
             KeptBody::Kept(bytes) => (full_body(bytes.clone()), Some(bytes)),
             KeptBody::Streaming(body) => (body, None),
         };
-        let token = self.tokens.token(&credential.name).await?;
-        let response = match self.send(route, &outgoing, first_body, &token).await {
+        let token = self.tokens.token(&credential).await?;
+        exchange.token = Some(token.token.clone());
+        let response = match send(&snapshot.client, route, &outgoing, first_body, &token).await {
             Ok(response) => response,
             // A client body that failed mid-stream is the client's error, whatever the
             // upstream connection made of it.
-            Err(err) => return Err(faults.get(&limits).map_or(err, ProxyError::Body)),
+            Err(err) => return Err(body_record.fault(&limits).map_or(err, ProxyError::Body)),
         };
+        exchange.upstream_status = Some(response.status().as_u16());
         if !route.purge_on_status.contains(&response.status()) {
-            self.tokens.upstream_accepted(&credential.name);
+            self.tokens.upstream_accepted(&credential);
             return Ok(response);
         }
 
         // The upstream refused the token: drop it (unless already replaced) and resend once.
-        let replay = self.tokens.purge_refused(&credential.name, &token).await;
+        let replay = self.tokens.purge_refused(&credential, &token).await;
         let Some(bytes) = replay_body.filter(|_| replay) else {
             return Ok(response);
         };
         self.metrics.upstream_401_retry(&route.name);
-        let fresh = self.tokens.token(&credential.name).await?;
+        let fresh = self.tokens.token(&credential).await?;
         tracing::info!(route = %route.name, credential = %credential.name, status = response.status().as_u16(), "upstream refused the token; resending once with a fresh one");
-        let replayed = self.send(route, &outgoing, full_body(bytes), &fresh).await?;
+        exchange.replayed = true;
+        exchange.token = Some(fresh.token.clone());
+        let replayed = send(&snapshot.client, route, &outgoing, full_body(bytes), &fresh).await?;
+        exchange.upstream_status = Some(replayed.status().as_u16());
         if route.purge_on_status.contains(&replayed.status()) {
-            self.tokens.purge_refused(&credential.name, &fresh).await;
+            self.tokens.purge_refused(&credential, &fresh).await;
         } else {
-            self.tokens.upstream_accepted(&credential.name);
+            self.tokens.upstream_accepted(&credential);
         }
         Ok(replayed)
     }
+}
 
-    /// What goes upstream besides the body: the client's headers cleaned (hop-by-hop, its own
-    /// credentials, the credential selector and the sidecar's gate header removed) plus the
-    /// route's static headers. The token is added per attempt, in [`Proxy::send`].
-    fn outgoing(&self, route: &RouteSpec, parts: http::request::Parts, uri: Uri) -> Outgoing {
-        let mut headers = parts.headers;
-        let mut strip: Vec<&HeaderName> = match &route.credential {
-            CredentialChoice::FromHeader { header, .. } => vec![header],
-            CredentialChoice::Fixed(_) => vec![],
-        };
-        if let Some((required, _)) = &self.guards.require_header {
-            strip.push(required);
-        }
-        clean_request_headers(&mut headers, &strip);
-        for (name, value) in &route.headers {
-            headers.insert(name.clone(), value.clone());
-        }
-        Outgoing {
-            method: parts.method,
-            uri,
-            headers,
-        }
+/// What every request must pass before routing; gives the host it is for.
+fn check(guards: &RequestGuards, request: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
+    match *request.method() {
+        Method::CONNECT => return Err(ProxyError::ConnectNotSupported),
+        Method::TRACE => return Err(ProxyError::TraceNotAllowed),
+        _ => {}
     }
+    guards.check(request)?;
+    let host = request_host(request)?;
+    check_path(request.uri().path())?;
+    Ok(host)
+}
 
-    async fn send(
-        &self,
-        route: &RouteSpec,
-        outgoing: &Outgoing,
-        body: ProxyBody,
-        token: &CachedToken,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let mut request = Request::new(body);
-        *request.method_mut() = outgoing.method.clone();
-        *request.uri_mut() = outgoing.uri.clone();
-        *request.headers_mut() = outgoing.headers.clone();
-        inject_token(request.headers_mut(), &route.inject, &token.token)
-            .map_err(|_| ProxyError::Internal("token is not a valid header value".into()))?;
-        let response = match tokio::time::timeout(route.timeout, self.client.request(request)).await {
-            Err(_) => {
-                return Err(ProxyError::UpstreamTimeout {
-                    upstream: route.upstream.to_string(),
-                    timeout: route.timeout,
-                })
-            }
-            Ok(Err(err)) => {
-                return Err(ProxyError::UpstreamUnreachable {
-                    upstream: route.upstream.to_string(),
-                    reason: upstream_failure(&err),
-                    source: Some(err.into()),
-                })
-            }
-            Ok(Ok(response)) => response,
-        };
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            // Upgrade is never forwarded, so a 101 is unsolicited: the connection is unusable.
+/// What goes upstream besides the body: the client's headers cleaned (hop-by-hop, its own
+/// credentials, the credential selector and the sidecar's gate header removed) plus the
+/// route's static headers. The token is added per attempt, in [`send`].
+fn outgoing(guards: &RequestGuards, route: &RouteSpec, parts: http::request::Parts, uri: Uri) -> Outgoing {
+    let mut headers = parts.headers;
+    let mut strip: Vec<&HeaderName> = match &route.credential {
+        CredentialChoice::FromHeader { header, .. } => vec![header],
+        CredentialChoice::Fixed(_) => vec![],
+    };
+    if let Some((required, _)) = &guards.require_header {
+        strip.push(required);
+    }
+    clean_request_headers(&mut headers, &strip);
+    for (name, value) in &route.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    Outgoing {
+        method: parts.method,
+        uri,
+        headers,
+    }
+}
+
+async fn send(
+    client: &UpstreamClient,
+    route: &RouteSpec,
+    outgoing: &Outgoing,
+    body: ProxyBody,
+    token: &CachedToken,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let mut request = Request::new(body);
+    *request.method_mut() = outgoing.method.clone();
+    *request.uri_mut() = outgoing.uri.clone();
+    *request.headers_mut() = outgoing.headers.clone();
+    inject_token(request.headers_mut(), &route.inject, &token.token)
+        .map_err(|_| ProxyError::Internal("token is not a valid header value".into()))?;
+    let response = match tokio::time::timeout(route.timeout, client.request(request)).await {
+        Err(_) => {
+            return Err(ProxyError::UpstreamTimeout {
+                upstream: route.upstream.to_string(),
+                timeout: route.timeout,
+            })
+        }
+        Ok(Err(err)) => {
             return Err(ProxyError::UpstreamUnreachable {
                 upstream: route.upstream.to_string(),
-                reason: "it switched protocols (101) though no upgrade was asked for",
-                source: None,
-            });
+                reason: upstream_failure(&err),
+                source: Some(err.into()),
+            })
         }
-        let (mut parts, body) = response.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(ERROR_HEADER); // only the sidecar's own errors carry it
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(Into::into).boxed_unsync(),
-        ))
+        Ok(Ok(response)) => response,
+    };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // Upgrade is never forwarded, so a 101 is unsolicited: the connection is unusable.
+        return Err(ProxyError::UpstreamUnreachable {
+            upstream: route.upstream.to_string(),
+            reason: "it switched protocols (101) though no upgrade was asked for",
+            source: None,
+        });
     }
+    let (mut parts, body) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(ERROR_HEADER); // only the sidecar's own errors carry it
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(Into::into).boxed_unsync(),
+    ))
 }
 
 /// The parts of the forwarded request that survive a replay.
@@ -286,25 +316,27 @@ enum KeptBody {
 }
 
 /// Keeps bodies that are empty or declare a length within `replay_limit`; streams the rest.
-/// Either way the body is read under `limits`, and a failure is recorded in `faults`.
+/// Either way the body is read under `limits`, and its bytes and failure recorded in `record`.
 async fn keep_for_replay(
     headers: &HeaderMap,
     body: Incoming,
     replay_limit: u64,
     limits: BodyLimits,
-    faults: &Arc<FaultRecord>,
+    record: &Arc<BodyRecord>,
 ) -> Result<KeptBody, ProxyError> {
     if body.is_end_stream() {
         return Ok(KeptBody::Kept(Bytes::new()));
     }
     let small = declared_length(headers).is_some_and(|len| len <= replay_limit);
-    let body = ClientBody::new(body, limits, faults.clone());
+    let body = ClientBody::new(body, limits, record.clone());
     if !small {
         return Ok(KeptBody::Streaming(body.boxed_unsync()));
     }
     match body.collect().await {
         Ok(collected) => Ok(KeptBody::Kept(collected.to_bytes())),
-        Err(_) => Err(ProxyError::Body(faults.get(&limits).unwrap_or(BodyFault::Broken))),
+        Err(_) => Err(ProxyError::Body(
+            record.fault(&limits).unwrap_or(BodyFault::Broken),
+        )),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,8 @@ use crate::config::Config;
 use crate::error::ProxyBody;
 use crate::forward;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, RequestGuards};
+use crate::proxy::{Proxy, RequestGuards, Snapshot};
+use crate::reload::{self, Reloader};
 use crate::route::Router;
 use crate::tls;
 use crate::token::cache::TokenCache;
@@ -95,6 +97,7 @@ pub struct RunningSidecar {
     pub admin_addr: Option<SocketAddr>,
     pub tokens: Arc<TokenCache>,
     pub metrics: Metrics,
+    pub reloader: Arc<Reloader>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -111,28 +114,59 @@ impl RunningSidecar {
     }
 }
 
-/// Binds the listeners and starts serving; returns once both listen.
+/// Binds the listeners and starts serving; returns once both listen. Without a config file,
+/// there is nothing to reload.
 pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar, StartError> {
+    start_from(config, None, clock).await
+}
+
+/// [`start`] for a config read from `path`: `POST /config/reload`, `SIGHUP` (with [`run`])
+/// and changes to the file and the files it references reload it.
+pub async fn start_from(
+    config: Config,
+    path: Option<PathBuf>,
+    clock: SharedClock,
+) -> Result<RunningSidecar, StartError> {
     let tls = tls::client_config(&config.extra_roots)?;
     let metrics = Metrics::new();
     let fetcher =
         TokenFetcher::new(&config.providers, &tls, clock.clone()).map_err(StartError::TokenClient)?;
-    let tokens = TokenCache::new(&config.credentials, fetcher, config.cache, clock, metrics.clone());
+    let tokens = TokenCache::new(
+        &config.credentials,
+        fetcher,
+        config.cache,
+        clock.clone(),
+        metrics.clone(),
+    );
     let proxy = Arc::new(Proxy::new(
-        RequestGuards::from_settings(&config.server),
-        Router::new(&config.routes, &config.server.allowed_hosts),
+        Snapshot {
+            guards: RequestGuards::from_settings(&config.server),
+            router: Router::new(&config.routes, &config.server.allowed_hosts),
+            client: forward::upstream_client(tls.clone()),
+            access_log: config.server.access_log,
+        },
         tokens.clone(),
-        forward::upstream_client(tls),
         metrics.clone(),
     ));
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let (server, routes) = (config.server.clone(), config.routes.len());
+    let watching = path.is_some();
+    let reloader = Arc::new(Reloader::new(
+        path,
+        config,
+        tls,
+        proxy.clone(),
+        tokens.clone(),
+        metrics.clone(),
+        clock,
+    ));
 
-    let listener = bind(config.server.listen).await?;
-    let proxy_addr = local_addr(&listener, config.server.listen);
+    let listener = bind(server.listen).await?;
+    let proxy_addr = local_addr(&listener, server.listen);
     if !proxy_addr.ip().is_loopback() {
         tracing::warn!(%proxy_addr, "listening beyond loopback (allow_non_loopback): anyone who reaches this address acts as your merchants");
     }
-    let limits = ConnectionLimits::from_settings(&config.server);
+    let limits = ConnectionLimits::from_settings(&server);
     let proxy_handler: Handler = Arc::new(move |request| Box::pin(proxy.clone().handle(request)));
     let serving = serve(
         listener,
@@ -145,10 +179,10 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar,
     let mut tasks = vec![tokio::spawn(serving)];
 
     let mut admin_addr = None;
-    if let Some(addr) = config.server.admin_listen {
+    if let Some(addr) = server.admin_listen {
         let listener = bind(addr).await?;
         admin_addr = Some(local_addr(&listener, addr));
-        let state = Arc::new(AdminState::new(tokens.clone(), metrics.clone()));
+        let state = Arc::new(AdminState::new(tokens.clone(), metrics.clone(), reloader.clone()));
         let admin_handler: Handler = Arc::new(move |request| Box::pin(admin::handle(state.clone(), request)));
         tasks.push(tokio::spawn(serve(
             listener,
@@ -160,44 +194,66 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningSidecar,
         )));
     }
     tasks.push(tokio::spawn(tokens.clone().run_refresher(shutdown_rx.clone())));
+    if watching {
+        tasks.push(tokio::spawn(reload::watch::run(
+            reloader.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
     prefetch(&tokens);
-    tracing::info!(%proxy_addr, admin_addr = ?admin_addr, routes = config.routes.len(), "token-sidecar listening");
+    tracing::info!(%proxy_addr, admin_addr = ?admin_addr, routes, "token-sidecar listening");
     Ok(RunningSidecar {
         proxy_addr,
         admin_addr,
         tokens,
         metrics,
+        reloader,
         shutdown,
         tasks,
     })
 }
 
-/// Serves until SIGINT or SIGTERM, then shuts down gracefully.
-pub async fn run(config: Config, clock: SharedClock) -> Result<(), StartError> {
-    let signals = ShutdownSignals::install().map_err(StartError::Signals)?;
-    let running = start(config, clock).await?;
-    signals.recv().await;
+/// Serves the config read from `path` until SIGINT or SIGTERM, then shuts down gracefully;
+/// SIGHUP reloads it.
+pub async fn run(config: Config, path: PathBuf, clock: SharedClock) -> Result<(), StartError> {
+    let mut signals = Signals::install().map_err(StartError::Signals)?;
+    let running = start_from(config, Some(path), clock).await?;
+    while signals.next().await == Signal::Reload {
+        let _ = running.reloader.reload().await;
+    }
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
 }
 
-/// SIGINT and SIGTERM, caught from the moment this is created, so that a signal arriving while
-/// the sidecar starts is not lost (nor kills it without a graceful shutdown).
-pub struct ShutdownSignals {
+/// What a signal asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGINT or SIGTERM.
+    Shutdown,
+    /// SIGHUP.
+    Reload,
+}
+
+/// SIGINT, SIGTERM and SIGHUP, caught from the moment this is created, so that a signal
+/// arriving while the sidecar starts is not lost (nor kills it without a graceful shutdown).
+pub struct Signals {
     #[cfg(unix)]
     interrupt: tokio::signal::unix::Signal,
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
 }
 
-impl ShutdownSignals {
+impl Signals {
     #[cfg(unix)]
     pub fn install() -> std::io::Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
         Ok(Self {
             interrupt: signal(SignalKind::interrupt())?,
             terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
         })
     }
 
@@ -206,17 +262,18 @@ impl ShutdownSignals {
         Ok(Self {})
     }
 
-    /// Resolves on the first SIGINT or SIGTERM.
-    pub async fn recv(mut self) {
+    /// The next signal.
+    pub async fn next(&mut self) -> Signal {
         #[cfg(unix)]
         tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => Signal::Shutdown,
+            _ = self.terminate.recv() => Signal::Shutdown,
+            _ = self.hangup.recv() => Signal::Reload,
         }
         #[cfg(not(unix))]
         {
-            let _ = &mut self;
             let _ = tokio::signal::ctrl_c().await;
+            Signal::Shutdown
         }
     }
 }
@@ -225,7 +282,7 @@ fn prefetch(tokens: &Arc<TokenCache>) {
     for credential in tokens.prefetch_credentials() {
         let tokens = tokens.clone();
         tokio::spawn(async move {
-            if let Err(err) = tokens.token(&credential).await {
+            if let Err(err) = tokens.token_named(&credential).await {
                 tracing::warn!(credential = %credential, error = %err, "prefetch failed");
             }
         });

@@ -32,6 +32,12 @@ pub struct Config {
     pub providers: Vec<Arc<ProviderSpec>>,
     pub credentials: Vec<Arc<CredentialSpec>>,
     pub routes: Vec<Arc<RouteSpec>>,
+    /// Every file the config read (itself, `ca_file`, `{ file }` references): a change to any
+    /// of them reloads it.
+    pub files: Vec<PathBuf>,
+    /// The first 12 hex characters of the SHA-256 of the config text and every file it read:
+    /// which version of the configuration a sidecar runs.
+    pub version: String,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +60,8 @@ pub struct ServerSettings {
     pub body_read_timeout: Duration,
     /// Non-loopback host names that routes without `host` also serve (lower-case).
     pub allowed_hosts: Vec<String>,
+    /// One `token_sidecar::access` event per proxied request.
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -108,6 +116,9 @@ impl ProviderKind {
 #[derive(Debug, Clone)]
 pub struct CredentialSpec {
     pub name: Arc<str>,
+    /// What the token depends on, hashed ([`crate::token::dialect::credential_identity`]): the
+    /// token cache's key.
+    pub identity: Arc<str>,
     pub provider: Arc<ProviderSpec>,
     pub request: TokenRequest,
     pub response: ResponseSpec,
@@ -225,7 +236,9 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&source, path)
+        let mut config = Self::from_toml(&source, path)?;
+        config.files.insert(0, path.to_owned());
+        Ok(config)
     }
 
     /// Validates config text; `path` names it in errors and anchors relative file paths.

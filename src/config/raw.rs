@@ -45,6 +45,7 @@ pub struct RawServer {
     #[serde(default, with = "humantime_serde")]
     pub body_read_timeout: Option<Duration>,
     pub allowed_hosts: Option<Vec<String>>,
+    pub access_log: Option<bool>,
 }
 
 /// `require_header = { name = "X-Sidecar-Key", value = { env = "…" } }`

@@ -14,8 +14,12 @@ use rustls::pki_types::CertificateDer;
 use super::locate::{self, KeyPath, SourceMap};
 use super::raw::*;
 use super::*;
+use sha2::{Digest, Sha256};
+
 use crate::secret::Secret;
-use crate::token::dialect::{BodyEncoding, BodyValue, ResponseSpec, TimeUnit, TokenChars, TokenRequest};
+use crate::token::dialect::{
+    credential_identity, BodyEncoding, BodyValue, ResponseSpec, TimeUnit, TokenChars, TokenRequest,
+};
 
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,6 +55,8 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
     let (raw, shape_problems) = parse(source, &map);
     let mut v = Validator {
         map,
+        read: Sha256::new(),
+        files: Vec::new(),
         removed: shape_problems.iter().map(|p| p.key_path.clone()).collect(),
         problems: shape_problems,
         base_dir: base_dir.to_owned(),
@@ -102,7 +108,17 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
             .collect(),
         credentials: credentials.into_values().flatten().collect(),
         routes,
+        version: version(source, v.read),
+        files: v.files,
     })
+}
+
+/// The first 12 hex characters of the SHA-256 of the text and the files it read.
+fn version(source: &str, files: Sha256) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(Sha256::digest(source.as_bytes()));
+    hasher.update(files.finalize());
+    hex::encode(hasher.finalize())[..12].to_owned()
 }
 
 fn internal_problem() -> Problem {
@@ -234,6 +250,9 @@ enum Endpoint {
 
 struct Validator {
     map: SourceMap,
+    /// The digest of every file read so far, for the config's version.
+    read: Sha256,
+    files: Vec<PathBuf>,
     problems: Vec<Problem>,
     /// Key paths removed for shape problems: what follows from their absence is not reported.
     removed: Vec<String>,
@@ -319,6 +338,7 @@ impl Validator {
                 DEFAULT_BODY_READ_TIMEOUT,
             ),
             allowed_hosts: self.allowed_hosts(&path.key("allowed_hosts"), raw.allowed_hosts.as_deref()),
+            access_log: raw.access_log.unwrap_or(true),
         })
     }
 
@@ -362,7 +382,7 @@ impl Validator {
         };
         let path = path.key("ca_file");
         let file = self.resolve(file);
-        let pem = match std::fs::read(&file) {
+        let pem = match self.read_file(&file) {
             Ok(pem) => pem,
             Err(err) => {
                 self.problem(&path, format!("cannot read {}: {err}", file.display()));
@@ -654,6 +674,7 @@ impl Validator {
         };
         Some(Arc::new(CredentialSpec {
             name: name.into(),
+            identity: credential_identity(&request, &provider.response),
             provider: provider.spec.clone(),
             request,
             response: provider.response.clone(),
@@ -1206,7 +1227,9 @@ impl Validator {
                     return None;
                 }
             },
-            RawSecret::File(file) => match std::fs::read_to_string(self.resolve(file)) {
+            RawSecret::File(file) => match self.read_file(&self.resolve(file)).and_then(|bytes| {
+                String::from_utf8(bytes).map_err(|_| std::io::Error::other("not UTF-8 text"))
+            }) {
                 Ok(contents) => contents.trim_end_matches(['\n', '\r']).to_owned(),
                 Err(err) => {
                     self.problem(path, format!("cannot read {what} file {}: {err}", file.display()));
@@ -1219,6 +1242,14 @@ impl Validator {
             return None;
         }
         Some(value)
+    }
+
+    /// Reads a file the config names, noting it (for reload) and its content (for the version).
+    fn read_file(&mut self, file: &Path) -> std::io::Result<Vec<u8>> {
+        self.files.push(file.to_owned());
+        let bytes = std::fs::read(file)?;
+        self.read.update(Sha256::digest(&bytes));
+        Ok(bytes)
     }
 
     /// A path from the config file: relative ones are relative to the file's directory.

@@ -131,7 +131,7 @@ impl StandIns {
 
 /// Runs the demo until Ctrl-C.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    let signals = server::ShutdownSignals::install()?;
+    let mut signals = server::Signals::install()?;
     let clock: SharedClock = Arc::new(SystemClock);
     let stand_ins = StandIns::start(clock.clone(), dev_accounts()).await?;
     let text = stand_ins.config_toml(args.listen, args.admin_listen);
@@ -143,7 +143,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         sidecar.proxy_addr,
         sidecar.admin_addr.unwrap_or(args.admin_listen),
     );
-    signals.recv().await;
+    while signals.next().await == server::Signal::Reload {
+        tracing::info!("dev runs its embedded config: there is nothing to reload");
+    }
     tracing::info!("shutting down");
     sidecar.shutdown().await;
     stand_ins.shutdown().await;

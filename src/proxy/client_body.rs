@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -28,12 +28,21 @@ pub enum BodyFault {
     Broken,
 }
 
-/// Where a [`ClientBody`] records its fault, for the request handler to read after the
-/// upstream call failed (the upstream client reports only that the body failed).
+/// Where a [`ClientBody`] records the bytes it passed on and its fault, for the request handler
+/// to read after the upstream call failed (the upstream client reports only that the body
+/// failed) and for the access log.
 #[derive(Debug, Default)]
-pub struct FaultRecord(AtomicU8);
+pub struct BodyRecord {
+    fault: AtomicU8,
+    bytes: AtomicU64,
+}
 
-impl FaultRecord {
+impl BodyRecord {
+    /// Bytes of the request body read so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
     fn set(&self, fault: BodyFault) {
         let code = match fault {
             BodyFault::TooLarge { .. } => 1,
@@ -41,13 +50,13 @@ impl FaultRecord {
             BodyFault::Broken => 3,
         };
         let _ = self
-            .0
+            .fault
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// The first fault recorded, given the limits the body ran with.
-    pub fn get(&self, limits: &BodyLimits) -> Option<BodyFault> {
-        match self.0.load(Ordering::Acquire) {
+    pub fn fault(&self, limits: &BodyLimits) -> Option<BodyFault> {
+        match self.fault.load(Ordering::Acquire) {
             1 => Some(BodyFault::TooLarge {
                 limit: limits.max_bytes.unwrap_or(u64::MAX),
             }),
@@ -76,23 +85,23 @@ pub struct ClientBody {
     /// that arrive at once).
     deadline: Option<Pin<Box<Sleep>>>,
     waiting: bool,
-    faults: Arc<FaultRecord>,
+    record: Arc<BodyRecord>,
 }
 
 impl ClientBody {
-    pub fn new(inner: Incoming, limits: BodyLimits, faults: Arc<FaultRecord>) -> Self {
+    pub fn new(inner: Incoming, limits: BodyLimits, record: Arc<BodyRecord>) -> Self {
         Self {
             inner,
             read: 0,
             limits,
             deadline: None,
             waiting: false,
-            faults,
+            record,
         }
     }
 
     fn fail(&mut self, fault: BodyFault) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.faults.set(fault);
+        self.record.set(fault);
         Poll::Ready(Some(Err(Box::new(fault))))
     }
 
@@ -125,6 +134,7 @@ impl Body for ClientBody {
                 this.waiting = false;
                 if let Some(data) = frame.data_ref() {
                     this.read += data.len() as u64;
+                    this.record.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                     if let Some(limit) = this.limits.max_bytes.filter(|limit| this.read > *limit) {
                         return this.fail(BodyFault::TooLarge { limit });
                     }

@@ -10,6 +10,7 @@ use crate::token::dialect::{BodyEncoding, ResponseSpec, TokenRequest};
 fn credential() -> Arc<CredentialSpec> {
     Arc::new(CredentialSpec {
         name: "c".into(),
+        identity: "c-identity".into(),
         provider: Arc::new(ProviderSpec {
             name: "p".into(),
             kind: ProviderKind::OAuth2,

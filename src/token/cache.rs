@@ -14,11 +14,12 @@
 //!   steady traffic never meets an empty cache; at most `max_concurrent_fetches` fetches run at
 //!   once across all credentials.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use moka::future::Cache;
 use moka::ops::compute::{CompResult, Op};
 use rand::Rng;
@@ -73,10 +74,30 @@ enum Want {
     NewerThan(u64),
 }
 
+/// One configured credential, as the current configuration defines it.
 struct CredentialState {
     spec: Arc<CredentialSpec>,
     /// The token endpoint's `host[:port]`, for errors.
     endpoint: Arc<str>,
+    /// Shared by every credential with the same identity, and kept across reloads while the
+    /// identity stays.
+    fetch: Arc<FetchState>,
+}
+
+impl CredentialState {
+    fn new(spec: Arc<CredentialSpec>, fetch: Arc<FetchState>) -> Self {
+        let endpoint = spec.request.url[url::Position::BeforeHost..url::Position::AfterPort].into();
+        Self {
+            spec,
+            endpoint,
+            fetch,
+        }
+    }
+}
+
+/// What the cache knows of fetching one identity's tokens.
+#[derive(Default)]
+struct FetchState {
     refreshing: AtomicBool,
     /// When a request last asked for this credential's token (Unix ms on our clock; 0 = never).
     last_used_ms: AtomicU64,
@@ -97,7 +118,7 @@ struct RefusalState {
     suppressed_until: Option<SystemTime>,
 }
 
-impl CredentialState {
+impl FetchState {
     /// Used within the last quarter of its token's lifetime (at least the last minute): in
     /// steady use, and worth keeping warm.
     fn recently_used(&self, now: SystemTime, lifetime: Duration) -> bool {
@@ -141,13 +162,56 @@ pub struct TokenSnapshot {
 }
 
 pub struct TokenCache {
+    /// Tokens by credential identity.
     store: Cache<Arc<str>, Arc<CachedToken>>,
-    credentials: HashMap<Arc<str>, Arc<CredentialState>>,
-    fetcher: TokenFetcher,
+    registry: ArcSwap<Registry>,
     fetch_permits: tokio::sync::Semaphore,
-    settings: CacheSettings,
+    settings: ArcSwap<CacheSettings>,
     clock: SharedClock,
     metrics: Metrics,
+}
+
+/// The configured credentials and the client that fetches their tokens; replaced whole by a
+/// reload.
+struct Registry {
+    by_name: BTreeMap<Arc<str>, Arc<CredentialState>>,
+    by_identity: HashMap<Arc<str>, Arc<CredentialState>>,
+    fetcher: Arc<TokenFetcher>,
+}
+
+impl Registry {
+    /// The registry for `credentials`, keeping the fetch state of every identity that `old`
+    /// knew.
+    fn new(credentials: &[Arc<CredentialSpec>], fetcher: Arc<TokenFetcher>, old: Option<&Registry>) -> Self {
+        let mut by_name = BTreeMap::new();
+        let mut by_identity: HashMap<Arc<str>, Arc<CredentialState>> = HashMap::new();
+        for spec in credentials {
+            let fetch = by_identity
+                .get(&spec.identity)
+                .or_else(|| old.and_then(|old| old.by_identity.get(&spec.identity)))
+                .map(|state| state.fetch.clone())
+                .unwrap_or_default();
+            let state = Arc::new(CredentialState::new(spec.clone(), fetch));
+            by_identity.insert(spec.identity.clone(), state.clone());
+            by_name.insert(spec.name.clone(), state);
+        }
+        Self {
+            by_name,
+            by_identity,
+            fetcher,
+        }
+    }
+}
+
+/// What a reload changed in the cache.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Credentials whose cached token carries over.
+    pub kept: Vec<Arc<str>>,
+    /// Credentials that are new or whose identity changed: a new token on next use.
+    pub changed: Vec<Arc<str>>,
+    /// Credentials no longer configured.
+    pub removed: Vec<Arc<str>>,
 }
 
 impl TokenCache {
@@ -158,42 +222,74 @@ impl TokenCache {
         clock: SharedClock,
         metrics: Metrics,
     ) -> Arc<Self> {
-        let credentials = credentials
-            .iter()
-            .map(|spec| {
-                let endpoint = spec.request.url[url::Position::BeforeHost..url::Position::AfterPort].into();
-                let state = CredentialState {
-                    spec: spec.clone(),
-                    endpoint,
-                    refreshing: AtomicBool::new(false),
-                    last_used_ms: AtomicU64::new(0),
-                    status: Mutex::new(FetchStatus::default()),
-                    refused_streak: Default::default(),
-                    refusals: Mutex::default(),
-                };
-                (spec.name.clone(), Arc::new(state))
-            })
-            .collect::<HashMap<_, _>>();
         Arc::new(Self {
-            store: Cache::builder()
-                .max_capacity(credentials.len() as u64 + 1)
-                .build(),
-            credentials,
-            fetcher,
+            store: Cache::builder().build(),
+            registry: ArcSwap::from_pointee(Registry::new(credentials, Arc::new(fetcher), None)),
             fetch_permits: tokio::sync::Semaphore::new(settings.max_concurrent_fetches.max(1)),
-            settings,
+            settings: ArcSwap::from_pointee(settings),
             clock,
             metrics,
         })
     }
 
-    /// A token that may be sent now for `credential`.
-    pub async fn token(self: &Arc<Self>, credential: &str) -> Result<Arc<CachedToken>, TokenError> {
-        let state = self.state(credential)?;
+    /// Swaps in a reloaded configuration's credentials: an unchanged identity keeps its token
+    /// and fetch state, a changed or removed one loses its token (revoked first when its
+    /// provider asks for that). Requests in flight finish with the credentials they started with.
+    pub async fn apply(
+        &self,
+        credentials: &[Arc<CredentialSpec>],
+        fetcher: TokenFetcher,
+        settings: CacheSettings,
+    ) -> Applied {
+        let new = Registry::new(credentials, Arc::new(fetcher), Some(&self.registry.load()));
+        let old = self.registry.swap(Arc::new(new));
+        self.settings.store(Arc::new(settings));
+        let new = self.registry.load();
+        let mut applied = Applied::default();
+        for (name, state) in &new.by_name {
+            match old.by_name.get(name) {
+                Some(before) if before.spec.identity == state.spec.identity => {
+                    applied.kept.push(name.clone())
+                }
+                _ => applied.changed.push(name.clone()),
+            }
+        }
+        for (name, state) in &old.by_name {
+            if !new.by_name.contains_key(name) {
+                applied.removed.push(name.clone());
+            }
+            if !new.by_identity.contains_key(&state.spec.identity) {
+                self.drop_token(state, &old.fetcher).await;
+            }
+        }
+        applied
+    }
+
+    /// The client that fetches tokens now (a reload keeps its unchanged provider clients).
+    pub fn fetcher(&self) -> Arc<TokenFetcher> {
+        self.registry.load().fetcher.clone()
+    }
+
+    /// Forgets `state`'s token, revoking it first where its provider asks for that.
+    async fn drop_token(&self, state: &CredentialState, fetcher: &TokenFetcher) {
+        let identity = &state.spec.identity;
+        if let Some(cached) = self.store.get(identity).await {
+            if state.spec.revoke_on_shutdown {
+                revoke(fetcher, state, &cached).await;
+            }
+        }
+        self.store.invalidate(identity).await;
+    }
+
+    /// A token that may be sent now for `spec` (as the request's configuration defines it).
+    pub async fn token(self: &Arc<Self>, spec: &Arc<CredentialSpec>) -> Result<Arc<CachedToken>, TokenError> {
+        let state = self.state_for(spec);
+        let credential = &*spec.name;
         state
+            .fetch
             .last_used_ms
             .store(unix_millis(self.clock.now()), Ordering::Relaxed);
-        if let Some(cached) = self.store.get(credential).await {
+        if let Some(cached) = self.store.get(&spec.identity).await {
             match cached.schedule.freshness(self.clock.now()) {
                 Freshness::Fresh => {
                     self.metrics.cache_lookup(credential, true);
@@ -211,6 +307,12 @@ impl TokenCache {
         self.fetch_exclusive(&state, Want::Usable, true).await
     }
 
+    /// A token for the credential named `credential` in the running configuration (prefetch).
+    pub async fn token_named(self: &Arc<Self>, credential: &str) -> Result<Arc<CachedToken>, TokenError> {
+        let spec = self.state(credential)?.spec.clone();
+        self.token(&spec).await
+    }
+
     /// A token newer than the one cached now (the admin refresh). It joins a fetch already in
     /// flight, and honours the credential's back-off unless `force`.
     pub async fn refresh_now(
@@ -221,7 +323,7 @@ impl TokenCache {
         let state = self.state(credential)?;
         let current = self
             .store
-            .get(credential)
+            .get(&state.spec.identity)
             .await
             .map_or(0, |cached| cached.generation);
         self.fetch_exclusive(&state, Want::NewerThan(current), !force)
@@ -232,16 +334,13 @@ impl TokenCache {
     /// already replaced it, and says whether a replay may fetch a fresh one. When freshly
     /// fetched tokens are refused too, refusals are passed back for a back-off period instead
     /// (the upstream, not the token, is the problem).
-    pub async fn purge_refused(&self, credential: &str, used: &CachedToken) -> bool {
-        let Some(state) = self.credentials.get(credential) else {
-            return false;
-        };
-        if !self.may_purge(state, used) {
+    pub async fn purge_refused(&self, spec: &Arc<CredentialSpec>, used: &CachedToken) -> bool {
+        let state = self.state_for(spec);
+        if !self.may_purge(&state, used) {
             return false;
         }
-        let key: Arc<str> = credential.into();
         self.store
-            .entry(key)
+            .entry(spec.identity.clone())
             .and_compute_with(|current| async move {
                 match current {
                     Some(entry) if entry.value().token == used.token => Op::Remove,
@@ -254,7 +353,7 @@ impl TokenCache {
 
     fn may_purge(&self, state: &CredentialState, used: &CachedToken) -> bool {
         let now = self.clock.now();
-        let mut refusals = lock(&state.refusals);
+        let mut refusals = lock(&state.fetch.refusals);
         if refusals.suppressed_until.is_some_and(|until| until > now) {
             return false;
         }
@@ -263,8 +362,8 @@ impl TokenCache {
             return true;
         }
         // A token fetched after the last purge was refused as well.
-        let streak = state.refused_streak.fetch_add(1, Ordering::AcqRel) + 1;
-        let wait = doubling(&self.settings, streak);
+        let streak = state.fetch.refused_streak.fetch_add(1, Ordering::AcqRel) + 1;
+        let wait = doubling(&self.settings.load(), streak);
         refusals.purged_generation = used.generation;
         refusals.suppressed_until = Some(now + wait);
         tracing::warn!(credential = %state.spec.name, refusals = streak, pause_ms = wait.as_millis() as u64, "the upstream refused a freshly fetched token too; passing its 401s back without fetching for a while");
@@ -272,59 +371,65 @@ impl TokenCache {
     }
 
     /// The upstream accepted a token of `credential`: refusals start counting afresh.
-    pub fn upstream_accepted(&self, credential: &str) {
-        if let Some(state) = self.credentials.get(credential) {
-            if state.refused_streak.load(Ordering::Relaxed) != 0 {
-                state.refused_streak.store(0, Ordering::Relaxed);
+    pub fn upstream_accepted(&self, spec: &CredentialSpec) {
+        if let Some(state) = self.registry.load().by_identity.get(&spec.identity) {
+            let streak = &state.fetch.refused_streak;
+            if streak.load(Ordering::Relaxed) != 0 {
+                streak.store(0, Ordering::Relaxed);
             }
         }
     }
 
     /// Whether `credential` has had a usable token since start-up (it may be failing now).
     pub fn ever_fetched(&self, credential: &str) -> bool {
-        self.credentials
+        self.registry
+            .load()
+            .by_name
             .get(credential)
-            .is_some_and(|state| lock(&state.status).successes > 0)
+            .is_some_and(|state| lock(&state.fetch.status).successes > 0)
     }
 
     /// Whether `credential` holds a token that may be sent now.
     pub async fn has_usable(&self, credential: &str) -> bool {
-        match self.store.get(credential).await {
+        let Some(state) = self.registry.load().by_name.get(credential).cloned() else {
+            return false;
+        };
+        match self.store.get(&state.spec.identity).await {
             Some(cached) => cached.schedule.freshness(self.clock.now()) != Freshness::Unusable,
             None => false,
         }
     }
 
-    /// Names of the credentials to fetch at start-up.
+    /// Names of the credentials to fetch at start-up and keep warm, sorted.
     pub fn prefetch_credentials(&self) -> Vec<Arc<str>> {
-        let mut names: Vec<_> = self
-            .credentials
+        self.registry
+            .load()
+            .by_name
             .values()
             .filter(|state| state.spec.prefetch)
             .map(|state| state.spec.name.clone())
-            .collect();
-        names.sort();
-        names
+            .collect()
     }
 
     /// `/tokens`: one snapshot per credential, sorted by name.
     pub async fn snapshots(&self) -> Vec<TokenSnapshot> {
-        let mut names: Vec<_> = self.credentials.keys().cloned().collect();
-        names.sort();
-        let mut snapshots = Vec::with_capacity(names.len());
-        for name in names {
-            if let Some(snapshot) = self.snapshot(&name).await {
-                snapshots.push(snapshot);
-            }
+        let registry = self.registry.load_full();
+        let mut snapshots = Vec::with_capacity(registry.by_name.len());
+        for state in registry.by_name.values() {
+            snapshots.push(self.snapshot_of(state).await);
         }
         snapshots
     }
 
     pub async fn snapshot(&self, credential: &str) -> Option<TokenSnapshot> {
-        let state = self.credentials.get(credential)?;
-        let cached = self.store.get(credential).await;
+        let state = self.registry.load().by_name.get(credential).cloned()?;
+        Some(self.snapshot_of(&state).await)
+    }
+
+    async fn snapshot_of(&self, state: &CredentialState) -> TokenSnapshot {
+        let cached = self.store.get(&state.spec.identity).await;
         let now = self.clock.now();
-        let status = lock(&state.status);
+        let status = lock(&state.fetch.status);
         let failing = status.consecutive_failures > 0;
         let freshness = cached.as_ref().map(|c| c.schedule.freshness(now));
         let label = match freshness {
@@ -332,11 +437,11 @@ impl TokenCache {
             None => "empty",
             Some(Freshness::Unusable) if failing => "failing",
             Some(Freshness::Unusable) => "expired",
-            Some(_) if state.refreshing.load(Ordering::Relaxed) => "refreshing",
+            Some(_) if state.fetch.refreshing.load(Ordering::Relaxed) => "refreshing",
             Some(_) if failing => "failing",
             Some(_) => "fresh",
         };
-        Some(TokenSnapshot {
+        TokenSnapshot {
             credential: state.spec.name.to_string(),
             provider: state.spec.provider.name.to_string(),
             state: label,
@@ -350,7 +455,7 @@ impl TokenCache {
                 .last_error
                 .as_ref()
                 .map(|error| format!("{}: {error}", state.endpoint)),
-        })
+        }
     }
 
     /// Refreshes recently used credentials whose tokens come due, until `shutdown` turns true.
@@ -370,8 +475,9 @@ impl TokenCache {
     /// back-off schedule).
     async fn refresh_due(self: &Arc<Self>) {
         let now = self.clock.now();
-        for state in self.credentials.values() {
-            let Some(cached) = self.store.get(&state.spec.name).await else {
+        let registry = self.registry.load_full();
+        for state in registry.by_identity.values() {
+            let Some(cached) = self.store.get(&state.spec.identity).await else {
                 if state.spec.prefetch {
                     self.refresh_in_background(state);
                 }
@@ -382,7 +488,7 @@ impl TokenCache {
                 .expires_at
                 .duration_since(cached.obtained_at)
                 .unwrap_or_default();
-            let keep_warm = state.spec.prefetch || state.recently_used(now, lifetime);
+            let keep_warm = state.spec.prefetch || state.fetch.recently_used(now, lifetime);
             if cached.schedule.freshness(now) != Freshness::Fresh && keep_warm {
                 self.refresh_in_background(state);
             }
@@ -392,37 +498,43 @@ impl TokenCache {
     /// Revokes the cached tokens of credentials with `revoke_on_shutdown` (Nuapay long-lived
     /// tokens), so they do not outlive the sidecar.
     pub async fn revoke_on_shutdown(&self) {
-        for state in self.credentials.values().filter(|s| s.spec.revoke_on_shutdown) {
-            let Some(cached) = self.store.get(&state.spec.name).await else {
-                continue;
-            };
-            let Some(token_id) = &cached.token_id else {
-                continue;
-            };
-            match self.fetcher.revoke(&state.spec, token_id).await {
-                Ok(()) => {
-                    tracing::info!(credential = %state.spec.name, token = %cached.token, "revoked token at shutdown");
-                    self.store.invalidate(&state.spec.name).await;
-                }
-                Err(err) => {
-                    tracing::warn!(credential = %state.spec.name, error = %err, "could not revoke token at shutdown")
+        let registry = self.registry.load_full();
+        for state in registry
+            .by_identity
+            .values()
+            .filter(|s| s.spec.revoke_on_shutdown)
+        {
+            if let Some(cached) = self.store.get(&state.spec.identity).await {
+                if revoke(&registry.fetcher, state, &cached).await {
+                    self.store.invalidate(&state.spec.identity).await;
                 }
             }
         }
     }
 
     fn state(&self, credential: &str) -> Result<Arc<CredentialState>, TokenError> {
-        self.credentials
+        self.registry
+            .load()
+            .by_name
             .get(credential)
             .cloned()
             .ok_or_else(|| TokenError::UnknownCredential(credential.to_owned()))
     }
 
+    /// The state for `spec`'s identity; a detached one when a reload has removed it while a
+    /// request that started before was still on its way (it may still fetch, once).
+    fn state_for(&self, spec: &Arc<CredentialSpec>) -> Arc<CredentialState> {
+        match self.registry.load().by_identity.get(&spec.identity) {
+            Some(state) => state.clone(),
+            None => Arc::new(CredentialState::new(spec.clone(), Arc::default())),
+        }
+    }
+
     fn refresh_in_background(self: &Arc<Self>, state: &Arc<CredentialState>) {
-        let backing_off = lock(&state.status)
+        let backing_off = lock(&state.fetch.status)
             .retry_not_before
             .is_some_and(|until| until > self.clock.now());
-        if backing_off || state.refreshing.swap(true, Ordering::AcqRel) {
+        if backing_off || state.fetch.refreshing.swap(true, Ordering::AcqRel) {
             return; // one refresh at a time, none while backing off
         }
         let cache = self.clone();
@@ -431,7 +543,7 @@ impl TokenCache {
             if let Err(err) = cache.fetch_exclusive(&state, Want::Fresh, true).await {
                 tracing::warn!(credential = %state.spec.name, error = %err, "background token refresh failed; still using the cached token");
             }
-            state.refreshing.store(false, Ordering::Release);
+            state.fetch.refreshing.store(false, Ordering::Release);
         });
     }
 
@@ -443,10 +555,9 @@ impl TokenCache {
         want: Want,
         respect_backoff: bool,
     ) -> Result<Arc<CachedToken>, TokenError> {
-        let key = state.spec.name.clone();
         let outcome = self
             .store
-            .entry(key)
+            .entry(state.spec.identity.clone())
             .and_try_compute_with(|current| async move {
                 let now = self.clock.now();
                 if let Some(entry) = &current {
@@ -467,13 +578,13 @@ impl TokenCache {
             CompResult::StillNone(_) | CompResult::Removed(_) => Err(self.unavailable(
                 state,
                 FetchError::malformed("no token after fetch"),
-                self.settings.failure_backoff,
+                self.settings.load().failure_backoff,
             )),
         }
     }
 
     fn check_backoff(&self, state: &CredentialState, now: SystemTime) -> Result<(), TokenError> {
-        let status = lock(&state.status);
+        let status = lock(&state.fetch.status);
         match (status.retry_not_before, &status.last_error) {
             (Some(until), Some(error)) if until > now => {
                 let wait = until.duration_since(now).unwrap_or_default();
@@ -487,21 +598,22 @@ impl TokenCache {
 
     /// Fetches, retrying retryable failures with growing gaps while `retry_budget` allows.
     async fn fetch_with_retries(&self, state: &CredentialState) -> Result<Arc<CachedToken>, TokenError> {
-        let deadline = tokio::time::Instant::now() + self.settings.retry_budget;
+        let deadline = tokio::time::Instant::now() + self.settings.load().retry_budget;
         let credential = &state.spec.name;
         let mut attempt = 1;
         loop {
             let result = {
                 let _permit = self.fetch_permits.acquire().await;
-                lock(&state.status).attempts += 1;
-                self.fetcher.fetch(&state.spec).await
+                lock(&state.fetch.status).attempts += 1;
+                let fetcher = self.registry.load().fetcher.clone();
+                fetcher.fetch(&state.spec).await
             };
             let error = match result.and_then(|issued| self.usable_on_arrival(issued)) {
                 Ok(token) => return Ok(self.record_success(state, token)),
                 Err(error) => error,
             };
             self.metrics.token_fetch(credential, error.outcome());
-            lock(&state.status).last_error = Some(error.clone());
+            lock(&state.fetch.status).last_error = Some(error.clone());
             let gap = retry_gap(&error, attempt);
             let retry =
                 gap.filter(|gap| attempt < MAX_ATTEMPTS && tokio::time::Instant::now() + *gap < deadline);
@@ -526,6 +638,7 @@ impl TokenCache {
         let jitter = rand::thread_rng().gen::<f64>();
         let schedule = self
             .settings
+            .load()
             .refresh
             .schedule(obtained_at, issued.expires_at, jitter);
         if schedule.freshness(self.clock.now()) == Freshness::Unusable {
@@ -545,7 +658,7 @@ impl TokenCache {
     fn record_success(&self, state: &CredentialState, mut token: CachedToken) -> Arc<CachedToken> {
         let credential = &state.spec.name;
         self.metrics.token_fetch(credential, "ok");
-        let mut status = lock(&state.status);
+        let mut status = lock(&state.fetch.status);
         status.successes += 1;
         status.consecutive_failures = 0;
         status.retry_not_before = None;
@@ -568,9 +681,9 @@ impl TokenCache {
 
     /// Records a failure and returns how long the credential now backs off.
     fn record_failure(&self, state: &CredentialState, error: &FetchError, now: SystemTime) -> Duration {
-        let mut status = lock(&state.status);
+        let mut status = lock(&state.fetch.status);
         status.consecutive_failures = status.consecutive_failures.saturating_add(1);
-        let wait = backoff(&self.settings, status.consecutive_failures, error);
+        let wait = backoff(&self.settings.load(), status.consecutive_failures, error);
         status.retry_not_before = Some(now + wait);
         status.last_error = Some(error.clone());
         wait
@@ -582,6 +695,24 @@ impl TokenCache {
             endpoint: state.endpoint.clone(),
             cause,
             retry_after,
+        }
+    }
+}
+
+/// Revokes a cached token (Nuapay long-lived ones, by the id the provider gave it); whether it
+/// was revoked.
+async fn revoke(fetcher: &TokenFetcher, state: &CredentialState, cached: &CachedToken) -> bool {
+    let Some(token_id) = &cached.token_id else {
+        return false;
+    };
+    match fetcher.revoke(&state.spec, token_id).await {
+        Ok(()) => {
+            tracing::info!(credential = %state.spec.name, token = %cached.token, "revoked token");
+            true
+        }
+        Err(err) => {
+            tracing::warn!(credential = %state.spec.name, error = %err, "could not revoke token");
+            false
         }
     }
 }

@@ -4,6 +4,7 @@
 //! encoding, body fields, client authentication) and a [`ResponseSpec`] (JSON pointers and
 //! units). [`parse_response`] is the one place that turns an endpoint's answer into a token.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
@@ -87,6 +88,36 @@ fn json_value(value: &BodyValue) -> Value {
         BodyValue::List(items) => Value::from(items.clone()),
         BodyValue::Number(number) => Value::from(*number),
     }
+}
+
+/// What makes two credentials' tokens interchangeable: the endpoint, the request sent to it
+/// (secrets only as digests) and how its answer is read. A hex SHA-256, never a secret: the
+/// token cache is keyed by it, so a credential keeps its token across a reload exactly when
+/// none of this changed.
+pub fn credential_identity(request: &TokenRequest, response: &ResponseSpec) -> Arc<str> {
+    use sha2::{Digest, Sha256};
+    let secret_digest = |secret: &Secret| hex::encode(Sha256::digest(secret.expose().as_bytes()));
+    let mut hasher = Sha256::new();
+    let mut add = |part: &str| {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    };
+    add(request.url.as_str());
+    add(&format!("{:?}", request.encoding));
+    for (name, value) in &request.fields {
+        add(name);
+        match value {
+            BodyValue::Secret(secret) => add(&secret_digest(secret)),
+            other => add(&format!("{other:?}")),
+        }
+    }
+    add(&request
+        .authorization
+        .as_ref()
+        .map(secret_digest)
+        .unwrap_or_default());
+    add(&format!("{response:?}"));
+    hex::encode(hasher.finalize()).into()
 }
 
 /// Where the token and its expiry sit in an endpoint's JSON answer.

@@ -16,8 +16,14 @@ use crate::secret::Secret;
 
 /// Fetches tokens for any configured credential.
 pub struct TokenFetcher {
-    clients: HashMap<Arc<str>, reqwest::Client>,
+    clients: HashMap<Arc<str>, ProviderClient>,
     clock: SharedClock,
+}
+
+/// One provider's HTTP client and the settings it was built with.
+struct ProviderClient {
+    timeouts: (Duration, Duration),
+    client: reqwest::Client,
 }
 
 impl TokenFetcher {
@@ -26,19 +32,28 @@ impl TokenFetcher {
         tls: &rustls::ClientConfig,
         clock: SharedClock,
     ) -> Result<Self, reqwest::Error> {
+        Self::rebuilt(providers, tls, clock, None)
+    }
+
+    /// A fetcher for `providers` that keeps `previous`'s client for every provider whose
+    /// settings did not change (`previous` is `None` when the TLS settings did).
+    pub fn rebuilt(
+        providers: &[Arc<ProviderSpec>],
+        tls: &rustls::ClientConfig,
+        clock: SharedClock,
+        previous: Option<&TokenFetcher>,
+    ) -> Result<Self, reqwest::Error> {
         let mut clients = HashMap::new();
         for provider in providers {
-            let mut tls = tls.clone();
-            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-            let client = reqwest::Client::builder()
-                .use_preconfigured_tls(tls)
-                .redirect(reqwest::redirect::Policy::none())
-                .no_proxy()
-                .connect_timeout(provider.connect_timeout)
-                .timeout(provider.timeout)
-                .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
-                .build()?;
-            clients.insert(provider.name.clone(), client);
+            let timeouts = (provider.connect_timeout, provider.timeout);
+            let kept = previous
+                .and_then(|previous| previous.clients.get(&provider.name))
+                .filter(|kept| kept.timeouts == timeouts);
+            let client = match kept {
+                Some(kept) => kept.client.clone(),
+                None => provider_client(provider, tls)?,
+            };
+            clients.insert(provider.name.clone(), ProviderClient { timeouts, client });
         }
         Ok(Self { clients, clock })
     }
@@ -88,8 +103,9 @@ impl TokenFetcher {
         let client = self
             .clients
             .get(&credential.provider.name)
+            .map(|provider| &provider.client)
             .ok_or_else(|| FetchError::Unreachable {
-                reason: "no client for provider".into(),
+                reason: "its provider was removed by a reload".into(),
             })?;
         let mut builder = client.post(url).header(ACCEPT, "application/json");
         if let Some(authorization) = &credential.request.authorization {
@@ -102,6 +118,23 @@ impl TokenFetcher {
         }
         Ok(builder)
     }
+}
+
+/// A client for one token endpoint: HTTP/1.1, its own timeouts, no redirects, no proxy.
+fn provider_client(
+    provider: &ProviderSpec,
+    tls: &rustls::ClientConfig,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let mut tls = tls.clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .connect_timeout(provider.connect_timeout)
+        .timeout(provider.timeout)
+        .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
+        .build()
 }
 
 fn classify(

@@ -1,0 +1,129 @@
+//! The access log: one `tracing` event per proxied request, target `token_sidecar::access`,
+//! emitted when the response body is finished (or abandoned), so that it has the bytes sent
+//! and the whole duration. The path is logged without its query (queries carry personal
+//! data); the token only as its fingerprint.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Method, Request, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+
+use super::client_body::BodyRecord;
+use crate::config::RouteSpec;
+use crate::error::{BoxError, ProxyBody};
+use crate::secret::AccessToken;
+
+/// The metrics and log label for requests that matched no route.
+const NO_ROUTE: &str = "none";
+
+/// What is known of one request, filled in as it goes through the request path.
+pub struct Exchange {
+    pub started: Instant,
+    pub method: Method,
+    uri: Uri,
+    pub route: Option<Arc<RouteSpec>>,
+    pub credential: Option<Arc<str>>,
+    pub token: Option<AccessToken>,
+    pub upstream_status: Option<u16>,
+    pub replayed: bool,
+    /// The sidecar's error code, when it answered itself.
+    pub error: Option<&'static str>,
+    /// The request body's bytes (and fault), shared with the body as it streams.
+    pub body: Arc<BodyRecord>,
+}
+
+impl Exchange {
+    pub fn new<B>(request: &Request<B>) -> Self {
+        Self {
+            started: Instant::now(),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            route: None,
+            credential: None,
+            token: None,
+            upstream_status: None,
+            replayed: false,
+            error: None,
+            body: Arc::default(),
+        }
+    }
+
+    /// The route's name in metrics and logs (`none` when nothing matched).
+    pub fn route_label(&self) -> &str {
+        self.route.as_ref().map_or(NO_ROUTE, |route| &route.name)
+    }
+
+    fn log(&self, status: u16, bytes_out: u64) {
+        tracing::info!(
+            target: "token_sidecar::access",
+            route = self.route_label(),
+            credential = self.credential.as_deref().unwrap_or("-"),
+            method = %self.method,
+            path = self.uri.path(),
+            status,
+            upstream_status = self.upstream_status.unwrap_or(0),
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            bytes_in = self.body.bytes(),
+            bytes_out,
+            token = self.token.as_ref().map_or("-", AccessToken::fingerprint),
+            replayed = self.replayed,
+            error = self.error.unwrap_or("-"),
+            "request"
+        );
+    }
+}
+
+/// `body` as sent to the client, logging `exchange` once it is finished or dropped.
+pub fn logged(body: ProxyBody, exchange: Exchange, status: u16) -> ProxyBody {
+    LoggedBody {
+        inner: body,
+        exchange,
+        status,
+        bytes_out: 0,
+    }
+    .boxed_unsync()
+}
+
+struct LoggedBody {
+    inner: ProxyBody,
+    exchange: Exchange,
+    status: u16,
+    bytes_out: u64,
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.bytes_out += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        self.exchange.log(self.status, self.bytes_out);
+    }
+}
