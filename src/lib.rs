@@ -10,10 +10,15 @@
 //!    to the route's upstream over rustls, and the response back; [`proxy::client_body`] reads
 //!    the client's body under its limits.
 //!
-//! Around it: [`config`] (TOML → validated types), [`server`] (listeners, shutdown; one
+//! Each request reads one [`proxy::Snapshot`] of the configuration; [`reload`] validates a
+//! changed config file and swaps in a new snapshot, credentials and clients (tokens are keyed by
+//! credential identity, so unchanged credentials keep theirs). [`proxy::access_log`] writes one
+//! event per request.
+//!
+//! Around it: [`config`] (TOML → validated types), [`server`] (listeners, signals, shutdown; one
 //! connection's watchdog in `server::connection`), [`admin`] (health, readiness, metrics, token
-//! admin), [`error`] (the sidecar's JSON errors), [`probe`] (the image's health check), [`dev`]
-//! (the self-contained demo and the test doubles it shares with the tests).
+//! admin, reload), [`error`] (the sidecar's JSON errors), [`probe`] (the image's health check),
+//! [`dev`] (the self-contained demo and the test doubles it shares with the tests).
 
 pub mod admin;
 pub mod cli;

@@ -150,7 +150,7 @@ pub async fn start_from(
     ));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (server, routes) = (config.server.clone(), config.routes.len());
-    let watching = path.is_some();
+    let watching = path.is_some() && config.server.watch_config;
     let reloader = Arc::new(Reloader::new(
         path,
         config,

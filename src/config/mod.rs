@@ -62,6 +62,8 @@ pub struct ServerSettings {
     pub allowed_hosts: Vec<String>,
     /// One `token_sidecar::access` event per proxied request.
     pub access_log: bool,
+    /// Reload when the config file or a file it references changes.
+    pub watch_config: bool,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -46,6 +46,7 @@ pub struct RawServer {
     pub body_read_timeout: Option<Duration>,
     pub allowed_hosts: Option<Vec<String>>,
     pub access_log: Option<bool>,
+    pub watch_config: Option<bool>,
 }
 
 /// `require_header = { name = "X-Sidecar-Key", value = { env = "…" } }`

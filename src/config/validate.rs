@@ -339,6 +339,7 @@ impl Validator {
             ),
             allowed_hosts: self.allowed_hosts(&path.key("allowed_hosts"), raw.allowed_hosts.as_deref()),
             access_log: raw.access_log.unwrap_or(true),
+            watch_config: raw.watch_config.unwrap_or(true),
         })
     }
 

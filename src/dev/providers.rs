@@ -86,6 +86,8 @@ struct Steering {
     latency: Duration,
     /// A 200 whose body is this instead of a token.
     malformed: Option<String>,
+    /// Client secrets that replaced the accounts' (a rotation).
+    rotated_secrets: HashMap<String, String>,
 }
 
 /// One request as the stand-in saw it, for tests to assert on.
@@ -157,6 +159,13 @@ impl MockProviders {
     /// Every token request answers 200 with `body` until called with `None`.
     pub fn set_malformed(&self, body: Option<String>) {
         lock(&self.steering).malformed = body;
+    }
+
+    /// From now on, `client_id` authenticates with `secret` only (a secret rotation).
+    pub fn rotate_secret(&self, client_id: &str, secret: &str) {
+        lock(&self.steering)
+            .rotated_secrets
+            .insert(client_id.to_owned(), secret.to_owned());
     }
 
     /// Token answers are delayed by `latency` (real time).
@@ -430,7 +439,8 @@ impl MockProviders {
                 fields.get("client_secret").cloned().unwrap_or_default(),
             ),
         };
-        match self.accounts.clients.get(&id) {
+        let rotated = lock(&self.steering).rotated_secrets.get(&id).cloned();
+        match rotated.as_ref().or_else(|| self.accounts.clients.get(&id)) {
             Some(expected) if *expected == secret => Ok(id),
             _ => Err(OAuthRefusal::BadClient),
         }

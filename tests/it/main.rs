@@ -11,6 +11,7 @@ mod forwarding;
 mod hardening;
 mod lifecycle;
 mod providers;
+mod reload;
 mod routing;
 mod security;
 mod support;
