@@ -283,7 +283,12 @@ impl TokenCache {
 
     /// A token that may be sent now for `spec` (as the request's configuration defines it).
     pub async fn token(self: &Arc<Self>, spec: &Arc<CredentialSpec>) -> Result<Arc<CachedToken>, TokenError> {
-        let state = self.state_for(spec);
+        let Some(state) = self.registered(spec) else {
+            // A reload removed this credential while the request was on its way: it gets a
+            // token of its own, which is not cached under an identity no one configures.
+            let detached = CredentialState::new(spec.clone(), Arc::default());
+            return self.fetch_with_retries(&detached).await;
+        };
         let credential = &*spec.name;
         state
             .fetch
@@ -335,7 +340,9 @@ impl TokenCache {
     /// fetched tokens are refused too, refusals are passed back for a back-off period instead
     /// (the upstream, not the token, is the problem).
     pub async fn purge_refused(&self, spec: &Arc<CredentialSpec>, used: &CachedToken) -> bool {
-        let state = self.state_for(spec);
+        let Some(state) = self.registered(spec) else {
+            return false;
+        };
         if !self.may_purge(&state, used) {
             return false;
         }
@@ -521,13 +528,10 @@ impl TokenCache {
             .ok_or_else(|| TokenError::UnknownCredential(credential.to_owned()))
     }
 
-    /// The state for `spec`'s identity; a detached one when a reload has removed it while a
-    /// request that started before was still on its way (it may still fetch, once).
-    fn state_for(&self, spec: &Arc<CredentialSpec>) -> Arc<CredentialState> {
-        match self.registry.load().by_identity.get(&spec.identity) {
-            Some(state) => state.clone(),
-            None => Arc::new(CredentialState::new(spec.clone(), Arc::default())),
-        }
+    /// The state for `spec`'s identity, unless a reload has removed it while a request that
+    /// started before was still on its way.
+    fn registered(&self, spec: &CredentialSpec) -> Option<Arc<CredentialState>> {
+        self.registry.load().by_identity.get(&spec.identity).cloned()
     }
 
     fn refresh_in_background(self: &Arc<Self>, state: &Arc<CredentialState>) {

@@ -187,3 +187,45 @@ fn form_body_joins_lists_with_spaces_and_json_keeps_them() {
         r#"{"scopes":["openbanking_pisp"],"expiresIn":360}"#
     );
 }
+
+#[test]
+fn a_credential_identity_changes_with_its_secret_and_scopes_and_never_contains_them() {
+    let request = |secret: &str, scope: &str| TokenRequest {
+        url: "https://auth.example/oauth/token".parse().unwrap(),
+        encoding: BodyEncoding::Form,
+        fields: vec![
+            ("client_id".into(), BodyValue::Text("acme".into())),
+            ("client_secret".into(), BodyValue::Secret(Secret::new(secret))),
+            ("scope".into(), BodyValue::Text(scope.into())),
+        ],
+        authorization: None,
+        secrets: vec![Secret::new(secret)],
+    };
+    let spec = ResponseSpec::oauth2();
+    let base = credential_identity(&request("s3cret-one", "read"), &spec);
+    assert_eq!(
+        base,
+        credential_identity(&request("s3cret-one", "read"), &spec),
+        "stable"
+    );
+    assert_ne!(
+        base,
+        credential_identity(&request("s3cret-two", "read"), &spec),
+        "rotated secret"
+    );
+    assert_ne!(
+        base,
+        credential_identity(&request("s3cret-one", "write"), &spec),
+        "other scopes"
+    );
+    let other_answer = ResponseSpec {
+        token: "/data/token".into(),
+        ..ResponseSpec::oauth2()
+    };
+    assert_ne!(
+        base,
+        credential_identity(&request("s3cret-one", "read"), &other_answer)
+    );
+    assert_eq!(base.len(), 64, "a hex SHA-256");
+    assert!(!base.contains("s3cret"));
+}
