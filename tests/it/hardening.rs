@@ -413,11 +413,22 @@ async fn errors_raised_by_the_http_parser_are_the_contract_json() {
     assert_json_error(&rest, 400, "bad_request");
 }
 
+/// The sidecar with one route `/api` to a TLS upstream of this test's own, answering with
+/// `handler`.
+async fn behind_an_upstream_of_our_own(handler: Handler) -> Harness {
+    let pki = TestPki::new().unwrap();
+    let upstream = spawn_tls_server(&pki, handler).await;
+    Harness::with_config_trusting(
+        |s| crate::support::single_route_config(s, &format!("https://{upstream}"), ""),
+        &pki,
+    )
+    .await
+}
+
 // Finding 9: the upstream cannot speak for the sidecar.
 
 #[tokio::test]
 async fn an_upstream_cannot_spoof_the_sidecar_error_header() {
-    let pki = TestPki::new().unwrap();
     let handler: Handler = Arc::new(|_| {
         Box::pin(async {
             let mut response = http::Response::new(full_body("upstream body"));
@@ -428,12 +439,7 @@ async fn an_upstream_cannot_spoof_the_sidecar_error_header() {
             response
         })
     });
-    let upstream = spawn_tls_server(&pki, handler).await;
-    let h = Harness::with_config_trusting(
-        |s| crate::support::single_route_config(s, &format!("https://{upstream}"), ""),
-        &pki,
-    )
-    .await;
+    let h = behind_an_upstream_of_our_own(handler).await;
     let response = h.get("/api/x").await;
     assert_eq!(response.status(), 200);
     assert!(!response.headers().contains_key("x-token-sidecar-error"));
@@ -553,7 +559,6 @@ async fn trace_is_refused() {
 
 #[tokio::test]
 async fn an_upstream_that_refuses_every_token_does_not_cause_a_fetch_per_request() {
-    let pki = TestPki::new().unwrap();
     let handler: Handler = Arc::new(|_| {
         Box::pin(async {
             let mut response = http::Response::new(full_body("no"));
@@ -561,12 +566,7 @@ async fn an_upstream_that_refuses_every_token_does_not_cause_a_fetch_per_request
             response
         })
     });
-    let upstream = spawn_tls_server(&pki, handler).await;
-    let h = Harness::with_config_trusting(
-        |s| crate::support::single_route_config(s, &format!("https://{upstream}"), ""),
-        &pki,
-    )
-    .await;
+    let h = behind_an_upstream_of_our_own(handler).await;
     for _ in 0..30 {
         assert_eq!(h.get("/api/x").await.status(), 401);
     }
