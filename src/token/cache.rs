@@ -600,10 +600,14 @@ impl TokenCache {
         }
     }
 
-    /// Fetches, retrying retryable failures with growing gaps while `retry_budget` allows.
+    /// Fetches, retrying retryable failures with growing gaps while `retry_budget` allows. Once
+    /// a credential is failing, each later fetch is a single probe: a failing endpoint sees one
+    /// request per back-off period, not a new burst each time.
     async fn fetch_with_retries(&self, state: &CredentialState) -> Result<Arc<CachedToken>, TokenError> {
         let deadline = tokio::time::Instant::now() + self.settings.load().retry_budget;
         let credential = &state.spec.name;
+        let failing = lock(&state.fetch.status).consecutive_failures > 0;
+        let max_attempts = if failing { 1 } else { MAX_ATTEMPTS };
         let mut attempt = 1;
         loop {
             let result = {
@@ -620,7 +624,7 @@ impl TokenCache {
             lock(&state.fetch.status).last_error = Some(error.clone());
             let gap = retry_gap(&error, attempt);
             let retry =
-                gap.filter(|gap| attempt < MAX_ATTEMPTS && tokio::time::Instant::now() + *gap < deadline);
+                gap.filter(|gap| attempt < max_attempts && tokio::time::Instant::now() + *gap < deadline);
             let Some(gap) = retry else {
                 let wait = self.record_failure(state, &error, self.clock.now());
                 tracing::warn!(credential = %credential, error = %error, attempts = attempt, retry_in_ms = wait.as_millis() as u64, "token fetch failed");

@@ -273,3 +273,25 @@ async fn a_slow_token_endpoint_times_out_per_provider_settings() {
         "the endpoint's host, then the reason: {last_error}"
     );
 }
+
+/// After the first failed retry burst, a credential in back-off makes one probe per back-off
+/// period (the period doubling), not a new burst each time.
+#[tokio::test]
+async fn a_cold_failing_endpoint_gets_one_probe_per_back_off_period() {
+    let h = Harness::start().await;
+    h.stand_ins.providers.set_failing(Some(Failure::status(503)));
+    let mut refused = 0;
+    for _ in 0..100 {
+        if h.get("/acme/payu/x").await.status() == 503 {
+            refused += 1;
+        }
+        h.advance(Duration::from_millis(50));
+    }
+    let fetches = h.stand_ins.providers.token_requests(Shape::PayU);
+    eprintln!("cold endpoint answering 503: 100 requests over 5 s made {fetches} token requests");
+    assert_eq!(refused, 100);
+    assert!(
+        fetches <= 6,
+        "100 requests over 5 s made {fetches} token requests"
+    );
+}
