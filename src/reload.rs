@@ -50,16 +50,18 @@ pub struct Reloaded {
     pub version: String,
 }
 
-/// The running configuration and everything built from it that a reload may replace.
-struct Current {
-    config: Config,
-    tls: rustls::ClientConfig,
+/// The running configuration, and what was built from it that a reload may reuse.
+pub struct Loaded {
+    pub config: Config,
+    pub tls: rustls::ClientConfig,
+    /// The token endpoint clients, one per provider.
+    pub fetcher: Arc<TokenFetcher>,
 }
 
 /// Reloads the sidecar's configuration; one reload at a time.
 pub struct Reloader {
     path: Option<PathBuf>,
-    current: tokio::sync::Mutex<Current>,
+    current: tokio::sync::Mutex<Loaded>,
     proxy: Arc<Proxy>,
     tokens: Arc<TokenCache>,
     metrics: Metrics,
@@ -69,17 +71,16 @@ pub struct Reloader {
 impl Reloader {
     pub fn new(
         path: Option<PathBuf>,
-        config: Config,
-        tls: rustls::ClientConfig,
+        loaded: Loaded,
         proxy: Arc<Proxy>,
         tokens: Arc<TokenCache>,
         metrics: Metrics,
         clock: SharedClock,
     ) -> Self {
-        metrics.config_loaded(&config.version);
+        metrics.config_loaded(&loaded.config.version);
         Self {
             path,
-            current: tokio::sync::Mutex::new(Current { config, tls }),
+            current: tokio::sync::Mutex::new(loaded),
             proxy,
             tokens,
             metrics,
@@ -129,13 +130,13 @@ impl Reloader {
         } else {
             current.tls.clone()
         };
-        let previous = self.tokens.fetcher();
         let fetcher = TokenFetcher::rebuilt(
             &config.providers,
             &tls,
             self.clock.clone(),
-            (!tls_changed).then_some(&*previous),
+            (!tls_changed).then_some(&*current.fetcher),
         )
+        .map(Arc::new)
         .map_err(ReloadError::TokenClient)?;
         let client = if tls_changed {
             forward::upstream_client(tls.clone())
@@ -145,7 +146,7 @@ impl Reloader {
 
         let applied = self
             .tokens
-            .apply(&config.credentials, fetcher, config.cache)
+            .apply(&config.credentials, fetcher.clone(), config.cache)
             .await;
         self.proxy.swap(Snapshot {
             guards: RequestGuards::from_settings(&config.server),
@@ -160,7 +161,7 @@ impl Reloader {
             credentials: config.credentials.len(),
             version: config.version.clone(),
         };
-        *current = Current { config, tls };
+        *current = Loaded { config, tls, fetcher };
         Ok(reloaded)
     }
 }

@@ -24,7 +24,7 @@ use crate::error::ProxyBody;
 use crate::forward;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, RequestGuards, Snapshot};
-use crate::reload::{self, Reloader};
+use crate::reload::{self, Loaded, Reloader};
 use crate::route::Router;
 use crate::tls;
 use crate::token::cache::TokenCache;
@@ -131,9 +131,10 @@ pub async fn start_from(
     let metrics = Metrics::new();
     let fetcher =
         TokenFetcher::new(&config.providers, &tls, clock.clone()).map_err(StartError::TokenClient)?;
+    let fetcher = Arc::new(fetcher);
     let tokens = TokenCache::new(
         &config.credentials,
-        fetcher,
+        fetcher.clone(),
         config.cache,
         clock.clone(),
         metrics.clone(),
@@ -151,10 +152,10 @@ pub async fn start_from(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (server, routes) = (config.server.clone(), config.routes.len());
     let watching = path.is_some() && config.server.watch_config;
+    let loaded = Loaded { config, tls, fetcher };
     let reloader = Arc::new(Reloader::new(
         path,
-        config,
-        tls,
+        loaded,
         proxy.clone(),
         tokens.clone(),
         metrics.clone(),

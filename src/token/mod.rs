@@ -1,4 +1,5 @@
-//! Tokens: provider dialects as data, fetching, the lifetime policy and the per-credential cache.
+//! Tokens: provider dialects as data, fetching from the endpoint, the seam to any other source
+//! of tokens, the lifetime policy and the cache keyed by credential identity.
 
 pub mod cache;
 pub mod dialect;
@@ -6,3 +7,4 @@ pub mod error;
 pub mod fetch;
 pub mod jwt;
 pub mod lifetime;
+pub mod source;

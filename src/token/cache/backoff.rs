@@ -1,0 +1,128 @@
+//! Back-off after failed fetches and the gaps between retries in one burst: pure functions.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::config::CacheSettings;
+use crate::token::error::FetchError;
+
+/// First gap between retries of one fetch; doubles per retry.
+const FIRST_RETRY_GAP: Duration = Duration::from_millis(100);
+/// Attempts in one retry burst.
+pub(super) const MAX_ATTEMPTS: u32 = 4;
+
+/// Back-off after `failures` consecutive failures: doubling from `failure_backoff` up to
+/// `max_failure_backoff`; rejected credentials wait the maximum (retrying soon cannot help);
+/// a `Retry-After` longer than that is honoured.
+pub fn backoff(settings: &CacheSettings, failures: u32, error: &FetchError) -> Duration {
+    let base = match error {
+        FetchError::Rejected { .. } => settings.max_failure_backoff,
+        _ => doubling(settings, failures),
+    };
+    base.max(error.retry_after().unwrap_or_default())
+}
+
+/// `failure_backoff` doubled per repetition after the first, up to `max_failure_backoff`.
+pub(super) fn doubling(settings: &CacheSettings, repetitions: u32) -> Duration {
+    let exponent = repetitions.saturating_sub(1).min(20);
+    settings
+        .failure_backoff
+        .saturating_mul(1u32 << exponent)
+        .min(settings.max_failure_backoff)
+}
+
+/// The gap before retrying a failed fetch, or `None` when retrying soon cannot help.
+pub fn retry_gap(error: &FetchError, attempt: u32) -> Option<Duration> {
+    let doubling = FIRST_RETRY_GAP.saturating_mul(1u32 << attempt.saturating_sub(1).min(10));
+    let jittered = doubling.mul_f64(rand::thread_rng().gen_range(0.8..1.2));
+    match error {
+        FetchError::Rejected { .. } => None,
+        FetchError::Status { status, .. } if *status < 500 => None,
+        FetchError::RateLimited { retry_after } | FetchError::Status { retry_after, .. } => {
+            Some(retry_after.unwrap_or(jittered).max(jittered))
+        }
+        FetchError::Malformed { .. } | FetchError::Timeout | FetchError::Unreachable { .. } => Some(jittered),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> CacheSettings {
+        CacheSettings::default()
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let err = FetchError::Status {
+            status: 503,
+            retry_after: None,
+        };
+        let waits: Vec<u64> = (1..=8).map(|n| backoff(&settings(), n, &err).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
+    }
+
+    #[test]
+    fn rejected_credentials_wait_the_maximum() {
+        let err = FetchError::Rejected {
+            status: 401,
+            reason: None,
+        };
+        assert_eq!(backoff(&settings(), 1, &err), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn retry_gaps_grow_and_skip_hopeless_errors() {
+        let err = FetchError::Status {
+            status: 503,
+            retry_after: None,
+        };
+        let gaps: Vec<Duration> = (1..=3).map(|n| retry_gap(&err, n).unwrap()).collect();
+        assert!(
+            gaps[0] >= Duration::from_millis(80) && gaps[0] <= Duration::from_millis(120),
+            "{gaps:?}"
+        );
+        assert!(
+            gaps[1] >= Duration::from_millis(160) && gaps[2] >= Duration::from_millis(320),
+            "{gaps:?}"
+        );
+        assert_eq!(
+            retry_gap(
+                &FetchError::Rejected {
+                    status: 401,
+                    reason: None
+                },
+                1
+            ),
+            None
+        );
+        assert_eq!(
+            retry_gap(
+                &FetchError::Status {
+                    status: 404,
+                    retry_after: None
+                },
+                1
+            ),
+            None
+        );
+        let limited = FetchError::RateLimited {
+            retry_after: Some(Duration::from_secs(3)),
+        };
+        assert_eq!(retry_gap(&limited, 1), Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn retry_after_is_honoured_when_longer() {
+        let err = FetchError::RateLimited {
+            retry_after: Some(Duration::from_secs(120)),
+        };
+        assert_eq!(backoff(&settings(), 1, &err), Duration::from_secs(120));
+        let err = FetchError::RateLimited {
+            retry_after: Some(Duration::from_secs(0)),
+        };
+        assert_eq!(backoff(&settings(), 3, &err), Duration::from_secs(4));
+    }
+}

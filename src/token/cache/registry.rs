@@ -1,0 +1,126 @@
+//! The configured credentials, by name and by identity, and what the cache knows of fetching
+//! each identity's tokens: replaced whole by a reload, keeping the state of unchanged identities.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use super::super::error::FetchError;
+use super::super::source::TokenSource;
+use crate::clock::from_unix_millis;
+use crate::config::CredentialSpec;
+
+/// The refresher keeps a credential warm if it was used within this long at least.
+const RECENT_USE_MIN: Duration = Duration::from_secs(60);
+
+/// One configured credential, as the current configuration defines it.
+pub(super) struct CredentialState {
+    pub(super) spec: Arc<CredentialSpec>,
+    /// The token endpoint's `host[:port]`, for errors.
+    pub(super) endpoint: Arc<str>,
+    /// Shared by every credential with the same identity, and kept across reloads while the
+    /// identity stays.
+    pub(super) fetch: Arc<FetchState>,
+}
+
+impl CredentialState {
+    pub(super) fn new(spec: Arc<CredentialSpec>, fetch: Arc<FetchState>) -> Self {
+        let endpoint = spec.request.url[url::Position::BeforeHost..url::Position::AfterPort].into();
+        Self {
+            spec,
+            endpoint,
+            fetch,
+        }
+    }
+}
+
+/// What the cache knows of fetching one identity's tokens.
+#[derive(Default)]
+pub(super) struct FetchState {
+    pub(super) refreshing: AtomicBool,
+    /// When a request last asked for this credential's token (Unix ms on our clock; 0 = never).
+    pub(super) last_used_ms: AtomicU64,
+    pub(super) status: Mutex<FetchStatus>,
+    /// Consecutive upstream refusals of freshly fetched tokens (0 in the normal case, so the
+    /// request path checks it without a lock).
+    pub(super) refused_streak: AtomicU32,
+    pub(super) refusals: Mutex<RefusalState>,
+}
+
+/// Upstream refusals (401s) of this credential's tokens, so that an upstream that refuses
+/// every token does not turn every request into a token fetch.
+#[derive(Default)]
+pub(super) struct RefusalState {
+    /// The newest token generation purged after a refusal.
+    pub(super) purged_generation: u64,
+    /// While set and in the future, refusals are passed back without purging.
+    pub(super) suppressed_until: Option<SystemTime>,
+}
+
+impl FetchState {
+    /// Used within the last quarter of its token's lifetime (at least the last minute): in
+    /// steady use, and worth keeping warm.
+    pub(super) fn recently_used(&self, now: SystemTime, lifetime: Duration) -> bool {
+        let last = self.last_used_ms.load(Ordering::Relaxed);
+        last != 0 && from_unix_millis(last) + (lifetime / 4).max(RECENT_USE_MIN) >= now
+    }
+}
+
+#[derive(Default)]
+pub(super) struct FetchStatus {
+    /// Requests sent to the token endpoint.
+    pub(super) attempts: u64,
+    /// Attempts that gave a usable token.
+    pub(super) successes: u64,
+    pub(super) consecutive_failures: u32,
+    pub(super) retry_not_before: Option<SystemTime>,
+    pub(super) last_error: Option<FetchError>,
+}
+
+/// The configured credentials and the client that fetches their tokens; replaced whole by a
+/// reload.
+pub(super) struct Registry {
+    pub(super) by_name: BTreeMap<Arc<str>, Arc<CredentialState>>,
+    pub(super) by_identity: HashMap<Arc<str>, Arc<CredentialState>>,
+    pub(super) source: Arc<dyn TokenSource>,
+}
+
+impl Registry {
+    /// The registry for `credentials`, keeping the fetch state of every identity that `old`
+    /// knew.
+    pub(super) fn new(
+        credentials: &[Arc<CredentialSpec>],
+        source: Arc<dyn TokenSource>,
+        old: Option<&Registry>,
+    ) -> Self {
+        let mut by_name = BTreeMap::new();
+        let mut by_identity: HashMap<Arc<str>, Arc<CredentialState>> = HashMap::new();
+        for spec in credentials {
+            let fetch = by_identity
+                .get(&spec.identity)
+                .or_else(|| old.and_then(|old| old.by_identity.get(&spec.identity)))
+                .map(|state| state.fetch.clone())
+                .unwrap_or_default();
+            let state = Arc::new(CredentialState::new(spec.clone(), fetch));
+            by_identity.insert(spec.identity.clone(), state.clone());
+            by_name.insert(spec.name.clone(), state);
+        }
+        Self {
+            by_name,
+            by_identity,
+            source,
+        }
+    }
+}
+
+/// What a reload changed in the cache.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Credentials whose cached token carries over.
+    pub kept: Vec<Arc<str>>,
+    /// Credentials that are new or whose identity changed: a new token on next use.
+    pub changed: Vec<Arc<str>>,
+    /// Credentials no longer configured.
+    pub removed: Vec<Arc<str>>,
+}

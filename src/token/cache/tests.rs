@@ -1,0 +1,145 @@
+//! The cache against a stand-in [`TokenSource`]: no sockets, no endpoint.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+use crate::clock::{Clock, ManualClock};
+use crate::config::{ProviderKind, ProviderSpec};
+use crate::token::dialect::{BodyEncoding, IssuedToken, ResponseSpec, TokenRequest};
+use crate::token::source::SourceFuture;
+
+/// Counts its calls; each answers after `delay` (tokio time) with a token of `lifetime`.
+struct CountingSource {
+    calls: AtomicUsize,
+    delay: Duration,
+    lifetime: Duration,
+    clock: Arc<ManualClock>,
+}
+
+impl TokenSource for CountingSource {
+    fn fetch<'a>(&'a self, _: &'a CredentialSpec) -> SourceFuture<'a, IssuedToken> {
+        Box::pin(async move {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(self.delay).await;
+            Ok(IssuedToken {
+                token: AccessToken::new(format!("token-{n}")),
+                expires_at: self.clock.now() + self.lifetime,
+                lifetime: self.lifetime,
+                token_id: None,
+            })
+        })
+    }
+
+    fn revoke<'a>(&'a self, _: &'a CredentialSpec, _: &'a str) -> SourceFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn source(clock: &Arc<ManualClock>) -> Arc<CountingSource> {
+    Arc::new(CountingSource {
+        calls: AtomicUsize::new(0),
+        delay: Duration::from_millis(50),
+        lifetime: Duration::from_secs(3600),
+        clock: clock.clone(),
+    })
+}
+
+fn credential(name: &str, identity: &str) -> Arc<CredentialSpec> {
+    Arc::new(CredentialSpec {
+        name: name.into(),
+        identity: identity.into(),
+        provider: Arc::new(ProviderSpec {
+            name: "p".into(),
+            kind: ProviderKind::OAuth2,
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+        }),
+        request: TokenRequest {
+            url: "https://auth.test/token".parse().unwrap(),
+            encoding: BodyEncoding::Form,
+            fields: vec![],
+            authorization: None,
+            secrets: vec![],
+        },
+        response: ResponseSpec::oauth2(),
+        prefetch: false,
+        revoke_on_shutdown: false,
+    })
+}
+
+fn cache(
+    credentials: &[Arc<CredentialSpec>],
+    source: Arc<CountingSource>,
+    clock: Arc<ManualClock>,
+) -> Arc<TokenCache> {
+    TokenCache::new(
+        credentials,
+        source,
+        CacheSettings::default(),
+        clock,
+        Metrics::new(),
+    )
+}
+
+#[tokio::test]
+async fn concurrent_cold_requests_share_one_fetch() {
+    let clock = ManualClock::new();
+    let source = source(&clock);
+    let spec = credential("acme", "identity-a");
+    let cache = cache(std::slice::from_ref(&spec), source.clone(), clock);
+    let waiters = (0..100).map(|_| {
+        let (cache, spec) = (cache.clone(), spec.clone());
+        tokio::spawn(async move { cache.token(&spec).await.map(|t| t.token.clone()) })
+    });
+    let tokens = futures_util::future::join_all(waiters).await;
+    assert_eq!(
+        source.calls.load(Ordering::SeqCst),
+        1,
+        "one fetch in flight for 100 waiters"
+    );
+    for token in tokens {
+        assert_eq!(token.unwrap().unwrap().expose(), "token-1");
+    }
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_token_of_an_unchanged_identity_only() {
+    let clock = ManualClock::new();
+    let source = source(&clock);
+    let (kept, changed) = (
+        credential("kept", "identity-k"),
+        credential("changed", "identity-c1"),
+    );
+    let cache = cache(&[kept.clone(), changed.clone()], source.clone(), clock);
+    cache.token(&kept).await.unwrap();
+    cache.token(&changed).await.unwrap();
+    assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+
+    let renamed_secret = credential("changed", "identity-c2");
+    let applied = cache
+        .apply(
+            &[kept.clone(), renamed_secret.clone()],
+            source.clone(),
+            CacheSettings::default(),
+        )
+        .await;
+    assert_eq!(applied.kept, vec![Arc::<str>::from("kept")]);
+    assert_eq!(applied.changed, vec![Arc::<str>::from("changed")]);
+    cache.token(&kept).await.unwrap();
+    assert_eq!(
+        source.calls.load(Ordering::SeqCst),
+        2,
+        "the unchanged identity kept its token"
+    );
+    cache.token(&renamed_secret).await.unwrap();
+    assert_eq!(
+        source.calls.load(Ordering::SeqCst),
+        3,
+        "the changed one fetched anew"
+    );
+    // A request that started before the reload, with the old definition, is not served the
+    // old token from the cache, and its fetch is not cached under the removed identity.
+    cache.token(&changed).await.unwrap();
+    assert_eq!(source.calls.load(Ordering::SeqCst), 4);
+    assert!(cache.store.get(&changed.identity).await.is_none());
+}
