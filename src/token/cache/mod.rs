@@ -2,9 +2,9 @@
 //!
 //! Where a token comes from, in order: this local store, then the [`TokenSource`] (the token
 //! endpoint; a shared tier can wrap it). The parts, one file each: the configured credentials and
-//! their fetch state ([`registry`]), one fetch in flight with its retries and bookkeeping
-//! ([`flight`]), back-off and retry gaps ([`backoff`]), keeping tokens warm ([`refresher`]), what
-//! the admin listener sees ([`report`]).
+//! their fetch state (`registry.rs`), one fetch in flight with its retries and bookkeeping
+//! (`flight.rs`), back-off and retry gaps (`backoff.rs`), keeping tokens warm (`refresher.rs`),
+//! what the admin listener sees (`report.rs`).
 //!
 //! - A request with a fresh token uses it and does not wait.
 //! - A request whose token is due for refresh uses it and starts one background refresh.
