@@ -34,6 +34,11 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: String,
 }
@@ -56,6 +61,7 @@ pub struct Metrics {
     connections: Gauge,
     config_reloads: Family<OutcomeLabels, Counter>,
     config_info: Family<VersionLabels, Gauge>,
+    shared_cache: Family<EventLabels, Counter>,
 }
 
 impl Metrics {
@@ -72,6 +78,12 @@ impl Metrics {
         let connections = Gauge::default();
         let config_reloads = Family::<OutcomeLabels, Counter>::default();
         let config_info = Family::<VersionLabels, Gauge>::default();
+        let shared_cache = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "token_sidecar_shared_cache_events",
+            "The fleet's shared cache ([cache.shared]): hit, miss, lock_wait, lock_timeout, redis_error, fallback",
+            shared_cache.clone(),
+        );
         registry.register(
             "token_sidecar_config_reloads",
             "Configuration reloads, by outcome (ok, invalid, error)",
@@ -128,7 +140,16 @@ impl Metrics {
             connections,
             config_reloads,
             config_info,
+            shared_cache,
         }
+    }
+
+    pub fn shared_cache(&self, event: &str) {
+        self.shared_cache
+            .get_or_create(&EventLabels {
+                event: event.to_owned(),
+            })
+            .inc();
     }
 
     pub fn config_reload(&self, outcome: &str) {

@@ -17,6 +17,8 @@ use crate::route::Router;
 use crate::tls;
 use crate::token::cache::TokenCache;
 use crate::token::fetch::TokenFetcher;
+use crate::token::shared::SharedTier;
+use crate::token::source::TokenSource;
 
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,8 @@ pub struct Loaded {
     pub tls: rustls::ClientConfig,
     /// The token endpoint clients, one per provider.
     pub fetcher: Arc<TokenFetcher>,
+    /// The fleet's shared tier in front of them, with `[cache.shared]`.
+    pub shared: Option<Arc<SharedTier>>,
 }
 
 /// Reloads the sidecar's configuration; one reload at a time.
@@ -144,10 +148,15 @@ impl Reloader {
             self.proxy.current().client.clone()
         };
 
-        let applied = self
-            .tokens
-            .apply(&config.credentials, fetcher.clone(), config.cache)
-            .await;
+        let shared = current
+            .shared
+            .as_ref()
+            .map(|shared| Arc::new(shared.with_inner(fetcher.clone(), config.cache)));
+        let source: Arc<dyn TokenSource> = match &shared {
+            Some(shared) => shared.clone(),
+            None => fetcher.clone(),
+        };
+        let applied = self.tokens.apply(&config.credentials, source, config.cache).await;
         self.proxy.swap(Snapshot {
             guards: RequestGuards::from_settings(&config.server),
             router: Router::new(&config.routes, &config.server.allowed_hosts),
@@ -161,7 +170,12 @@ impl Reloader {
             credentials: config.credentials.len(),
             version: config.version.clone(),
         };
-        *current = Loaded { config, tls, fetcher };
+        *current = Loaded {
+            config,
+            tls,
+            fetcher,
+            shared,
+        };
         Ok(reloaded)
     }
 }
@@ -191,6 +205,7 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
             "cache.max_concurrent_fetches",
             old.cache.max_concurrent_fetches != new.cache.max_concurrent_fetches,
         ),
+        ("cache.shared", old.shared != new.shared),
     ];
     for (key, changed) in changes {
         if changed {

@@ -85,6 +85,37 @@ impl fmt::Display for AccessToken {
     }
 }
 
+/// A 32-byte encryption key (the fleet cache's); prints only its id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EncryptionKey([u8; 32]);
+
+impl EncryptionKey {
+    pub fn new(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The key itself; call only to encrypt or decrypt.
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Which key this is, safe to store beside what it encrypted: the first 8 hex characters
+    /// of the SHA-256 of a label and the key.
+    pub fn id(&self) -> String {
+        let digest = Sha256::new()
+            .chain_update(b"token-sidecar key id")
+            .chain_update(self.0)
+            .finalize();
+        hex::encode(&digest[..4])
+    }
+}
+
+impl fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EncryptionKey(id:{})", self.id())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,8 @@ use crate::route::Router;
 use crate::tls;
 use crate::token::cache::TokenCache;
 use crate::token::fetch::TokenFetcher;
+use crate::token::shared::SharedTier;
+use crate::token::source::TokenSource;
 
 mod connection;
 
@@ -77,6 +79,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("cannot build the token endpoint client")]
     TokenClient(#[source] reqwest::Error),
+    #[error("cannot set up the shared cache")]
+    SharedCache(#[source] redis::RedisError),
     #[error("cannot catch shutdown signals")]
     Signals(#[source] std::io::Error),
     #[error("cannot listen on {addr}")]
@@ -132,9 +136,26 @@ pub async fn start_from(
     let fetcher =
         TokenFetcher::new(&config.providers, &tls, clock.clone()).map_err(StartError::TokenClient)?;
     let fetcher = Arc::new(fetcher);
+    let shared = match &config.shared {
+        Some(settings) => Some(Arc::new(
+            SharedTier::new(
+                settings,
+                config.cache,
+                fetcher.clone(),
+                clock.clone(),
+                metrics.clone(),
+            )
+            .map_err(StartError::SharedCache)?,
+        )),
+        None => None,
+    };
+    let source: Arc<dyn TokenSource> = match &shared {
+        Some(shared) => shared.clone(),
+        None => fetcher.clone(),
+    };
     let tokens = TokenCache::new(
         &config.credentials,
-        fetcher.clone(),
+        source,
         config.cache,
         clock.clone(),
         metrics.clone(),
@@ -152,7 +173,12 @@ pub async fn start_from(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (server, routes) = (config.server.clone(), config.routes.len());
     let watching = path.is_some() && config.server.watch_config;
-    let loaded = Loaded { config, tls, fetcher };
+    let loaded = Loaded {
+        config,
+        tls,
+        fetcher,
+        shared,
+    };
     let reloader = Arc::new(Reloader::new(
         path,
         loaded,

@@ -18,7 +18,7 @@ use rustls::pki_types::CertificateDer;
 
 pub use locate::KeyPath;
 
-use crate::secret::Secret;
+use crate::secret::{EncryptionKey, Secret};
 use crate::token::dialect::{ResponseSpec, TokenRequest};
 use crate::token::lifetime::RefreshPolicy;
 
@@ -29,6 +29,8 @@ pub struct Config {
     /// Extra trusted roots (`[tls] ca_file`) for upstreams and token endpoints.
     pub extra_roots: Vec<CertificateDer<'static>>,
     pub cache: CacheSettings,
+    /// `[cache.shared]`: the fleet's token cache on Redis.
+    pub shared: Option<SharedCacheSettings>,
     pub providers: Vec<Arc<ProviderSpec>>,
     pub credentials: Vec<Arc<CredentialSpec>>,
     pub routes: Vec<Arc<RouteSpec>>,
@@ -64,6 +66,21 @@ pub struct ServerSettings {
     pub access_log: bool,
     /// Reload when the config file or a file it references changes.
     pub watch_config: bool,
+}
+
+/// One token cache for a fleet of sidecars, on Redis (`[cache.shared]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedCacheSettings {
+    /// `redis://[user:password@]host:port[/db]` (a secret: it may hold a password).
+    pub redis_url: Secret,
+    /// 32-byte keys: the first encrypts, every one decrypts (older keys after a rotation).
+    pub encryption_keys: Vec<EncryptionKey>,
+    /// Every key the sidecar writes starts with this.
+    pub key_prefix: String,
+    /// How long a Redis command may take before the sidecar goes on without Redis.
+    pub timeout: Duration,
+    /// How long one sidecar may hold a credential's fleet-wide fetch lock.
+    pub lock_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -66,6 +66,7 @@ pub struct RawTls {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCache {
+    pub shared: Option<RawSharedCache>,
     pub refresh_fraction: Option<f64>,
     #[serde(default, with = "humantime_serde")]
     pub max_refresh_ahead: Option<Duration>,
@@ -78,6 +79,21 @@ pub struct RawCache {
     #[serde(default, with = "humantime_serde")]
     pub retry_budget: Option<Duration>,
     pub max_concurrent_fetches: Option<usize>,
+}
+
+/// `[cache.shared]`: one token cache for a fleet of sidecars, on Redis.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSharedCache {
+    pub redis_url: Option<RawSecret>,
+    pub encryption_key: Option<RawSecret>,
+    /// Earlier keys, still accepted for reading after a rotation.
+    pub decryption_keys: Option<Vec<RawSecret>>,
+    pub key_prefix: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub lock_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -16,7 +16,7 @@ use super::raw::*;
 use super::*;
 use sha2::{Digest, Sha256};
 
-use crate::secret::Secret;
+use crate::secret::{EncryptionKey, Secret};
 use crate::token::dialect::{
     credential_identity, BodyEncoding, BodyValue, ResponseSpec, TimeUnit, TokenChars, TokenRequest,
 };
@@ -71,6 +71,11 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
     let server = v.server(&root.key("server"), &raw.server);
     let extra_roots = v.tls(&root.key("tls"), &raw.tls);
     let cache = v.cache(&root.key("cache"), &raw.cache);
+    let shared = raw
+        .cache
+        .shared
+        .as_ref()
+        .and_then(|shared| v.shared_cache(&root.key("cache").key("shared"), shared));
     let providers: BTreeMap<&str, Option<ProviderDraft>> = raw
         .providers
         .iter()
@@ -101,6 +106,7 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
         server,
         extra_roots,
         cache,
+        shared,
         providers: providers
             .into_values()
             .flatten()
@@ -341,6 +347,88 @@ impl Validator {
             access_log: raw.access_log.unwrap_or(true),
             watch_config: raw.watch_config.unwrap_or(true),
         })
+    }
+
+    fn shared_cache(&mut self, path: &KeyPath, raw: &RawSharedCache) -> Option<SharedCacheSettings> {
+        let url_path = path.key("redis_url");
+        let redis_url = match &raw.redis_url {
+            Some(url) => self.secret(&url_path, url),
+            None => {
+                self.problem(
+                    &url_path,
+                    "missing: where the fleet's Redis is, e.g. \"redis://127.0.0.1:6379\"",
+                );
+                None
+            }
+        };
+        if let Some(url) = &redis_url {
+            if !url.expose().starts_with("redis://") {
+                self.problem(
+                    &url_path,
+                    "must be a redis:// URL (TLS, Sentinel and Cluster URLs are not supported yet)",
+                );
+            } else if redis::Client::open(url.expose()).is_err() {
+                self.problem(&url_path, "is not a valid Redis URL");
+            }
+        }
+        let key_path = path.key("encryption_key");
+        let current = match &raw.encryption_key {
+            Some(key) => self.encryption_key(&key_path, key),
+            None => {
+                self.problem(
+                    &key_path,
+                    "missing: 32 random bytes, base64 (e.g. `openssl rand -base64 32`)",
+                );
+                None
+            }
+        };
+        let older: Vec<Option<EncryptionKey>> = raw
+            .decryption_keys
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, key)| self.encryption_key(&path.key("decryption_keys").index(i), key))
+            .collect();
+        let prefix = raw
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| "token-sidecar:".to_owned());
+        if prefix.is_empty() || prefix.contains(['*', '?', '[', ' ']) {
+            self.problem(
+                &path.key("key_prefix"),
+                "must be non-empty, without spaces or glob characters",
+            );
+        }
+        let timeout = self.nonzero(&path.key("timeout"), raw.timeout, Duration::from_millis(250));
+        let lock_ttl = self.nonzero(&path.key("lock_ttl"), raw.lock_ttl, Duration::from_secs(5));
+        let mut encryption_keys = vec![current?];
+        for key in older {
+            encryption_keys.push(key?);
+        }
+        Some(SharedCacheSettings {
+            redis_url: redis_url?,
+            encryption_keys,
+            key_prefix: prefix,
+            timeout,
+            lock_ttl,
+        })
+    }
+
+    /// A base64 key of exactly 32 bytes.
+    fn encryption_key(&mut self, path: &KeyPath, raw: &RawSecret) -> Option<EncryptionKey> {
+        let text = self.secret(path, raw)?;
+        let key = STANDARD
+            .decode(text.expose().trim())
+            .ok()
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .map(EncryptionKey::new);
+        if key.is_none() {
+            self.problem(
+                path,
+                "must be 32 bytes, base64-encoded (e.g. `openssl rand -base64 32`)",
+            );
+        }
+        key
     }
 
     fn allowed_hosts(&mut self, path: &KeyPath, raw: Option<&[String]>) -> Vec<String> {

@@ -25,6 +25,13 @@ pub enum FetchError {
     Timeout,
     #[error("token endpoint unreachable: {reason}")]
     Unreachable { reason: String },
+    /// Another sidecar of the fleet failed and the fleet backs off (`[cache.shared]`); the
+    /// message is that failure's (safe) text.
+    #[error("{message} (the fleet backs off)")]
+    FleetBackoff {
+        message: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 fn reason_suffix(reason: &Option<String>) -> String {
@@ -45,13 +52,16 @@ impl FetchError {
             Self::Malformed { .. } => "malformed",
             Self::Timeout => "timeout",
             Self::Unreachable { .. } => "unreachable",
+            Self::FleetBackoff { .. } => "fleet_backoff",
         }
     }
 
     /// How long the endpoint asked us to wait, if it did.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::RateLimited { retry_after } | Self::Status { retry_after, .. } => *retry_after,
+            Self::RateLimited { retry_after }
+            | Self::Status { retry_after, .. }
+            | Self::FleetBackoff { retry_after, .. } => *retry_after,
             Self::Rejected { .. } | Self::Malformed { .. } | Self::Timeout | Self::Unreachable { .. } => None,
         }
     }

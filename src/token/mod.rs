@@ -7,4 +7,5 @@ pub mod error;
 pub mod fetch;
 pub mod jwt;
 pub mod lifetime;
+pub mod shared;
 pub mod source;

@@ -5,10 +5,13 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use tokio::sync::broadcast;
+
 use super::dialect::IssuedToken;
 use super::error::FetchError;
 use super::fetch::TokenFetcher;
 use crate::config::CredentialSpec;
+use crate::secret::AccessToken;
 
 /// What a [`TokenSource`] call returns.
 pub type SourceFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, FetchError>> + Send + 'a>>;
@@ -21,6 +24,30 @@ pub trait TokenSource: Send + Sync {
 
     /// Revokes the token the provider knows as `token_id` (Nuapay long-lived tokens).
     fn revoke<'a>(&'a self, credential: &'a CredentialSpec, token_id: &'a str) -> SourceFuture<'a, ()>;
+
+    /// The upstream refused `token`: forget it wherever this source keeps tokens (a shared
+    /// tier), unless it was already replaced. The endpoint keeps none.
+    fn purge<'a>(&'a self, _credential: &'a CredentialSpec, _token: &'a AccessToken) -> SourceFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Tokens that others (a fleet's other sidecars) saw refused, as they are announced.
+    fn refused_elsewhere(&self) -> Option<broadcast::Receiver<RefusedToken>> {
+        None
+    }
+
+    /// Whether `refused` names `token`, this sidecar's token for `credential`.
+    fn names(&self, _refused: &RefusedToken, _credential: &CredentialSpec, _token: &AccessToken) -> bool {
+        false
+    }
+}
+
+/// A token another sidecar saw refused, named without being revealed: its credential's fleet
+/// identity and a tag (an HMAC of the token under the fleet's key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedToken {
+    pub fleet_identity: String,
+    pub tag: String,
 }
 
 impl TokenSource for TokenFetcher {

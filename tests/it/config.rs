@@ -12,6 +12,11 @@ const EXAMPLE_ENV: &[(&str, &str)] = &[
     ("ACME_BOOKING_SECRET", "example-booking-secret"),
     ("ACME_PAYU_SECRET", "example-payu-secret"),
     ("GLOBEX_PAYU_SECRET", "example-globex-secret"),
+    ("TOKEN_SIDECAR_REDIS_URL", "redis://127.0.0.1:6379"),
+    (
+        "TOKEN_SIDECAR_CACHE_KEY",
+        "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=",
+    ),
 ];
 
 #[test]

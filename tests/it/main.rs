@@ -7,6 +7,7 @@ mod clients;
 mod config;
 mod deploy;
 mod dev;
+mod fleet;
 mod forwarding;
 mod hardening;
 mod lifecycle;

@@ -39,6 +39,8 @@ pub fn retry_gap(error: &FetchError, attempt: u32) -> Option<Duration> {
     match error {
         FetchError::Rejected { .. } => None,
         FetchError::Status { status, .. } if *status < 500 => None,
+        // The fleet already waits; its time left is the answer.
+        FetchError::FleetBackoff { .. } => None,
         FetchError::RateLimited { retry_after } | FetchError::Status { retry_after, .. } => {
             Some(retry_after.unwrap_or(jittered).max(jittered))
         }

@@ -237,6 +237,11 @@ impl TokenCache {
                 }
             })
             .await;
+        // The fleet's copy too, so that the other sidecars stop sending it.
+        let source = self.registry.load().source.clone();
+        if let Err(err) = source.purge(spec, &used.token).await {
+            tracing::debug!(error = %err, "could not purge the refused token from the shared tier");
+        }
         true
     }
 

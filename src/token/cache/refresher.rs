@@ -8,19 +8,40 @@ use std::time::Duration;
 use super::registry::CredentialState;
 use super::{lock, TokenCache, Want};
 use crate::token::lifetime::Freshness;
+use crate::token::source::RefusedToken;
 
 /// How often the refresher looks for tokens coming due (real time).
 const REFRESHER_TICK: Duration = Duration::from_millis(200);
 
 impl TokenCache {
     /// Refreshes recently used credentials whose tokens come due, until `shutdown` turns true.
+    /// Also drops the tokens the fleet's other sidecars announce as refused.
     pub async fn run_refresher(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(REFRESHER_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refused = self.registry.load().source.refused_elsewhere();
         loop {
             tokio::select! {
                 _ = tick.tick() => self.refresh_due().await,
+                announced = next_refused(&mut refused) => match announced {
+                    Some(token) => self.drop_refused(&token).await,
+                    None => refused = None,
+                },
                 _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Forgets the local token `refused` names, so that it is not sent again.
+    async fn drop_refused(&self, refused: &RefusedToken) {
+        let registry = self.registry.load_full();
+        for state in registry.by_identity.values() {
+            let Some(cached) = self.store.get(&state.spec.identity).await else {
+                continue;
+            };
+            if registry.source.names(refused, &state.spec, &cached.token) {
+                tracing::info!(credential = %state.spec.name, token = %cached.token, "another sidecar saw this token refused; dropping it");
+                self.store.invalidate(&state.spec.identity).await;
             }
         }
     }
@@ -65,5 +86,21 @@ impl TokenCache {
             }
             state.fetch.refreshing.store(false, Ordering::Release);
         });
+    }
+}
+
+/// The next announced refusal; `None` once the announcements stop (or there are none).
+async fn next_refused(
+    receiver: &mut Option<tokio::sync::broadcast::Receiver<RefusedToken>>,
+) -> Option<RefusedToken> {
+    let Some(receiver) = receiver else {
+        return std::future::pending().await;
+    };
+    loop {
+        match receiver.recv().await {
+            Ok(token) => return Some(token),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        }
     }
 }

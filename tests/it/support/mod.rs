@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod binary;
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
