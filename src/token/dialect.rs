@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use sha2::{Digest, Sha256};
+
 use serde_json::Value;
 
 use super::error::FetchError;
@@ -95,29 +97,53 @@ fn json_value(value: &BodyValue) -> Value {
 /// token cache is keyed by it, so a credential keeps its token across a reload exactly when
 /// none of this changed.
 pub fn credential_identity(request: &TokenRequest, response: &ResponseSpec) -> Arc<str> {
-    use sha2::{Digest, Sha256};
-    let secret_digest = |secret: &Secret| hex::encode(Sha256::digest(secret.expose().as_bytes()));
-    let mut hasher = Sha256::new();
-    let mut add = |part: &str| {
-        hasher.update((part.len() as u64).to_be_bytes());
-        hasher.update(part.as_bytes());
-    };
-    add(request.url.as_str());
-    add(&format!("{:?}", request.encoding));
-    for (name, value) in &request.fields {
-        add(name);
-        match value {
-            BodyValue::Secret(secret) => add(&secret_digest(secret)),
-            other => add(&format!("{other:?}")),
-        }
-    }
-    add(&request
-        .authorization
-        .as_ref()
-        .map(secret_digest)
-        .unwrap_or_default());
-    add(&format!("{response:?}"));
+    let mut hasher = request.digest(Secrets::AsDigests);
+    hash_part(&mut hasher, &format!("{response:?}"));
     hex::encode(hasher.finalize()).into()
+}
+
+/// How [`TokenRequest::digest`] treats the request's secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// Each secret's SHA-256 goes in: the digest changes when a secret does.
+    AsDigests,
+    /// Secrets are left out: the digest is the same for every holder of the same client id.
+    Left,
+}
+
+impl TokenRequest {
+    /// A SHA-256 of the endpoint, the encoding and the body fields (secrets as `secrets` says);
+    /// never a secret itself.
+    pub fn digest(&self, secrets: Secrets) -> Sha256 {
+        let secret_digest = |secret: &Secret| hex::encode(Sha256::digest(secret.expose().as_bytes()));
+        let mut hasher = Sha256::new();
+        hash_part(&mut hasher, self.url.as_str());
+        hash_part(&mut hasher, &format!("{:?}", self.encoding));
+        for (name, value) in &self.fields {
+            match (value, secrets) {
+                (BodyValue::Secret(_), Secrets::Left) => continue,
+                (BodyValue::Secret(secret), Secrets::AsDigests) => {
+                    hash_part(&mut hasher, name);
+                    hash_part(&mut hasher, &secret_digest(secret));
+                }
+                (other, _) => {
+                    hash_part(&mut hasher, name);
+                    hash_part(&mut hasher, &format!("{other:?}"));
+                }
+            }
+        }
+        if secrets == Secrets::AsDigests {
+            let authorization = self.authorization.as_ref().map(secret_digest);
+            hash_part(&mut hasher, &authorization.unwrap_or_default());
+        }
+        hasher
+    }
+}
+
+/// One length-prefixed part of a digest, so that parts cannot run into each other.
+fn hash_part(hasher: &mut Sha256, part: &str) {
+    hasher.update((part.len() as u64).to_be_bytes());
+    hasher.update(part.as_bytes());
 }
 
 /// Where the token and its expiry sit in an endpoint's JSON answer.

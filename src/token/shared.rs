@@ -24,10 +24,10 @@ use rand::Rng;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 use tokio::sync::broadcast;
 
-use super::dialect::{BodyValue, IssuedToken};
+use super::dialect::{IssuedToken, Secrets};
 use super::error::FetchError;
 use super::lifetime::Freshness;
 use super::source::{RefusedToken, SourceFuture, TokenSource};
@@ -439,21 +439,8 @@ impl Keys {
 /// the body fields that are not secret (client id, organisation, scopes) — hashed: the same for
 /// every sidecar of the fleet, and never a secret.
 pub fn fleet_identity(credential: &CredentialSpec) -> String {
-    let request = &credential.request;
-    let mut hasher = Sha256::new();
-    let mut add = |part: &str| {
-        hasher.update((part.len() as u64).to_be_bytes());
-        hasher.update(part.as_bytes());
-    };
-    add(request.url.as_str());
-    add(&format!("{:?}", request.encoding));
-    for (name, value) in &request.fields {
-        if !matches!(value, BodyValue::Secret(_)) {
-            add(name);
-            add(&format!("{value:?}"));
-        }
-    }
-    hex::encode(&hasher.finalize()[..16])
+    let digest = credential.request.digest(Secrets::Left).finalize();
+    hex::encode(&digest[..16])
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -228,4 +228,10 @@ fn a_credential_identity_changes_with_its_secret_and_scopes_and_never_contains_t
     );
     assert_eq!(base.len(), 64, "a hex SHA-256");
     assert!(!base.contains("s3cret"));
+
+    // The fleet's key for a credential leaves its secrets out: every sidecar computes it alike,
+    // and a rotation does not orphan the fleet's token.
+    let fleet = |secret: &str, scope: &str| request(secret, scope).digest(Secrets::Left).finalize();
+    assert_eq!(fleet("s3cret-one", "read"), fleet("s3cret-two", "read"));
+    assert_ne!(fleet("s3cret-one", "read"), fleet("s3cret-one", "write"));
 }
