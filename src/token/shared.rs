@@ -161,17 +161,44 @@ impl SharedTier {
             .query_async(redis)
             .await?;
         if locked.is_some() {
+            // Checked again under the lock: the previous holder may have stored its token
+            // between our first look and our taking the lock.
+            let stored = match self.fresh_token(redis, &keys).await {
+                Ok(stored) => stored,
+                Err(err) => {
+                    self.release(redis, &keys, &holder).await;
+                    return Err(err);
+                }
+            };
+            if let Some(token) = stored {
+                self.release(redis, &keys, &holder).await;
+                self.metrics.shared_cache("hit");
+                return Ok(Ok(token));
+            }
             let outcome = self.inner.fetch(credential).await;
-            self.record(redis, &keys, &outcome).await?;
-            redis::Script::new(RELEASE)
-                .key(&keys.lock)
-                .arg(&holder)
-                .invoke_async::<i64>(redis)
-                .await?;
+            // Storing and releasing are best effort: if Redis fails now, the fleet misses this
+            // outcome (and the lock expires), but the token in hand is not fetched again.
+            if let Err(err) = self.record(redis, &keys, &outcome).await {
+                self.link.failed(&err);
+            }
+            self.release(redis, &keys, &holder).await;
             return Ok(outcome);
         }
         self.metrics.shared_cache("lock_wait");
         self.wait_for_holder(redis, &keys, credential).await
+    }
+
+    /// Lets go of the credential's lock if this sidecar still holds it (best effort: else it
+    /// expires).
+    async fn release(&self, redis: &mut ConnectionManager, keys: &Keys, holder: &str) {
+        let released = redis::Script::new(RELEASE)
+            .key(&keys.lock)
+            .arg(holder)
+            .invoke_async::<i64>(redis)
+            .await;
+        if let Err(err) = released {
+            self.link.failed(&err);
+        }
     }
 
     /// Another sidecar holds the lock: its token, its failure, or — when it vanished or the
@@ -185,6 +212,8 @@ impl SharedTier {
         let deadline = tokio::time::Instant::now() + self.lock_ttl;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(POLL).await;
+            let held: bool = redis.exists(&keys.lock).await?;
+            // Look after the lock: a holder stores its outcome before it lets go.
             if let Some(token) = self.fresh_token(redis, keys).await? {
                 self.metrics.shared_cache("hit");
                 return Ok(Ok(token));
@@ -192,7 +221,6 @@ impl SharedTier {
             if let Some(failure) = self.fleet_backoff(redis, keys).await? {
                 return Ok(Err(failure));
             }
-            let held: bool = redis.exists(&keys.lock).await?;
             if !held {
                 break;
             }

@@ -22,7 +22,8 @@ fn fleet_config(s: &StandIns, redis: Option<&RedisServer>) -> String {
     let shared = redis
         .map(|redis| {
             format!(
-                "[cache.shared]\nredis_url = \"{}\"\nencryption_key = \"{}\"\nkey_prefix = \"{KEY_PREFIX}\"\n",
+                // A tolerant timeout: three sidecars and the tests share two loaded cores.
+                "[cache.shared]\nredis_url = \"{}\"\nencryption_key = \"{}\"\nkey_prefix = \"{KEY_PREFIX}\"\ntimeout = \"2s\"\nlock_ttl = \"15s\"\n",
                 redis.url(),
                 encryption_key()
             )
