@@ -111,10 +111,20 @@ pub enum RawBodyEncoding {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum RawClientAuth {
     Body,
     Basic,
+    ClientSecretJwt,
+    PrivateKeyJwt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum RawSigningAlg {
+    Rs256,
+    Ps256,
+    Es256,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -142,6 +152,13 @@ pub struct RawProvider {
     pub client_auth: Option<RawClientAuth>,
     pub client_id: Option<RawSecret>,
     pub client_secret: Option<RawSecret>,
+    // client assertions (private_key_jwt, client_secret_jwt), also on credentials
+    pub signing_key: Option<RawSecret>,
+    pub signing_alg: Option<RawSigningAlg>,
+    pub signing_kid: Option<String>,
+    pub assertion_audience: Option<String>,
+    /// Extra fields sent in the token request body.
+    pub params: Option<BTreeMap<String, String>>,
     pub token_field: Option<String>,
     pub expires_in_field: Option<String>,
     pub expires_at_field: Option<String>,
@@ -174,6 +191,13 @@ pub struct RawCredential {
     pub client_id: Option<RawSecret>,
     pub client_secret: Option<RawSecret>,
     pub organisation: Option<RawSecret>,
+    // client assertions: these win over the provider's
+    pub signing_key: Option<RawSecret>,
+    pub signing_alg: Option<RawSigningAlg>,
+    pub signing_kid: Option<String>,
+    pub assertion_audience: Option<String>,
+    /// Extra fields sent in the token request body.
+    pub params: Option<BTreeMap<String, String>>,
     pub scopes: Option<Vec<String>>,
     #[serde(default)]
     pub prefetch: bool,
@@ -199,6 +223,33 @@ pub struct RawRoute {
     pub purge_on_status: Option<Vec<u16>>,
     pub replay_body_limit: Option<u64>,
 }
+
+/// The assertion keys of a provider or a credential table.
+pub struct RawSigningKeys<'r> {
+    pub signing_key: Option<&'r RawSecret>,
+    pub signing_alg: Option<RawSigningAlg>,
+    pub signing_kid: Option<&'r String>,
+    pub assertion_audience: Option<&'r String>,
+    pub params: Option<&'r BTreeMap<String, String>>,
+}
+
+macro_rules! signing_keys {
+    ($table:ty) => {
+        impl $table {
+            pub fn signing(&self) -> RawSigningKeys<'_> {
+                RawSigningKeys {
+                    signing_key: self.signing_key.as_ref(),
+                    signing_alg: self.signing_alg,
+                    signing_kid: self.signing_kid.as_ref(),
+                    assertion_audience: self.assertion_audience.as_ref(),
+                    params: self.params.as_ref(),
+                }
+            }
+        }
+    };
+}
+signing_keys!(RawProvider);
+signing_keys!(RawCredential);
 
 /// `"literal"`, `{ env = "NAME" }` or `{ file = "/path" }`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -112,7 +112,10 @@ scopes = ["openbanking_pisp", "admin"]
         credential.request.authorization.as_ref().unwrap().expose(),
         "Basic a2V5Og=="
     );
-    let (_, body) = credential.request.encode_body();
+    let (_, body) = credential
+        .request
+        .encode_body(std::time::SystemTime::now())
+        .unwrap();
     assert_eq!(
         String::from_utf8(body).unwrap(),
         r#"{"scopes":["openbanking_pisp","admin"],"expiresIn":360}"#

@@ -17,6 +17,7 @@ use super::*;
 use sha2::{Digest, Sha256};
 
 use crate::secret::{EncryptionKey, Secret};
+use crate::token::assertion::{Assertion, SigningAlg};
 use crate::token::dialect::{
     credential_identity, BodyEncoding, BodyValue, ResponseSpec, TimeUnit, TokenChars, TokenRequest,
 };
@@ -239,6 +240,28 @@ struct ProviderDraft {
     response: ResponseSpec,
 }
 
+/// A client's assertion settings (on a provider; a credential's own win), before the key is
+/// known to sign.
+#[derive(Clone, Default)]
+struct SigningDraft {
+    /// The key and where it was configured (for errors).
+    key: Option<(Secret, KeyPath)>,
+    alg: Option<SigningAlg>,
+    kid: Option<String>,
+    audience: Option<String>,
+    params: Vec<(String, String)>,
+}
+
+/// Body fields the sidecar sets itself: `params` may not name them.
+const MANAGED_FIELDS: &[&str] = &[
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "client_assertion",
+    "client_assertion_type",
+    "scope",
+];
+
 enum Endpoint {
     OAuth2 {
         url: reqwest::Url,
@@ -246,6 +269,7 @@ enum Endpoint {
         client_auth: RawClientAuth,
         client_id: Option<String>,
         client_secret: Option<Secret>,
+        signing: SigningDraft,
     },
     Nuapay {
         base_url: reqwest::Url,
@@ -593,6 +617,11 @@ impl Validator {
             ("client_auth", raw.client_auth.is_some()),
             ("client_id", raw.client_id.is_some()),
             ("client_secret", raw.client_secret.is_some()),
+            ("signing_key", raw.signing_key.is_some()),
+            ("signing_alg", raw.signing_alg.is_some()),
+            ("signing_kid", raw.signing_kid.is_some()),
+            ("assertion_audience", raw.assertion_audience.is_some()),
+            ("params", raw.params.is_some()),
             ("token_field", raw.token_field.is_some()),
             ("expires_in_field", raw.expires_in_field.is_some()),
             ("expires_at_field", raw.expires_at_field.is_some()),
@@ -675,6 +704,7 @@ impl Validator {
             client_auth: raw.client_auth.unwrap_or(RawClientAuth::Body),
             client_id: self.text(&path.key("client_id"), raw.client_id.as_ref()),
             client_secret,
+            signing: self.signing(path, &raw.signing(), SigningDraft::default()),
         };
         let response = ResponseSpec {
             token: token??,
@@ -785,6 +815,7 @@ impl Validator {
             client_auth,
             client_id,
             client_secret,
+            signing,
         } = &provider.endpoint
         else {
             return None;
@@ -803,45 +834,135 @@ impl Validator {
             .text(&path.key("client_id"), raw.client_id.as_ref())
             .or_else(|| client_id.clone());
         let client_secret = own_secret.or_else(|| client_secret.clone());
+        let signing = self.signing(path, &raw.signing(), signing.clone());
         let provider_name = &provider.spec.name;
-        let (Some(client_id), Some(client_secret)) = (client_id, client_secret) else {
+        let Some(client_id) = client_id else {
+            let needs = match client_auth {
+                RawClientAuth::PrivateKeyJwt => "client_id",
+                RawClientAuth::Body | RawClientAuth::Basic | RawClientAuth::ClientSecretJwt => {
+                    "client_id and client_secret"
+                }
+            };
             self.problem(
                 path,
-                format!("needs client_id and client_secret, here or on provider `{provider_name}`"),
+                format!("needs {needs}, here or on provider `{provider_name}`"),
             );
             return None;
         };
-        let secrets = vec![client_secret.clone()];
-        let mut fields = vec![(
-            "grant_type".to_owned(),
-            BodyValue::Text("client_credentials".into()),
-        )];
-        let authorization = match client_auth {
-            RawClientAuth::Body => {
-                fields.push(("client_id".into(), BodyValue::Text(client_id)));
-                fields.push(("client_secret".into(), BodyValue::Secret(client_secret)));
-                None
-            }
-            RawClientAuth::Basic => {
-                // RFC 6749 §2.3.1: both parts form-encoded before Basic encoding.
-                let user = form_encode(&client_id);
-                let password = form_encode(client_secret.expose());
-                Some(Secret::new(format!(
-                    "Basic {}",
-                    STANDARD.encode(format!("{user}:{password}"))
-                )))
-            }
-        };
-        if !scopes.is_empty() {
-            fields.push(("scope".into(), BodyValue::Text(scopes.join(" "))));
-        }
-        Some(TokenRequest {
+        let mut request = TokenRequest {
             url: url.clone(),
             encoding: *encoding,
-            fields,
-            authorization,
-            secrets,
-        })
+            fields: vec![(
+                "grant_type".to_owned(),
+                BodyValue::Text("client_credentials".into()),
+            )],
+            authorization: None,
+            secrets: Vec::new(),
+            assertion: None,
+        };
+        let audience = signing.audience.clone().unwrap_or_else(|| url.to_string());
+        let client_auth = *client_auth;
+        if client_auth == RawClientAuth::PrivateKeyJwt {
+            let assertion = self.private_key_assertion(path, &signing, &client_id, &audience)?;
+            request
+                .fields
+                .push(("client_id".into(), BodyValue::Text(client_id)));
+            request.assertion = Some(assertion);
+        } else {
+            let Some(secret) = client_secret else {
+                self.problem(
+                    path,
+                    format!("needs client_id and client_secret, here or on provider `{provider_name}`"),
+                );
+                return None;
+            };
+            self.refuse_signing_keys(&signing, client_auth);
+            request.secrets.push(secret.clone());
+            client_secret_auth(
+                &mut request,
+                client_auth,
+                client_id,
+                secret,
+                &audience,
+                signing.kid.clone(),
+            );
+        }
+        if !scopes.is_empty() {
+            request
+                .fields
+                .push(("scope".into(), BodyValue::Text(scopes.join(" "))));
+        }
+        for (name, value) in signing.params {
+            request.fields.push((name, BodyValue::Text(value)));
+        }
+        Some(request)
+    }
+
+    /// A provider's assertion settings, with a credential's own (`raw`) winning.
+    fn signing(&mut self, path: &KeyPath, raw: &RawSigningKeys<'_>, base: SigningDraft) -> SigningDraft {
+        let key = match raw.signing_key {
+            Some(key) => self
+                .secret(&path.key("signing_key"), key)
+                .map(|key| (key, path.key("signing_key"))),
+            None => base.key,
+        };
+        let mut params = base.params;
+        for (name, value) in raw.params.into_iter().flatten() {
+            if MANAGED_FIELDS.contains(&name.as_str()) {
+                self.problem(
+                    &path.key("params").key(name),
+                    "is set by the sidecar; it cannot be a param",
+                );
+                continue;
+            }
+            params.retain(|(existing, _)| existing != name);
+            params.push((name.clone(), value.clone()));
+        }
+        let alg = raw.signing_alg.map(|alg| match alg {
+            RawSigningAlg::Rs256 => SigningAlg::Rs256,
+            RawSigningAlg::Ps256 => SigningAlg::Ps256,
+            RawSigningAlg::Es256 => SigningAlg::Es256,
+        });
+        SigningDraft {
+            key,
+            alg: alg.or(base.alg),
+            kid: raw.signing_kid.cloned().or(base.kid),
+            audience: raw.assertion_audience.cloned().or(base.audience),
+            params,
+        }
+    }
+
+    /// The `private_key_jwt` assertion: the key must be there and sign.
+    fn private_key_assertion(
+        &mut self,
+        path: &KeyPath,
+        signing: &SigningDraft,
+        client_id: &str,
+        audience: &str,
+    ) -> Option<Assertion> {
+        let Some((key, key_path)) = &signing.key else {
+            self.problem(
+                &path.key("signing_key"),
+                "missing: client_auth = private_key_jwt signs with a PKCS#8 PEM key, here or on the provider",
+            );
+            return None;
+        };
+        match Assertion::private_key_jwt(key, signing.alg, signing.kid.clone(), client_id, audience) {
+            Ok(assertion) => Some(assertion),
+            Err(err) => {
+                self.problem(key_path, err.to_string());
+                None
+            }
+        }
+    }
+
+    fn refuse_signing_keys(&mut self, signing: &SigningDraft, client_auth: RawClientAuth) {
+        if let Some((_, key_path)) = &signing.key {
+            self.problem(
+                key_path,
+                format!("is used only with client_auth = private_key_jwt (this one has {client_auth:?})"),
+            );
+        }
     }
 
     fn nuapay_request(
@@ -918,6 +1039,7 @@ impl Validator {
                 STANDARD.encode(format!("{}:", api_key.expose()))
             ))),
             secrets: vec![api_key.clone()],
+            assertion: None,
         })
     }
 
@@ -1356,6 +1478,43 @@ fn display_prefix(prefix: &str) -> &str {
         "/"
     } else {
         prefix
+    }
+}
+
+/// Client authentication with the client secret: in the body, as HTTP Basic, or as the HS256
+/// key of a `client_secret_jwt` assertion (then never sent itself).
+fn client_secret_auth(
+    request: &mut TokenRequest,
+    client_auth: RawClientAuth,
+    client_id: String,
+    secret: Secret,
+    audience: &str,
+    kid: Option<String>,
+) {
+    match client_auth {
+        RawClientAuth::Body => {
+            request
+                .fields
+                .push(("client_id".into(), BodyValue::Text(client_id)));
+            request
+                .fields
+                .push(("client_secret".into(), BodyValue::Secret(secret)));
+        }
+        RawClientAuth::Basic => {
+            // RFC 6749 §2.3.1: both parts form-encoded before Basic encoding.
+            let user = form_encode(&client_id);
+            let password = form_encode(secret.expose());
+            request.authorization = Some(Secret::new(format!(
+                "Basic {}",
+                STANDARD.encode(format!("{user}:{password}"))
+            )));
+        }
+        RawClientAuth::ClientSecretJwt | RawClientAuth::PrivateKeyJwt => {
+            request.assertion = Some(Assertion::client_secret_jwt(&secret, &client_id, audience, kid));
+            request
+                .fields
+                .push(("client_id".into(), BodyValue::Text(client_id)));
+        }
     }
 }
 

@@ -23,6 +23,7 @@ fn credential() -> Arc<CredentialSpec> {
             fields: vec![],
             authorization: None,
             secrets: vec![],
+            assertion: None,
         },
         response: ResponseSpec::oauth2(),
         prefetch: false,

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 use serde_json::Value;
 
+use super::assertion::Assertion;
 use super::error::FetchError;
 use super::jwt;
 use crate::secret::{AccessToken, Secret};
@@ -47,17 +48,26 @@ pub struct TokenRequest {
     /// Every secret this request carries, as configured: an error answer that echoes one is
     /// never passed on.
     pub secrets: Vec<Secret>,
+    /// A client assertion signed afresh for each request (`client_secret_jwt`,
+    /// `private_key_jwt`).
+    pub assertion: Option<Assertion>,
 }
 
 impl TokenRequest {
     /// The body as bytes, with its content type. Secrets are exposed here and nowhere else.
-    pub fn encode_body(&self) -> (&'static str, Vec<u8>) {
-        match self.encoding {
+    /// With an assertion, its fields signed at `now` come last.
+    pub fn encode_body(&self, now: SystemTime) -> Result<(&'static str, Vec<u8>), FetchError> {
+        let signed = match &self.assertion {
+            Some(assertion) => assertion.fields(now)?.to_vec(),
+            None => Vec::new(),
+        };
+        Ok(match self.encoding {
             BodyEncoding::Form => {
                 let pairs: Vec<(&str, String)> = self
                     .fields
                     .iter()
                     .map(|(name, value)| (name.as_str(), form_text(value)))
+                    .chain(signed)
                     .collect();
                 let body = serde_urlencoded::to_string(pairs).unwrap_or_default();
                 ("application/x-www-form-urlencoded", body.into_bytes())
@@ -67,10 +77,15 @@ impl TokenRequest {
                     .fields
                     .iter()
                     .map(|(name, value)| (name.clone(), json_value(value)))
+                    .chain(
+                        signed
+                            .into_iter()
+                            .map(|(name, value)| (name.to_owned(), Value::from(value))),
+                    )
                     .collect();
                 ("application/json", Value::Object(object).to_string().into_bytes())
             }
-        }
+        })
     }
 }
 
@@ -135,6 +150,8 @@ impl TokenRequest {
         if secrets == Secrets::AsDigests {
             let authorization = self.authorization.as_ref().map(secret_digest);
             hash_part(&mut hasher, &authorization.unwrap_or_default());
+            let assertion = self.assertion.as_ref().map(Assertion::identity_part);
+            hash_part(&mut hasher, &assertion.unwrap_or_default());
         }
         hasher
     }

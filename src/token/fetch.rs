@@ -61,12 +61,12 @@ impl TokenFetcher {
     /// One request to the credential's token endpoint; no retries here.
     pub async fn fetch(&self, credential: &CredentialSpec) -> Result<IssuedToken, FetchError> {
         let request = &credential.request;
-        let (content_type, body) = request.encode_body();
+        let requested_at = self.clock.now();
+        let (content_type, body) = request.encode_body(requested_at)?;
         let builder = self
             .post(credential, request.url.clone())?
             .header(CONTENT_TYPE, content_type)
             .body(body);
-        let requested_at = self.clock.now();
         let response = builder.send().await.map_err(transport_error)?;
         let status = response.status();
         let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);

@@ -1,6 +1,7 @@
 //! Tokens: provider dialects as data, fetching from the endpoint, the seam to any other source
 //! of tokens, the lifetime policy and the cache keyed by credential identity.
 
+pub mod assertion;
 pub mod cache;
 pub mod dialect;
 pub mod error;

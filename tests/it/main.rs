@@ -2,6 +2,7 @@
 //! four provider shapes and a TLS upstream that accepts only valid issued tokens.
 
 mod admin;
+mod assertions;
 mod cache;
 mod clients;
 mod config;

@@ -60,6 +60,7 @@ fn credential(name: &str, identity: &str) -> Arc<CredentialSpec> {
             fields: vec![],
             authorization: None,
             secrets: vec![],
+            assertion: None,
         },
         response: ResponseSpec::oauth2(),
         prefetch: false,

@@ -168,8 +168,9 @@ fn form_body_joins_lists_with_spaces_and_json_keeps_them() {
         ],
         authorization: None,
         secrets: vec![],
+        assertion: None,
     };
-    let (content_type, body) = request.encode_body();
+    let (content_type, body) = request.encode_body(SystemTime::now()).unwrap();
     assert_eq!(content_type, "application/x-www-form-urlencoded");
     assert_eq!(
         String::from_utf8(body).unwrap(),
@@ -180,7 +181,7 @@ fn form_body_joins_lists_with_spaces_and_json_keeps_them() {
         ("scopes".into(), BodyValue::List(vec!["openbanking_pisp".into()])),
         ("expiresIn".into(), BodyValue::Number(360)),
     ];
-    let (content_type, body) = request.encode_body();
+    let (content_type, body) = request.encode_body(SystemTime::now()).unwrap();
     assert_eq!(content_type, "application/json");
     assert_eq!(
         String::from_utf8(body).unwrap(),
@@ -200,6 +201,7 @@ fn a_credential_identity_changes_with_its_secret_and_scopes_and_never_contains_t
         ],
         authorization: None,
         secrets: vec![Secret::new(secret)],
+        assertion: None,
     };
     let spec = ResponseSpec::oauth2();
     let base = credential_identity(&request("s3cret-one", "read"), &spec);
