@@ -12,10 +12,16 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::config::{Inject, Upstream};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustls::pki_types::CertificateDer;
+
+use crate::config::{Inject, RouteSpec, Upstream};
 use crate::error::ProxyBody;
 use crate::route::join_path;
 use crate::secret::AccessToken;
+use crate::tls::TlsError;
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
@@ -36,6 +42,28 @@ pub fn upstream_client(tls: rustls::ClientConfig) -> UpstreamClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .build(https)
+}
+
+/// One pooled client per client identity the routes present (mutual TLS), keyed by the
+/// identity's digest; `previous` clients (and their connections) are kept for identities that
+/// did not change.
+pub fn identity_clients(
+    routes: &[Arc<RouteSpec>],
+    roots: &[CertificateDer<'static>],
+    previous: Option<&HashMap<String, UpstreamClient>>,
+) -> Result<HashMap<String, UpstreamClient>, TlsError> {
+    let mut clients = HashMap::new();
+    for identity in routes.iter().filter_map(|route| route.client_identity.as_ref()) {
+        if clients.contains_key(&identity.digest) {
+            continue;
+        }
+        let client = match previous.and_then(|previous| previous.get(&identity.digest)) {
+            Some(kept) => kept.clone(),
+            None => upstream_client(crate::tls::client_config(roots, Some(identity))?),
+        };
+        clients.insert(identity.digest.clone(), client);
+    }
+    Ok(clients)
 }
 
 /// `upstream` + the path after the route's prefix + the original query.

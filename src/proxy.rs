@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod client_body;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -88,8 +89,21 @@ pub struct Snapshot {
     /// The pooled client to the upstreams (rebuilt by a reload only when the trusted roots
     /// change, so pooled connections survive reloads).
     pub client: UpstreamClient,
+    /// Clients presenting a client certificate (mutual TLS), by the identity's digest.
+    pub identity_clients: HashMap<String, UpstreamClient>,
     /// One `token_sidecar::access` event per request.
     pub access_log: bool,
+}
+
+impl Snapshot {
+    /// The client for `route`: with its client certificate, if it has one.
+    fn client_for(&self, route: &RouteSpec) -> &UpstreamClient {
+        route
+            .client_identity
+            .as_ref()
+            .and_then(|identity| self.identity_clients.get(&identity.digest))
+            .unwrap_or(&self.client)
+    }
 }
 
 pub struct Proxy {
@@ -187,7 +201,8 @@ impl Proxy {
         };
         let token = self.tokens.token(&credential).await?;
         exchange.token = Some(token.token.clone());
-        let response = match send(&snapshot.client, route, &outgoing, first_body, &token).await {
+        let client = snapshot.client_for(route);
+        let response = match send(client, route, &outgoing, first_body, &token).await {
             Ok(response) => response,
             // A client body that failed mid-stream is the client's error, whatever the
             // upstream connection made of it.
@@ -209,7 +224,7 @@ impl Proxy {
         tracing::info!(route = %route.name, credential = %credential.name, status = response.status().as_u16(), "upstream refused the token; resending once with a fresh one");
         exchange.replayed = true;
         exchange.token = Some(fresh.token.clone());
-        let replayed = send(&snapshot.client, route, &outgoing, full_body(bytes), &fresh).await?;
+        let replayed = send(client, route, &outgoing, full_body(bytes), &fresh).await?;
         exchange.upstream_status = Some(replayed.status().as_u16());
         if route.purge_on_status.contains(&replayed.status()) {
             self.tokens.purge_refused(&credential, &fresh).await;

@@ -30,7 +30,7 @@ pub enum ReloadError {
     #[error("the new TLS settings cannot be used; the old config keeps serving")]
     Tls(#[source] tls::TlsError),
     #[error("the token endpoint client cannot be built; the old config keeps serving")]
-    TokenClient(#[source] reqwest::Error),
+    TokenClient(#[source] crate::token::fetch::ClientError),
 }
 
 impl ReloadError {
@@ -130,23 +130,26 @@ impl Reloader {
 
         let tls_changed = config.extra_roots != current.config.extra_roots;
         let tls = if tls_changed {
-            tls::client_config(&config.extra_roots).map_err(ReloadError::Tls)?
+            tls::client_config(&config.extra_roots, None).map_err(ReloadError::Tls)?
         } else {
             current.tls.clone()
         };
         let fetcher = TokenFetcher::rebuilt(
             &config.providers,
-            &tls,
+            &config.extra_roots,
             self.clock.clone(),
             (!tls_changed).then_some(&*current.fetcher),
         )
         .map(Arc::new)
         .map_err(ReloadError::TokenClient)?;
-        let client = if tls_changed {
-            forward::upstream_client(tls.clone())
+        let running = self.proxy.current();
+        let (client, previous) = if tls_changed {
+            (forward::upstream_client(tls.clone()), None)
         } else {
-            self.proxy.current().client.clone()
+            (running.client.clone(), Some(&running.identity_clients))
         };
+        let identity_clients = forward::identity_clients(&config.routes, &config.extra_roots, previous)
+            .map_err(ReloadError::Tls)?;
 
         let shared = current
             .shared
@@ -161,6 +164,7 @@ impl Reloader {
             guards: RequestGuards::from_settings(&config.server),
             router: Router::new(&config.routes, &config.server.allowed_hosts),
             client,
+            identity_clients,
             access_log: config.server.access_log,
         });
         tracing::info!(kept = ?applied.kept, changed = ?applied.changed, removed = ?applied.removed, "credentials after the reload");

@@ -78,7 +78,7 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("cannot build the token endpoint client")]
-    TokenClient(#[source] reqwest::Error),
+    TokenClient(#[source] crate::token::fetch::ClientError),
     #[error("cannot set up the shared cache")]
     SharedCache(#[source] redis::RedisError),
     #[error("cannot catch shutdown signals")]
@@ -131,10 +131,10 @@ pub async fn start_from(
     path: Option<PathBuf>,
     clock: SharedClock,
 ) -> Result<RunningSidecar, StartError> {
-    let tls = tls::client_config(&config.extra_roots)?;
+    let tls = tls::client_config(&config.extra_roots, None)?;
     let metrics = Metrics::new();
-    let fetcher =
-        TokenFetcher::new(&config.providers, &tls, clock.clone()).map_err(StartError::TokenClient)?;
+    let fetcher = TokenFetcher::new(&config.providers, &config.extra_roots, clock.clone())
+        .map_err(StartError::TokenClient)?;
     let fetcher = Arc::new(fetcher);
     let shared = match &config.shared {
         Some(settings) => Some(Arc::new(
@@ -165,6 +165,7 @@ pub async fn start_from(
             guards: RequestGuards::from_settings(&config.server),
             router: Router::new(&config.routes, &config.server.allowed_hosts),
             client: forward::upstream_client(tls.clone()),
+            identity_clients: forward::identity_clients(&config.routes, &config.extra_roots, None)?,
             access_log: config.server.access_log,
         },
         tokens.clone(),

@@ -19,6 +19,7 @@ use rustls::pki_types::CertificateDer;
 pub use locate::KeyPath;
 
 use crate::secret::{EncryptionKey, Secret};
+use crate::tls::ClientIdentity;
 use crate::token::dialect::{ResponseSpec, TokenRequest};
 use crate::token::lifetime::RefreshPolicy;
 
@@ -112,6 +113,8 @@ impl Default for CacheSettings {
 pub struct ProviderSpec {
     pub name: Arc<str>,
     pub kind: ProviderKind,
+    /// Mutual TLS to the token endpoint.
+    pub client_identity: Option<Arc<ClientIdentity>>,
     pub connect_timeout: Duration,
     pub timeout: Duration,
 }
@@ -159,6 +162,8 @@ pub struct RouteSpec {
     /// Path prefix without trailing slash (`""` for `/`).
     pub path_prefix: Option<String>,
     pub upstream: Upstream,
+    /// Mutual TLS to the upstream.
+    pub client_identity: Option<Arc<ClientIdentity>>,
     pub credential: CredentialChoice,
     pub inject: Inject,
     pub headers: Vec<(HeaderName, HeaderValue)>,

@@ -20,6 +20,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub cache: RawCache,
     #[serde(default)]
+    pub identities: BTreeMap<String, RawIdentity>,
+    #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     pub credentials: BTreeMap<String, RawCredential>,
@@ -81,6 +83,14 @@ pub struct RawCache {
     pub max_concurrent_fetches: Option<usize>,
 }
 
+/// `[identities.NAME]`: a client certificate for mutual TLS.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub cert: Option<RawSecret>,
+    pub key: Option<RawSecret>,
+}
+
 /// `[cache.shared]`: one token cache for a fleet of sidecars, on Redis.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +127,7 @@ pub enum RawClientAuth {
     Basic,
     ClientSecretJwt,
     PrivateKeyJwt,
+    TlsClientAuth,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -174,6 +185,7 @@ pub struct RawProvider {
     #[serde(default)]
     pub revoke_on_shutdown: bool,
     // both
+    pub client_identity: Option<String>,
     pub token_chars: Option<RawTokenChars>,
     #[serde(default)]
     pub allow_plaintext: bool,
@@ -213,6 +225,7 @@ pub struct RawRoute {
     pub credential: Option<String>,
     pub credential_header: Option<String>,
     pub credentials: Option<Vec<String>>,
+    pub client_identity: Option<String>,
     pub inject: Option<RawInject>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,

@@ -17,6 +17,7 @@ use super::*;
 use sha2::{Digest, Sha256};
 
 use crate::secret::{EncryptionKey, Secret};
+use crate::tls::ClientIdentity;
 use crate::token::assertion::{Assertion, SigningAlg};
 use crate::token::dialect::{
     credential_identity, BodyEncoding, BodyValue, ResponseSpec, TimeUnit, TokenChars, TokenRequest,
@@ -56,6 +57,7 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
     let (raw, shape_problems) = parse(source, &map);
     let mut v = Validator {
         map,
+        identities: BTreeMap::new(),
         read: Sha256::new(),
         files: Vec::new(),
         removed: shape_problems.iter().map(|p| p.key_path.clone()).collect(),
@@ -77,6 +79,10 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
         .shared
         .as_ref()
         .and_then(|shared| v.shared_cache(&root.key("cache").key("shared"), shared));
+    for (name, identity) in &raw.identities {
+        let parsed = v.identity(&root.key("identities").key(name), name, identity);
+        v.identities.insert(name.clone(), parsed);
+    }
     let providers: BTreeMap<&str, Option<ProviderDraft>> = raw
         .providers
         .iter()
@@ -280,6 +286,8 @@ enum Endpoint {
 
 struct Validator {
     map: SourceMap,
+    /// `[identities]`, parsed (`None`: it has problems of its own).
+    identities: BTreeMap<String, Option<Arc<ClientIdentity>>>,
     /// The digest of every file read so far, for the config's version.
     read: Sha256,
     files: Vec<PathBuf>,
@@ -455,6 +463,45 @@ impl Validator {
         key
     }
 
+    fn identity(&mut self, path: &KeyPath, name: &str, raw: &RawIdentity) -> Option<Arc<ClientIdentity>> {
+        let read = |v: &mut Self, key: &str, value: &Option<RawSecret>| match value {
+            Some(value) => v.secret(&path.key(key), value),
+            None => {
+                v.problem(
+                    &path.key(key),
+                    "missing: a PEM file, e.g. { file = \"/run/secrets/client.pem\" }",
+                );
+                None
+            }
+        };
+        let cert = read(self, "cert", &raw.cert);
+        let key = read(self, "key", &raw.key);
+        match ClientIdentity::from_pem(name, cert?.expose(), key?.expose()) {
+            Ok(identity) => Some(Arc::new(identity)),
+            Err(message) => {
+                self.problem(path, message);
+                None
+            }
+        }
+    }
+
+    /// The identity a `client_identity` key names (`None` when absent, unknown or invalid).
+    fn identity_ref(&mut self, path: &KeyPath, name: Option<&str>) -> Option<Arc<ClientIdentity>> {
+        let name = name?;
+        match self.identities.get(name) {
+            Some(identity) => identity.clone(),
+            None => {
+                let defined: Vec<&str> = self.identities.keys().map(String::as_str).collect();
+                let message = format!(
+                    "no identity named `{name}` in [identities]{}",
+                    suggest(name, &defined)
+                );
+                self.problem(path, message);
+                None
+            }
+        }
+    }
+
     fn allowed_hosts(&mut self, path: &KeyPath, raw: Option<&[String]>) -> Vec<String> {
         raw.unwrap_or_default()
             .iter()
@@ -601,6 +648,8 @@ impl Validator {
             spec: Arc::new(ProviderSpec {
                 name: name.into(),
                 kind,
+                client_identity: self
+                    .identity_ref(&path.key("client_identity"), raw.client_identity.as_deref()),
                 connect_timeout,
                 timeout,
             }),
@@ -793,7 +842,10 @@ impl Validator {
         };
         Some(Arc::new(CredentialSpec {
             name: name.into(),
-            identity: credential_identity(&request, &provider.response),
+            identity: with_client_identity(
+                credential_identity(&request, &provider.response),
+                provider.spec.client_identity.as_deref(),
+            ),
             provider: provider.spec.clone(),
             request,
             response: provider.response.clone(),
@@ -838,7 +890,7 @@ impl Validator {
         let provider_name = &provider.spec.name;
         let Some(client_id) = client_id else {
             let needs = match client_auth {
-                RawClientAuth::PrivateKeyJwt => "client_id",
+                RawClientAuth::PrivateKeyJwt | RawClientAuth::TlsClientAuth => "client_id",
                 RawClientAuth::Body | RawClientAuth::Basic | RawClientAuth::ClientSecretJwt => {
                     "client_id and client_secret"
                 }
@@ -862,7 +914,22 @@ impl Validator {
         };
         let audience = signing.audience.clone().unwrap_or_else(|| url.to_string());
         let client_auth = *client_auth;
-        if client_auth == RawClientAuth::PrivateKeyJwt {
+        if client_auth == RawClientAuth::TlsClientAuth {
+            // RFC 8705: the client certificate authenticates; the body names the client.
+            if provider.spec.client_identity.is_none() {
+                self.problem(
+                    path,
+                    format!(
+                        "client_auth = tls_client_auth needs client_identity on provider `{provider_name}`"
+                    ),
+                );
+                return None;
+            }
+            self.refuse_signing_keys(&signing, client_auth);
+            request
+                .fields
+                .push(("client_id".into(), BodyValue::Text(client_id)));
+        } else if client_auth == RawClientAuth::PrivateKeyJwt {
             let assertion = self.private_key_assertion(path, &signing, &client_id, &audience)?;
             request
                 .fields
@@ -1096,6 +1163,7 @@ impl Validator {
                 true,
             )
             .and_then(|url| self.upstream(&path.key("upstream"), &url));
+        let client_identity = self.identity_ref(&path.key("client_identity"), raw.client_identity.as_deref());
         let credential = self.credential_choice(path, raw, credentials);
         let inject = self.inject(&path.key("inject"), raw.inject.as_ref());
         let headers = self.static_headers(&path.key("headers"), &raw.headers);
@@ -1117,6 +1185,7 @@ impl Validator {
             host,
             path_prefix,
             upstream: upstream?,
+            client_identity,
             credential: credential?,
             inject: inject?,
             headers: headers?,
@@ -1509,12 +1578,27 @@ fn client_secret_auth(
                 STANDARD.encode(format!("{user}:{password}"))
             )));
         }
-        RawClientAuth::ClientSecretJwt | RawClientAuth::PrivateKeyJwt => {
+        RawClientAuth::ClientSecretJwt | RawClientAuth::PrivateKeyJwt | RawClientAuth::TlsClientAuth => {
             request.assertion = Some(Assertion::client_secret_jwt(&secret, &client_id, audience, kid));
             request
                 .fields
                 .push(("client_id".into(), BodyValue::Text(client_id)));
         }
+    }
+}
+
+/// A credential's identity, also bound to the client certificate its tokens are fetched with
+/// (certificate-bound tokens, RFC 8705): rotating the certificate gets a new token.
+fn with_client_identity(identity: Arc<str>, client: Option<&ClientIdentity>) -> Arc<str> {
+    match client {
+        Some(client) => {
+            let digest = Sha256::new()
+                .chain_update(identity.as_bytes())
+                .chain_update(client.digest.as_bytes())
+                .finalize();
+            hex::encode(digest).into()
+        }
+        None => identity,
     }
 }
 

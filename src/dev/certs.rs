@@ -42,19 +42,51 @@ impl TestPki {
         self.ca_cert.pem()
     }
 
+    /// A client certificate for `name` signed by this CA, and its key: PEM text.
+    pub fn client_certificate(&self, name: &str) -> Result<(String, String), PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Like [`TestPki::acceptor`], but the client must present a certificate this CA signed
+    /// (mutual TLS).
+    pub fn mtls_acceptor(&self, names: &[&str]) -> Result<TlsAcceptor, PkiError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der())?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|err| PkiError::Tls(rustls::Error::General(err.to_string())))?;
+        self.acceptor_with(names, Some(verifier))
+    }
+
     /// A TLS acceptor for a server certificate naming `names` (host names or IP addresses),
     /// offering HTTP/2 and HTTP/1.1 by ALPN.
     pub fn acceptor(&self, names: &[&str]) -> Result<TlsAcceptor, PkiError> {
+        self.acceptor_with(names, None)
+    }
+
+    fn acceptor_with(
+        &self,
+        names: &[&str],
+        clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    ) -> Result<TlsAcceptor, PkiError> {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let params = CertificateParams::new(names)?;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key)?;
         let private_key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let mut config =
+        let builder =
             rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_single_cert(vec![cert.der().clone(), self.ca_der()], private_key)?;
+                .with_safe_default_protocol_versions()?;
+        let builder = match clients {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(vec![cert.der().clone(), self.ca_der()], private_key)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(config)))
     }

@@ -14,6 +14,7 @@ fn credential() -> Arc<CredentialSpec> {
         provider: Arc::new(ProviderSpec {
             name: "p".into(),
             kind: ProviderKind::OAuth2,
+            client_identity: None,
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
         }),
@@ -42,6 +43,7 @@ fn route(label: &str, host: Option<&str>, prefix: Option<&str>) -> Arc<RouteSpec
             authority: "h.test".parse().unwrap(),
             base_path: String::new(),
         },
+        client_identity: None,
         credential: CredentialChoice::Fixed(credential()),
         inject: Inject::Bearer,
         headers: vec![],

@@ -13,6 +13,7 @@ use super::error::{error_code_from_body, FetchError};
 use crate::clock::SharedClock;
 use crate::config::{CredentialSpec, ProviderSpec};
 use crate::secret::Secret;
+use rustls::pki_types::CertificateDer;
 
 /// Fetches tokens for any configured credential.
 pub struct TokenFetcher {
@@ -23,37 +24,59 @@ pub struct TokenFetcher {
 /// One provider's HTTP client and the settings it was built with.
 struct ProviderClient {
     timeouts: (Duration, Duration),
+    /// The client certificate's digest, for mutual TLS.
+    identity: Option<String>,
     client: reqwest::Client,
+}
+
+/// Why a token endpoint client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("the HTTP client could not be built")]
+    Http(#[from] reqwest::Error),
 }
 
 impl TokenFetcher {
     pub fn new(
         providers: &[Arc<ProviderSpec>],
-        tls: &rustls::ClientConfig,
+        roots: &[CertificateDer<'static>],
         clock: SharedClock,
-    ) -> Result<Self, reqwest::Error> {
-        Self::rebuilt(providers, tls, clock, None)
+    ) -> Result<Self, ClientError> {
+        Self::rebuilt(providers, roots, clock, None)
     }
 
     /// A fetcher for `providers` that keeps `previous`'s client for every provider whose
     /// settings did not change (`previous` is `None` when the TLS settings did).
     pub fn rebuilt(
         providers: &[Arc<ProviderSpec>],
-        tls: &rustls::ClientConfig,
+        roots: &[CertificateDer<'static>],
         clock: SharedClock,
         previous: Option<&TokenFetcher>,
-    ) -> Result<Self, reqwest::Error> {
+    ) -> Result<Self, ClientError> {
         let mut clients = HashMap::new();
         for provider in providers {
             let timeouts = (provider.connect_timeout, provider.timeout);
+            let identity = provider.client_identity.as_ref().map(|id| id.digest.clone());
             let kept = previous
                 .and_then(|previous| previous.clients.get(&provider.name))
-                .filter(|kept| kept.timeouts == timeouts);
+                .filter(|kept| kept.timeouts == timeouts && kept.identity == identity);
             let client = match kept {
                 Some(kept) => kept.client.clone(),
-                None => provider_client(provider, tls)?,
+                None => {
+                    let tls = crate::tls::client_config(roots, provider.client_identity.as_deref())?;
+                    provider_client(provider, tls)?
+                }
             };
-            clients.insert(provider.name.clone(), ProviderClient { timeouts, client });
+            clients.insert(
+                provider.name.clone(),
+                ProviderClient {
+                    timeouts,
+                    identity,
+                    client,
+                },
+            );
         }
         Ok(Self { clients, clock })
     }
@@ -123,9 +146,8 @@ impl TokenFetcher {
 /// A client for one token endpoint: HTTP/1.1, its own timeouts, no redirects, no proxy.
 fn provider_client(
     provider: &ProviderSpec,
-    tls: &rustls::ClientConfig,
+    mut tls: rustls::ClientConfig,
 ) -> Result<reqwest::Client, reqwest::Error> {
-    let mut tls = tls.clone();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)

@@ -12,6 +12,7 @@ mod fleet;
 mod forwarding;
 mod hardening;
 mod lifecycle;
+mod mtls;
 mod providers;
 mod reload;
 mod routing;

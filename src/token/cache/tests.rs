@@ -51,6 +51,7 @@ fn credential(name: &str, identity: &str) -> Arc<CredentialSpec> {
         provider: Arc::new(ProviderSpec {
             name: "p".into(),
             kind: ProviderKind::OAuth2,
+            client_identity: None,
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
         }),
