@@ -17,18 +17,22 @@ use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 
-use crate::config::{Inject, RouteSpec, Upstream};
+use crate::config::{Egress, Inject, RouteSpec, Upstream};
 use crate::error::ProxyBody;
 use crate::route::join_path;
 use crate::secret::AccessToken;
 use crate::tls::TlsError;
+use egress::EgressConnector;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+pub mod egress;
+
+pub type UpstreamClient = Client<HttpsConnector<EgressConnector>, ProxyBody>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The one client every route forwards through; connections are pooled per upstream.
-pub fn upstream_client(tls: rustls::ClientConfig) -> UpstreamClient {
+/// The one client every route forwards through; connections are pooled per upstream, and go
+/// through the egress proxy when there is one.
+pub fn upstream_client(tls: rustls::ClientConfig, egress: Option<&Egress>) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -38,7 +42,7 @@ pub fn upstream_client(tls: rustls::ClientConfig) -> UpstreamClient {
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(EgressConnector::new(http, egress));
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .build(https)
@@ -50,6 +54,7 @@ pub fn upstream_client(tls: rustls::ClientConfig) -> UpstreamClient {
 pub fn identity_clients(
     routes: &[Arc<RouteSpec>],
     roots: &[CertificateDer<'static>],
+    egress: Option<&Egress>,
     previous: Option<&HashMap<String, UpstreamClient>>,
 ) -> Result<HashMap<String, UpstreamClient>, TlsError> {
     let mut clients = HashMap::new();
@@ -59,7 +64,7 @@ pub fn identity_clients(
         }
         let client = match previous.and_then(|previous| previous.get(&identity.digest)) {
             Some(kept) => kept.clone(),
-            None => upstream_client(crate::tls::client_config(roots, Some(identity))?),
+            None => upstream_client(crate::tls::client_config(roots, Some(identity))?, egress),
         };
         clients.insert(identity.digest.clone(), client);
     }

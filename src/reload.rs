@@ -128,7 +128,9 @@ impl Reloader {
         let config = Config::load(path).map_err(ReloadError::Invalid)?;
         warn_about_restart_only_changes(&current.config, &config);
 
-        let tls_changed = config.extra_roots != current.config.extra_roots;
+        // Either changes every client: the roots they trust, the way out they take.
+        let tls_changed =
+            config.extra_roots != current.config.extra_roots || config.egress != current.config.egress;
         let tls = if tls_changed {
             tls::client_config(&config.extra_roots, None).map_err(ReloadError::Tls)?
         } else {
@@ -137,6 +139,7 @@ impl Reloader {
         let fetcher = TokenFetcher::rebuilt(
             &config.providers,
             &config.extra_roots,
+            config.egress.as_ref(),
             self.clock.clone(),
             (!tls_changed).then_some(&*current.fetcher),
         )
@@ -144,12 +147,20 @@ impl Reloader {
         .map_err(ReloadError::TokenClient)?;
         let running = self.proxy.current();
         let (client, previous) = if tls_changed {
-            (forward::upstream_client(tls.clone()), None)
+            (
+                forward::upstream_client(tls.clone(), config.egress.as_ref()),
+                None,
+            )
         } else {
             (running.client.clone(), Some(&running.identity_clients))
         };
-        let identity_clients = forward::identity_clients(&config.routes, &config.extra_roots, previous)
-            .map_err(ReloadError::Tls)?;
+        let identity_clients = forward::identity_clients(
+            &config.routes,
+            &config.extra_roots,
+            config.egress.as_ref(),
+            previous,
+        )
+        .map_err(ReloadError::Tls)?;
 
         let shared = current
             .shared

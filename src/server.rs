@@ -133,8 +133,13 @@ pub async fn start_from(
 ) -> Result<RunningSidecar, StartError> {
     let tls = tls::client_config(&config.extra_roots, None)?;
     let metrics = Metrics::new();
-    let fetcher = TokenFetcher::new(&config.providers, &config.extra_roots, clock.clone())
-        .map_err(StartError::TokenClient)?;
+    let fetcher = TokenFetcher::new(
+        &config.providers,
+        &config.extra_roots,
+        config.egress.as_ref(),
+        clock.clone(),
+    )
+    .map_err(StartError::TokenClient)?;
     let fetcher = Arc::new(fetcher);
     let shared = match &config.shared {
         Some(settings) => Some(Arc::new(
@@ -164,8 +169,13 @@ pub async fn start_from(
         Snapshot {
             guards: RequestGuards::from_settings(&config.server),
             router: Router::new(&config.routes, &config.server.allowed_hosts),
-            client: forward::upstream_client(tls.clone()),
-            identity_clients: forward::identity_clients(&config.routes, &config.extra_roots, None)?,
+            client: forward::upstream_client(tls.clone(), config.egress.as_ref()),
+            identity_clients: forward::identity_clients(
+                &config.routes,
+                &config.extra_roots,
+                config.egress.as_ref(),
+                None,
+            )?,
             access_log: config.server.access_log,
         },
         tokens.clone(),

@@ -32,6 +32,8 @@ pub struct Config {
     pub cache: CacheSettings,
     /// `[cache.shared]`: the fleet's token cache on Redis.
     pub shared: Option<SharedCacheSettings>,
+    /// `[egress]`: the CONNECT proxy outbound connections go through.
+    pub egress: Option<Egress>,
     pub providers: Vec<Arc<ProviderSpec>>,
     pub credentials: Vec<Arc<CredentialSpec>>,
     pub routes: Vec<Arc<RouteSpec>>,
@@ -67,6 +69,29 @@ pub struct ServerSettings {
     pub access_log: bool,
     /// Reload when the config file or a file it references changes.
     pub watch_config: bool,
+}
+
+/// Outbound connections through an HTTP CONNECT proxy (`[egress]`), e.g. for allow-listed
+/// source addresses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Egress {
+    /// `http://host:port` of the proxy.
+    pub proxy: http::Uri,
+    /// `user:password` for `Proxy-Authorization: Basic`.
+    pub auth: Option<Secret>,
+    /// Lower-case hosts reached directly (loopback is not exempt unless listed).
+    pub no_proxy: Vec<String>,
+}
+
+impl Egress {
+    /// Whether connections to `host` go through the proxy.
+    pub fn proxies(&self, host: &str) -> bool {
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        !self.no_proxy.contains(&host)
+    }
 }
 
 /// One token cache for a fleet of sidecars, on Redis (`[cache.shared]`).

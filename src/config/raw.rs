@@ -21,6 +21,7 @@ pub struct RawConfig {
     pub cache: RawCache,
     #[serde(default)]
     pub identities: BTreeMap<String, RawIdentity>,
+    pub egress: Option<RawEgress>,
     #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
@@ -81,6 +82,17 @@ pub struct RawCache {
     #[serde(default, with = "humantime_serde")]
     pub retry_budget: Option<Duration>,
     pub max_concurrent_fetches: Option<usize>,
+}
+
+/// `[egress]`: every outbound connection through an HTTP CONNECT proxy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEgress {
+    pub proxy: Option<String>,
+    /// `"user:password"`, sent as `Proxy-Authorization: Basic`.
+    pub proxy_auth: Option<RawSecret>,
+    /// Hosts reached directly.
+    pub no_proxy: Option<Vec<String>>,
 }
 
 /// `[identities.NAME]`: a client certificate for mutual TLS.

@@ -74,6 +74,10 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
     let server = v.server(&root.key("server"), &raw.server);
     let extra_roots = v.tls(&root.key("tls"), &raw.tls);
     let cache = v.cache(&root.key("cache"), &raw.cache);
+    let egress = raw
+        .egress
+        .as_ref()
+        .and_then(|egress| v.egress(&root.key("egress"), egress));
     let shared = raw
         .cache
         .shared
@@ -114,6 +118,7 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
         extra_roots,
         cache,
         shared,
+        egress,
         providers: providers
             .into_values()
             .flatten()
@@ -461,6 +466,57 @@ impl Validator {
             );
         }
         key
+    }
+
+    fn egress(&mut self, path: &KeyPath, raw: &RawEgress) -> Option<Egress> {
+        let proxy_path = path.key("proxy");
+        let Some(text) = &raw.proxy else {
+            self.problem(
+                &proxy_path,
+                "missing: the CONNECT proxy, e.g. \"http://egress.internal:3128\"",
+            );
+            return None;
+        };
+        let proxy = match text.parse::<http::Uri>() {
+            Ok(uri)
+                if uri.scheme_str() == Some("http") && uri.host().is_some() && uri.port_u16().is_some() =>
+            {
+                uri
+            }
+            _ => {
+                self.problem(
+                    &proxy_path,
+                    format!("`{text}` is not an http://host:port proxy address"),
+                );
+                return None;
+            }
+        };
+        let auth = match &raw.proxy_auth {
+            Some(auth) => {
+                let secret = self.secret(&path.key("proxy_auth"), auth)?;
+                if !secret.expose().contains(':') {
+                    self.problem(&path.key("proxy_auth"), "must be \"user:password\"");
+                    return None;
+                }
+                Some(secret)
+            }
+            None => None,
+        };
+        let no_proxy = raw
+            .no_proxy
+            .iter()
+            .flatten()
+            .map(|host| {
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_ascii_lowercase()
+            })
+            .collect();
+        Some(Egress {
+            proxy,
+            auth,
+            no_proxy,
+        })
     }
 
     fn identity(&mut self, path: &KeyPath, name: &str, raw: &RawIdentity) -> Option<Arc<ClientIdentity>> {

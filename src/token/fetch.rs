@@ -11,7 +11,7 @@ use http::{HeaderValue, StatusCode};
 use super::dialect::{parse_response, IssuedToken, MAX_RESPONSE_BYTES};
 use super::error::{error_code_from_body, FetchError};
 use crate::clock::SharedClock;
-use crate::config::{CredentialSpec, ProviderSpec};
+use crate::config::{CredentialSpec, Egress, ProviderSpec};
 use crate::secret::Secret;
 use rustls::pki_types::CertificateDer;
 
@@ -42,9 +42,10 @@ impl TokenFetcher {
     pub fn new(
         providers: &[Arc<ProviderSpec>],
         roots: &[CertificateDer<'static>],
+        egress: Option<&Egress>,
         clock: SharedClock,
     ) -> Result<Self, ClientError> {
-        Self::rebuilt(providers, roots, clock, None)
+        Self::rebuilt(providers, roots, egress, clock, None)
     }
 
     /// A fetcher for `providers` that keeps `previous`'s client for every provider whose
@@ -52,6 +53,7 @@ impl TokenFetcher {
     pub fn rebuilt(
         providers: &[Arc<ProviderSpec>],
         roots: &[CertificateDer<'static>],
+        egress: Option<&Egress>,
         clock: SharedClock,
         previous: Option<&TokenFetcher>,
     ) -> Result<Self, ClientError> {
@@ -66,7 +68,7 @@ impl TokenFetcher {
                 Some(kept) => kept.client.clone(),
                 None => {
                     let tls = crate::tls::client_config(roots, provider.client_identity.as_deref())?;
-                    provider_client(provider, tls)?
+                    provider_client(provider, tls, egress)?
                 }
             };
             clients.insert(
@@ -143,16 +145,32 @@ impl TokenFetcher {
     }
 }
 
-/// A client for one token endpoint: HTTP/1.1, its own timeouts, no redirects, no proxy.
+/// A client for one token endpoint: HTTP/1.1, its own timeouts, no redirects, and no proxy but
+/// the egress proxy (`CONNECT`, as on the forwarding path).
 fn provider_client(
     provider: &ProviderSpec,
     mut tls: rustls::ClientConfig,
+    egress: Option<&Egress>,
 ) -> Result<reqwest::Client, reqwest::Error> {
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    reqwest::Client::builder()
+    let builder = match egress {
+        Some(egress) => {
+            let mut proxy = reqwest::Proxy::all(egress.proxy.to_string())?
+                .no_proxy(reqwest::NoProxy::from_string(&egress.no_proxy.join(",")));
+            if let Some((user, password)) = egress
+                .auth
+                .as_ref()
+                .and_then(|auth| auth.expose().split_once(':'))
+            {
+                proxy = proxy.basic_auth(user, password);
+            }
+            reqwest::Client::builder().proxy(proxy)
+        }
+        None => reqwest::Client::builder().no_proxy(),
+    };
+    builder
         .use_preconfigured_tls(tls)
         .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
         .connect_timeout(provider.connect_timeout)
         .timeout(provider.timeout)
         .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))

@@ -8,6 +8,7 @@ mod clients;
 mod config;
 mod deploy;
 mod dev;
+mod egress;
 mod fleet;
 mod forwarding;
 mod hardening;

@@ -5,6 +5,7 @@
 
 pub mod binary;
 pub mod redis;
+pub mod tinyproxy;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
