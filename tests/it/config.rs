@@ -19,15 +19,31 @@ const EXAMPLE_ENV: &[(&str, &str)] = &[
     ),
 ];
 
+/// The keys and certificates `config/open-banking.toml` references: a test-only RSA key and a
+/// client certificate from a throwaway CA.
+fn open_banking_env() -> Vec<(&'static str, String)> {
+    let pki = token_sidecar::dev::certs::TestPki::new().unwrap();
+    let (cert, key) = pki.client_certificate("acme").unwrap();
+    let signing = std::fs::read_to_string(repo_root().join("tests/fixtures/keys/rsa-2048.pem")).unwrap();
+    vec![
+        ("EGRESS_PROXY_AUTH", "egress:example".to_owned()),
+        ("ACME_QWAC_CERT", cert),
+        ("ACME_QWAC_KEY", key),
+        ("ACME_SIGNING_KEY", signing),
+    ]
+}
+
 #[test]
 fn every_example_config_passes_check() {
     let dir = repo_root().join("config");
+    let open_banking = open_banking_env();
+    let mut env: Vec<(&str, &str)> = EXAMPLE_ENV.to_vec();
+    env.extend(open_banking.iter().map(|(k, v)| (*k, v.as_str())));
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let (code, stdout, stderr) =
-                run_binary(&["check", "--config", path.to_str().unwrap()], EXAMPLE_ENV);
+            let (code, stdout, stderr) = run_binary(&["check", "--config", path.to_str().unwrap()], &env);
             assert_eq!(code, 0, "{}: {stderr}", path.display());
             assert!(stdout.starts_with("config OK: "), "{stdout}");
             assert_eq!(stdout.lines().count(), 1, "one-line summary: {stdout}");
