@@ -71,10 +71,58 @@ async fn no_secret_or_token_appears_anywhere_at_trace_level() {
     seen.push_str(&h.get("/acme/setu/p").await.text().await.unwrap());
     seen.push_str(&h.tokens().await.to_string());
     seen.push_str(&h.metrics_text().await);
+    // Regulated-provider keys: a signing key (private_key_jwt) and a client identity (mTLS),
+    // through a request and the Debug print of the whole configuration.
+    let keys = tempfile::tempdir().unwrap();
+    let signing_pem =
+        std::fs::read_to_string(support::repo_root().join("tests/fixtures/keys/rsa-2048.pem")).unwrap();
+    let (identity_cert, identity_key) = h.stand_ins.pki.client_certificate("acme").unwrap();
+    std::fs::write(keys.path().join("signing.pem"), &signing_pem).unwrap();
+    std::fs::write(keys.path().join("id.crt"), &identity_cert).unwrap();
+    std::fs::write(keys.path().join("id.key"), &identity_key).unwrap();
+    let regulated = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[identities.acme-qwac]
+cert = {{ file = "{dir}/id.crt" }}
+key = {{ file = "{dir}/id.key" }}
+
+[providers.bank]
+token_url = "https://{token}/oauth/token"
+client_auth = "private_key_jwt"
+signing_key = {{ file = "{dir}/signing.pem" }}
+client_identity = "acme-qwac"
+
+[credentials.acme-bank]
+provider = "bank"
+client_id = "acme-payu-client"
+scopes = ["create_payment_links"]
+
+[[routes]]
+path_prefix = "/bank"
+upstream = "https://{upstream}/payu"
+credential = "acme-bank"
+client_identity = "acme-qwac"
+"#,
+        dir = keys.path().display(),
+        token = h.stand_ins.token_addr,
+        upstream = h.stand_ins.upstream_addr,
+    );
+    let parsed =
+        token_sidecar::config::Config::from_toml(&regulated, std::path::Path::new("regulated.toml")).unwrap();
+    seen.push_str(&format!("{parsed:?}"));
+    let bank = Harness::with_config(|_| regulated.clone()).await;
+    seen.push_str(&bank.get("/bank/x").await.text().await.unwrap());
+    seen.push_str(&bank.tokens().await.to_string());
+
     let Harness {
         sidecar, stand_ins, ..
     } = h;
     sidecar.shutdown().await;
+    bank.sidecar.shutdown().await;
 
     let logs = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
     assert!(logs.contains("fetched token"), "the capture works");
@@ -94,6 +142,10 @@ async fn no_secret_or_token_appears_anywhere_at_trace_level() {
     .map(|s| s.to_string())
     .collect();
     forbidden.push(STANDARD.encode("dev-nuapay-api-key:"));
+    // A line from inside each private key.
+    for pem in [&signing_pem, &identity_key] {
+        forbidden.push(pem.lines().nth(2).unwrap().to_owned());
+    }
     for subject in [
         "ybo8zd8j2q",
         "k3v9x2mq7p",
