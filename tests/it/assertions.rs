@@ -12,7 +12,7 @@ use token_sidecar::dev::certs::TestPki;
 use token_sidecar::error::full_body;
 use token_sidecar::server::Handler;
 
-use crate::support::{custom_config, repo_root, run_binary, spawn_tls_server, Harness};
+use crate::support::{check_in, custom_config, repo_root, spawn_tls_server, Harness};
 
 const CLIENT_ID: &str = "custom-client";
 const CLIENT_SECRET: &str = "custom-client-secret-value";
@@ -215,11 +215,7 @@ upstream = "https://api.bank.example"
 credential = "acme-bank"
 "#
     );
-    let config = dir.path().join("sidecar.toml");
-    std::fs::write(&config, text).unwrap();
-    let path = config.to_str().unwrap().to_owned();
-    let (code, _, stderr) = run_binary(&["check", "--config", &path], &[]);
-    (code, stderr.replace(&path, "FILE"))
+    check_in(dir.path(), &text)
 }
 
 #[test]

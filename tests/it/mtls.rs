@@ -9,30 +9,9 @@ use http::Response;
 use http_body_util::BodyExt;
 use token_sidecar::dev::certs::TestPki;
 use token_sidecar::error::full_body;
-use token_sidecar::server::{self, Handler};
+use token_sidecar::server::Handler;
 
-use crate::support::{run_binary, Harness, ANY_PORT};
-
-/// `handler` over TLS that requires a client certificate signed by `pki`'s CA.
-async fn spawn_mtls_server(pki: &TestPki, handler: Handler) -> std::net::SocketAddr {
-    let listener = server::bind(ANY_PORT.parse().unwrap()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = pki.mtls_acceptor(&["127.0.0.1", "localhost"]).unwrap();
-    let (keep_open, shutdown) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        server::serve(
-            listener,
-            Some(acceptor),
-            handler,
-            shutdown,
-            server::ConnectionLimits::default(),
-            None,
-        )
-        .await;
-        drop(keep_open);
-    });
-    addr
-}
+use crate::support::{check_in, spawn_mtls_server, Harness, ANY_PORT};
 
 fn answering(body: &'static str) -> Handler {
     Arc::new(move |_| Box::pin(async move { Response::new(full_body(body)) }))
@@ -186,11 +165,7 @@ upstream = "https://api.bank.example"
 credential = "acme-bank"
 client_identity = "acme-qwak"
 "#;
-    let config = dir.path().join("sidecar.toml");
-    std::fs::write(&config, text).unwrap();
-    let path = config.to_str().unwrap().to_owned();
-    let (code, _, stderr) = run_binary(&["check", "--config", &path], &[]);
-    let stderr = stderr.replace(&path, "FILE");
+    let (code, stderr) = check_in(dir.path(), text);
     assert_eq!(code, 2, "{stderr}");
     for expected in [
         "FILE:1: identities.acme-qwac: key does not belong to the certificate",

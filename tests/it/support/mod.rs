@@ -206,9 +206,26 @@ pub async fn spawn_tls_server(
     pki: &token_sidecar::dev::certs::TestPki,
     handler: token_sidecar::server::Handler,
 ) -> SocketAddr {
+    let acceptor = pki.acceptor(&["127.0.0.1", "localhost"]).expect("acceptor");
+    serve_tls(acceptor, handler).await
+}
+
+/// Serves `handler` over TLS and requires a client certificate signed by `pki`'s CA (mutual
+/// TLS), on a fresh 127.0.0.1 port.
+pub async fn spawn_mtls_server(
+    pki: &token_sidecar::dev::certs::TestPki,
+    handler: token_sidecar::server::Handler,
+) -> SocketAddr {
+    let acceptor = pki.mtls_acceptor(&["127.0.0.1", "localhost"]).expect("acceptor");
+    serve_tls(acceptor, handler).await
+}
+
+async fn serve_tls(
+    acceptor: tokio_rustls::TlsAcceptor,
+    handler: token_sidecar::server::Handler,
+) -> SocketAddr {
     let listener = server::bind(any()).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let acceptor = pki.acceptor(&["127.0.0.1", "localhost"]).expect("acceptor");
     let (keep_open, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         server::serve(
@@ -223,6 +240,16 @@ pub async fn spawn_tls_server(
         drop(keep_open);
     });
     addr
+}
+
+/// `check` on `text`, written as `sidecar.toml` into `dir` (where the files it names are): its
+/// exit code and stderr, the file's path shown as `FILE`.
+pub fn check_in(dir: &Path, text: &str) -> (i32, String) {
+    let config = dir.join("sidecar.toml");
+    std::fs::write(&config, text).expect("config written");
+    let path = config.to_str().expect("UTF-8 path").to_owned();
+    let (code, _, stderr) = run_binary(&["check", "--config", &path], &[]);
+    (code, stderr.replace(&path, "FILE"))
 }
 
 /// A config with one provider (PayU shape) and one route `/api` to `upstream`.
