@@ -3,6 +3,11 @@
 //! Every provider, OAuth2 or Nuapay, compiles at config load into a [`TokenRequest`] (URL,
 //! encoding, body fields, client authentication) and a [`ResponseSpec`] (JSON pointers and
 //! units). [`parse_response`] is the one place that turns an endpoint's answer into a token.
+//! Each dialect builds its request in its own module: [`oauth2`] (with the client
+//! authentication methods) and [`nuapay`].
+
+pub mod nuapay;
+pub mod oauth2;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -204,35 +209,6 @@ impl TokenChars {
                         .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
             }
             Self::VisibleAscii => token.bytes().all(|b| b.is_ascii_graphic()),
-        }
-    }
-}
-
-impl ResponseSpec {
-    /// RFC 6749: `access_token` and `expires_in` (seconds), nothing else assumed.
-    pub fn oauth2() -> Self {
-        Self {
-            token: "/access_token".into(),
-            expires_in: Some("/expires_in".into()),
-            expires_at: None,
-            issued_at: None,
-            token_id: None,
-            default_ttl: None,
-            token_chars: TokenChars::Token68,
-        }
-    }
-
-    /// Nuapay organisation tokens: `data.accessToken`, `data.expiryTime` and
-    /// `data.createdTimestamp` (epoch ms), `data.id` for revocation.
-    pub fn nuapay(default_ttl: Duration) -> Self {
-        Self {
-            token: "/data/accessToken".into(),
-            expires_in: None,
-            expires_at: Some(("/data/expiryTime".into(), TimeUnit::Millis)),
-            issued_at: Some(("/data/createdTimestamp".into(), TimeUnit::Millis)),
-            token_id: Some("/data/id".into()),
-            default_ttl: Some(default_ttl),
-            token_chars: TokenChars::Token68,
         }
     }
 }

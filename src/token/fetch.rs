@@ -102,13 +102,11 @@ impl TokenFetcher {
 
     /// Revokes a Nuapay token: `POST {token url}/{token_id}/revoke` with the API key.
     pub async fn revoke(&self, credential: &CredentialSpec, token_id: &str) -> Result<(), FetchError> {
-        let mut url = credential.request.url.clone();
-        url.path_segments_mut()
-            .map_err(|_| FetchError::Unreachable {
+        let url = super::dialect::nuapay::revoke_url(&credential.request.url, token_id).ok_or_else(|| {
+            FetchError::Unreachable {
                 reason: "token URL cannot take a path".into(),
-            })?
-            .push(token_id)
-            .push("revoke");
+            }
+        })?;
         let response = self
             .post(credential, url)?
             .send()

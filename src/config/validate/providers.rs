@@ -1,0 +1,537 @@
+//! Validation of `[providers]` and `[credentials]`: each provider's settings, then each
+//! credential's token request, built by its dialect in [`crate::token::dialect`].
+
+use super::*;
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Draft of a provider, kept until its credentials are built.
+pub(super) struct ProviderDraft {
+    pub(super) spec: Arc<ProviderSpec>,
+    revoke_on_shutdown: bool,
+    endpoint: Endpoint,
+    scopes: Vec<String>,
+    response: ResponseSpec,
+}
+
+/// A client's assertion settings (on a provider; a credential's own win), before the key is
+/// known to sign.
+#[derive(Clone, Default)]
+pub(super) struct SigningDraft {
+    /// The key and where it was configured (for errors).
+    key: Option<(Secret, KeyPath)>,
+    alg: Option<SigningAlg>,
+    kid: Option<String>,
+    audience: Option<String>,
+    params: Vec<(String, String)>,
+}
+
+pub(super) enum Endpoint {
+    OAuth2 {
+        url: reqwest::Url,
+        encoding: BodyEncoding,
+        client_auth: RawClientAuth,
+        client_id: Option<String>,
+        client_secret: Option<Secret>,
+        signing: SigningDraft,
+    },
+    Nuapay {
+        base_url: reqwest::Url,
+        api_key: Secret,
+        expires_in: Option<Duration>,
+    },
+}
+
+impl Validator {
+    pub(super) fn provider(
+        &mut self,
+        path: &KeyPath,
+        name: &str,
+        raw: &RawProvider,
+    ) -> Option<ProviderDraft> {
+        let kind = match raw.kind.unwrap_or(RawProviderKind::Oauth2) {
+            RawProviderKind::Oauth2 => ProviderKind::OAuth2,
+            RawProviderKind::Nuapay => ProviderKind::Nuapay,
+        };
+        self.reject_keys_of_other_kind(path, kind, raw);
+        let connect_timeout = self.nonzero(
+            &path.key("connect_timeout"),
+            raw.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+        let timeout = self.nonzero(&path.key("timeout"), raw.timeout, DEFAULT_FETCH_TIMEOUT);
+        let default_ttl = match raw.default_ttl {
+            Some(ttl) if ttl.is_zero() => {
+                self.problem(&path.key("default_ttl"), "must not be zero");
+                None
+            }
+            other => other,
+        };
+        let (endpoint, mut response) = match kind {
+            ProviderKind::OAuth2 => self.oauth2_endpoint(path, raw, default_ttl)?,
+            ProviderKind::Nuapay => self.nuapay_endpoint(path, raw, default_ttl)?,
+        };
+        response.token_chars = match raw.token_chars.unwrap_or(RawTokenChars::Token68) {
+            RawTokenChars::Token68 => TokenChars::Token68,
+            RawTokenChars::VisibleAscii => TokenChars::VisibleAscii,
+        };
+        Some(ProviderDraft {
+            revoke_on_shutdown: raw.revoke_on_shutdown,
+            spec: Arc::new(ProviderSpec {
+                name: name.into(),
+                kind,
+                client_identity: self
+                    .identity_ref(&path.key("client_identity"), raw.client_identity.as_deref()),
+                connect_timeout,
+                timeout,
+            }),
+            endpoint,
+            scopes: raw.scopes.clone().unwrap_or_default(),
+            response,
+        })
+    }
+
+    pub(super) fn reject_keys_of_other_kind(
+        &mut self,
+        path: &KeyPath,
+        kind: ProviderKind,
+        raw: &RawProvider,
+    ) {
+        let oauth2_only = [
+            ("token_url", raw.token_url.is_some()),
+            ("body", raw.body.is_some()),
+            ("client_auth", raw.client_auth.is_some()),
+            ("client_id", raw.client_id.is_some()),
+            ("client_secret", raw.client_secret.is_some()),
+            ("signing_key", raw.signing_key.is_some()),
+            ("signing_alg", raw.signing_alg.is_some()),
+            ("signing_kid", raw.signing_kid.is_some()),
+            ("assertion_audience", raw.assertion_audience.is_some()),
+            ("params", raw.params.is_some()),
+            ("token_field", raw.token_field.is_some()),
+            ("expires_in_field", raw.expires_in_field.is_some()),
+            ("expires_at_field", raw.expires_at_field.is_some()),
+            ("expires_at_unit", raw.expires_at_unit.is_some()),
+        ];
+        let nuapay_only = [
+            ("base_url", raw.base_url.is_some()),
+            ("api_key", raw.api_key.is_some()),
+            ("expires_in", raw.expires_in.is_some()),
+            ("revoke_on_shutdown", raw.revoke_on_shutdown),
+        ];
+        let foreign = match kind {
+            ProviderKind::OAuth2 => &nuapay_only[..],
+            ProviderKind::Nuapay => &oauth2_only[..],
+        };
+        for (key, present) in foreign {
+            if *present {
+                self.problem(
+                    &path.key(key),
+                    format!("not a key of a {} provider", kind.as_str()),
+                );
+            }
+        }
+    }
+
+    pub(super) fn oauth2_endpoint(
+        &mut self,
+        path: &KeyPath,
+        raw: &RawProvider,
+        default_ttl: Option<Duration>,
+    ) -> Option<(Endpoint, ResponseSpec)> {
+        let url = self.required_url(
+            &path.key("token_url"),
+            raw.token_url.as_deref(),
+            raw.allow_plaintext,
+            false,
+        );
+        let client_secret = match &raw.client_secret {
+            Some(secret) => Some(self.secret(&path.key("client_secret"), secret)?),
+            None => None,
+        };
+        let pointer = |v: &mut Self, key: &str, value: &Option<String>, default: Option<&str>| match value
+            .as_deref()
+            .or(default)
+        {
+            Some(p) if p.starts_with('/') => Some(Some(p.to_owned())),
+            Some(p) => {
+                v.problem(
+                    &path.key(key),
+                    format!(
+                        "`{p}` is not a JSON pointer; write it as \"/{}\"",
+                        p.replace('.', "/")
+                    ),
+                );
+                None
+            }
+            None => Some(None),
+        };
+        let token = pointer(self, "token_field", &raw.token_field, Some(oauth2::TOKEN_POINTER));
+        let expires_in = pointer(
+            self,
+            "expires_in_field",
+            &raw.expires_in_field,
+            Some(oauth2::EXPIRES_IN_POINTER),
+        );
+        let expires_at = pointer(self, "expires_at_field", &raw.expires_at_field, None);
+        if raw.expires_at_unit.is_some() && raw.expires_at_field.is_none() {
+            self.problem(&path.key("expires_at_unit"), "needs expires_at_field");
+        }
+        let unit = match raw.expires_at_unit.unwrap_or(RawTimeUnit::S) {
+            RawTimeUnit::S => TimeUnit::Seconds,
+            RawTimeUnit::Ms => TimeUnit::Millis,
+        };
+        let endpoint = Endpoint::OAuth2 {
+            url: url?,
+            encoding: match raw.body.unwrap_or(RawBodyEncoding::Form) {
+                RawBodyEncoding::Form => BodyEncoding::Form,
+                RawBodyEncoding::Json => BodyEncoding::Json,
+            },
+            client_auth: raw.client_auth.unwrap_or(RawClientAuth::Body),
+            client_id: self.text(&path.key("client_id"), raw.client_id.as_ref()),
+            client_secret,
+            signing: self.signing(path, &raw.signing(), SigningDraft::default()),
+        };
+        let response = ResponseSpec {
+            token: token??,
+            expires_in: expires_in?,
+            expires_at: expires_at?.map(|p| (p, unit)),
+            default_ttl,
+            ..ResponseSpec::oauth2()
+        };
+        Some((endpoint, response))
+    }
+
+    pub(super) fn nuapay_endpoint(
+        &mut self,
+        path: &KeyPath,
+        raw: &RawProvider,
+        default_ttl: Option<Duration>,
+    ) -> Option<(Endpoint, ResponseSpec)> {
+        let base_url = self.required_url(
+            &path.key("base_url"),
+            raw.base_url.as_deref(),
+            raw.allow_plaintext,
+            true,
+        );
+        let api_key = match &raw.api_key {
+            Some(secret) => self.secret(&path.key("api_key"), secret),
+            None => {
+                self.problem(
+                    &path.key("api_key"),
+                    "missing: a nuapay provider needs its API key",
+                );
+                None
+            }
+        };
+        if let Some(expires_in) = raw.expires_in {
+            if !nuapay::EXPIRES_IN_RANGE.contains(&expires_in) {
+                self.problem(
+                    &path.key("expires_in"),
+                    "Nuapay accepts 10s up to 31556926s (one year)",
+                );
+            }
+        }
+        let endpoint = Endpoint::Nuapay {
+            base_url: base_url?,
+            api_key: api_key?,
+            expires_in: raw.expires_in,
+        };
+        let response =
+            ResponseSpec::nuapay(default_ttl.unwrap_or(raw.expires_in.unwrap_or(nuapay::DEFAULT_TTL)));
+        Some((endpoint, response))
+    }
+
+    pub(super) fn credential(
+        &mut self,
+        path: &KeyPath,
+        name: &str,
+        raw: &RawCredential,
+        providers: &BTreeMap<&str, Option<ProviderDraft>>,
+    ) -> Option<Arc<CredentialSpec>> {
+        let Some(provider_name) = raw.provider.as_deref() else {
+            self.problem(
+                &path.key("provider"),
+                "missing: which provider issues this credential's tokens",
+            );
+            return None;
+        };
+        let provider = match providers.get(provider_name) {
+            Some(Some(provider)) => provider,
+            Some(None) => return None, // the provider's own problems are reported already
+            None => {
+                self.problem(
+                    &path.key("provider"),
+                    format!(
+                        "no provider named `{provider_name}` in [providers]{}",
+                        suggest(provider_name, &providers.keys().copied().collect::<Vec<_>>())
+                    ),
+                );
+                return None;
+            }
+        };
+        let scopes = raw.scopes.clone().unwrap_or_else(|| provider.scopes.clone());
+        let request = match &provider.endpoint {
+            Endpoint::OAuth2 { .. } => self.oauth2_request(path, raw, provider, scopes)?,
+            Endpoint::Nuapay { .. } => self.nuapay_request(path, raw, provider, scopes)?,
+        };
+        Some(Arc::new(CredentialSpec {
+            name: name.into(),
+            identity: with_client_identity(
+                credential_identity(&request, &provider.response),
+                provider.spec.client_identity.as_deref(),
+            ),
+            provider: provider.spec.clone(),
+            request,
+            response: provider.response.clone(),
+            prefetch: raw.prefetch,
+            revoke_on_shutdown: provider.revoke_on_shutdown,
+        }))
+    }
+
+    pub(super) fn oauth2_request(
+        &mut self,
+        path: &KeyPath,
+        raw: &RawCredential,
+        provider: &ProviderDraft,
+        scopes: Vec<String>,
+    ) -> Option<TokenRequest> {
+        let Endpoint::OAuth2 {
+            url,
+            encoding,
+            client_auth,
+            client_id,
+            client_secret,
+            signing,
+        } = &provider.endpoint
+        else {
+            return None;
+        };
+        if raw.organisation.is_some() {
+            self.problem(
+                &path.key("organisation"),
+                "only nuapay credentials name an organisation",
+            );
+        }
+        let own_secret = match &raw.client_secret {
+            Some(secret) => Some(self.secret(&path.key("client_secret"), secret)?),
+            None => None,
+        };
+        let client_id = self
+            .text(&path.key("client_id"), raw.client_id.as_ref())
+            .or_else(|| client_id.clone());
+        let client_secret = own_secret.or_else(|| client_secret.clone());
+        let signing = self.signing(path, &raw.signing(), signing.clone());
+        let provider_name = &provider.spec.name;
+        let Some(client_id) = client_id else {
+            let needs = match client_auth {
+                RawClientAuth::PrivateKeyJwt | RawClientAuth::TlsClientAuth => "client_id",
+                RawClientAuth::Body | RawClientAuth::Basic | RawClientAuth::ClientSecretJwt => {
+                    "client_id and client_secret"
+                }
+            };
+            self.problem(
+                path,
+                format!("needs {needs}, here or on provider `{provider_name}`"),
+            );
+            return None;
+        };
+        let audience = signing.audience.clone().unwrap_or_else(|| url.to_string());
+        let auth = match client_auth {
+            RawClientAuth::TlsClientAuth => {
+                if provider.spec.client_identity.is_none() {
+                    self.problem(
+                        path,
+                        format!(
+                            "client_auth = tls_client_auth needs client_identity on provider `{provider_name}`"
+                        ),
+                    );
+                    return None;
+                }
+                self.refuse_signing_keys(&signing, *client_auth);
+                ClientAuth::TlsClientAuth
+            }
+            RawClientAuth::PrivateKeyJwt => {
+                ClientAuth::PrivateKeyJwt(self.private_key_assertion(path, &signing, &client_id, &audience)?)
+            }
+            RawClientAuth::Body | RawClientAuth::Basic | RawClientAuth::ClientSecretJwt => {
+                let Some(secret) = client_secret else {
+                    self.problem(
+                        path,
+                        format!("needs client_id and client_secret, here or on provider `{provider_name}`"),
+                    );
+                    return None;
+                };
+                self.refuse_signing_keys(&signing, *client_auth);
+                match client_auth {
+                    RawClientAuth::Body => ClientAuth::Body { secret },
+                    RawClientAuth::Basic => ClientAuth::Basic { secret },
+                    _ => ClientAuth::ClientSecretJwt {
+                        secret,
+                        audience,
+                        kid: signing.kid.clone(),
+                    },
+                }
+            }
+        };
+        let client = OAuth2Client {
+            url: url.clone(),
+            encoding: *encoding,
+            client_id,
+            auth,
+            scopes,
+            params: signing.params,
+        };
+        Some(client.token_request())
+    }
+
+    /// A provider's assertion settings, with a credential's own (`raw`) winning.
+    pub(super) fn signing(
+        &mut self,
+        path: &KeyPath,
+        raw: &RawSigningKeys<'_>,
+        base: SigningDraft,
+    ) -> SigningDraft {
+        let key = match raw.signing_key {
+            Some(key) => self
+                .secret(&path.key("signing_key"), key)
+                .map(|key| (key, path.key("signing_key"))),
+            None => base.key,
+        };
+        let mut params = base.params;
+        for (name, value) in raw.params.into_iter().flatten() {
+            if oauth2::MANAGED_FIELDS.contains(&name.as_str()) {
+                self.problem(
+                    &path.key("params").key(name),
+                    "is set by the sidecar; it cannot be a param",
+                );
+                continue;
+            }
+            params.retain(|(existing, _)| existing != name);
+            params.push((name.clone(), value.clone()));
+        }
+        let alg = raw.signing_alg.map(|alg| match alg {
+            RawSigningAlg::Rs256 => SigningAlg::Rs256,
+            RawSigningAlg::Ps256 => SigningAlg::Ps256,
+            RawSigningAlg::Es256 => SigningAlg::Es256,
+        });
+        SigningDraft {
+            key,
+            alg: alg.or(base.alg),
+            kid: raw.signing_kid.cloned().or(base.kid),
+            audience: raw.assertion_audience.cloned().or(base.audience),
+            params,
+        }
+    }
+
+    /// The `private_key_jwt` assertion: the key must be there and sign.
+    pub(super) fn private_key_assertion(
+        &mut self,
+        path: &KeyPath,
+        signing: &SigningDraft,
+        client_id: &str,
+        audience: &str,
+    ) -> Option<Assertion> {
+        let Some((key, key_path)) = &signing.key else {
+            self.problem(
+                &path.key("signing_key"),
+                "missing: client_auth = private_key_jwt signs with a PKCS#8 PEM key, here or on the provider",
+            );
+            return None;
+        };
+        match Assertion::private_key_jwt(key, signing.alg, signing.kid.clone(), client_id, audience) {
+            Ok(assertion) => Some(assertion),
+            Err(err) => {
+                self.problem(key_path, err.to_string());
+                None
+            }
+        }
+    }
+
+    pub(super) fn refuse_signing_keys(&mut self, signing: &SigningDraft, client_auth: RawClientAuth) {
+        if let Some((_, key_path)) = &signing.key {
+            self.problem(
+                key_path,
+                format!("is used only with client_auth = private_key_jwt (this one has {client_auth:?})"),
+            );
+        }
+    }
+
+    pub(super) fn nuapay_request(
+        &mut self,
+        path: &KeyPath,
+        raw: &RawCredential,
+        provider: &ProviderDraft,
+        scopes: Vec<String>,
+    ) -> Option<TokenRequest> {
+        let Endpoint::Nuapay {
+            base_url,
+            api_key,
+            expires_in,
+        } = &provider.endpoint
+        else {
+            return None;
+        };
+        for (key, present) in [
+            ("client_id", raw.client_id.is_some()),
+            ("client_secret", raw.client_secret.is_some()),
+        ] {
+            if present {
+                self.problem(
+                    &path.key(key),
+                    "nuapay credentials use the provider's api_key, not client credentials",
+                );
+            }
+        }
+        let organisation = self.text(&path.key("organisation"), raw.organisation.as_ref());
+        let organisation = match (organisation.as_deref(), &raw.organisation) {
+            (Some(org), _) if nuapay::is_organisation_id(org) => org,
+            (Some(org), _) => {
+                self.problem(
+                    &path.key("organisation"),
+                    format!("`{org}` is not an encoded organisation id"),
+                );
+                return None;
+            }
+            (None, Some(_)) => return None, // the reference's own problem is reported
+            (None, None) => {
+                self.problem(
+                    &path.key("organisation"),
+                    "missing: the merchant's encoded organisation id",
+                );
+                return None;
+            }
+        };
+        if scopes.is_empty() {
+            self.problem(
+                &path.key("scopes"),
+                "Nuapay requires at least one scope, e.g. [\"openbanking_pisp\"]",
+            );
+            return None;
+        }
+        let request = OrganisationToken {
+            base_url: base_url.clone(),
+            api_key: api_key.clone(),
+            organisation: organisation.to_owned(),
+            scopes,
+            expires_in: *expires_in,
+        };
+        Some(request.token_request())
+    }
+}
+
+/// A credential's identity, also bound to the client certificate its tokens are fetched with
+/// (certificate-bound tokens, RFC 8705): rotating the certificate gets a new token.
+fn with_client_identity(identity: Arc<str>, client: Option<&ClientIdentity>) -> Arc<str> {
+    match client {
+        Some(client) => {
+            let digest = Sha256::new()
+                .chain_update(identity.as_bytes())
+                .chain_update(client.digest.as_bytes())
+                .finalize();
+            hex::encode(digest).into()
+        }
+        None => identity,
+    }
+}
