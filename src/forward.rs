@@ -22,6 +22,7 @@ use crate::error::ProxyBody;
 use crate::route::join_path;
 use crate::secret::AccessToken;
 use crate::tls::TlsError;
+use crate::token::dpop;
 use egress::EgressConnector;
 
 pub mod egress;
@@ -143,6 +144,22 @@ pub fn inject_token(
     let mut value = HeaderValue::from_str(&value)?;
     value.set_sensitive(true);
     headers.insert(name, value);
+    Ok(())
+}
+
+/// Puts a DPoP-bound token in (`Authorization: DPoP`, RFC 9449 §7.1) with its `proof`, both
+/// marked sensitive.
+pub fn inject_dpop_token(
+    headers: &mut HeaderMap,
+    token: &AccessToken,
+    proof: &str,
+) -> Result<(), InvalidHeaderValue> {
+    let mut authorization = HeaderValue::from_str(&format!("{} {}", dpop::SCHEME, token.expose()))?;
+    authorization.set_sensitive(true);
+    let mut proof = HeaderValue::from_str(proof)?;
+    proof.set_sensitive(true);
+    headers.insert(header::AUTHORIZATION, authorization);
+    headers.insert(dpop::DPOP, proof);
     Ok(())
 }
 

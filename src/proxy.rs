@@ -7,6 +7,7 @@ pub mod client_body;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
@@ -17,13 +18,16 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{CredentialChoice, CredentialSpec, RouteSpec, ServerSettings};
 use crate::error::{full_body, Chain, ProxyBody, ProxyError, ERROR_HEADER};
-use crate::forward::{clean_request_headers, inject_token, remove_hop_by_hop, upstream_uri, UpstreamClient};
+use crate::forward::{
+    clean_request_headers, inject_dpop_token, inject_token, remove_hop_by_hop, upstream_uri, UpstreamClient,
+};
 use arc_swap::ArcSwap;
 
 use crate::metrics::Metrics;
 use crate::route::{check_path, request_host, Router};
 use crate::secret::Secret;
 use crate::token::cache::{CachedToken, TokenCache};
+use crate::token::dpop::{self, Nonces};
 use access_log::Exchange;
 use client_body::{BodyFault, BodyLimits, BodyRecord, ClientBody};
 
@@ -110,6 +114,8 @@ pub struct Proxy {
     snapshot: ArcSwap<Snapshot>,
     tokens: Arc<TokenCache>,
     metrics: Metrics,
+    /// The latest DPoP nonce each upstream handed out.
+    dpop_nonces: Nonces,
 }
 
 impl Proxy {
@@ -118,6 +124,7 @@ impl Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
             tokens,
             metrics,
+            dpop_nonces: Nonces::default(),
         }
     }
 
@@ -201,13 +208,25 @@ impl Proxy {
         };
         let token = self.tokens.token(&credential).await?;
         exchange.token = Some(token.token.clone());
-        let client = snapshot.client_for(route);
-        let response = match send(client, route, &outgoing, first_body, &token).await {
+        let attempt = Attempt {
+            client: snapshot.client_for(route),
+            route,
+            outgoing: &outgoing,
+            credential: &credential,
+            dpop_nonces: &self.dpop_nonces,
+        };
+        let mut response = match attempt.send(first_body, &token).await {
             Ok(response) => response,
             // A client body that failed mid-stream is the client's error, whatever the
             // upstream connection made of it.
             Err(err) => return Err(body_record.fault(&limits).map_or(err, ProxyError::Body)),
         };
+        if attempt.asks_for_a_dpop_nonce(&response, &token) {
+            if let Some(bytes) = &replay_body {
+                tracing::debug!(route = %route.name, "upstream asked for a DPoP nonce; resending once with it");
+                response = attempt.send(full_body(bytes.clone()), &token).await?;
+            }
+        }
         exchange.upstream_status = Some(response.status().as_u16());
         if !route.purge_on_status.contains(&response.status()) {
             self.tokens.upstream_accepted(&credential);
@@ -224,7 +243,7 @@ impl Proxy {
         tracing::info!(route = %route.name, credential = %credential.name, status = response.status().as_u16(), "upstream refused the token; resending once with a fresh one");
         exchange.replayed = true;
         exchange.token = Some(fresh.token.clone());
-        let replayed = send(client, route, &outgoing, full_body(bytes), &fresh).await?;
+        let replayed = attempt.send(full_body(bytes), &fresh).await?;
         exchange.upstream_status = Some(replayed.status().as_u16());
         if route.purge_on_status.contains(&replayed.status()) {
             self.tokens.purge_refused(&credential, &fresh).await;
@@ -271,50 +290,98 @@ fn outgoing(guards: &RequestGuards, route: &RouteSpec, parts: http::request::Par
     }
 }
 
-async fn send(
-    client: &UpstreamClient,
-    route: &RouteSpec,
-    outgoing: &Outgoing,
-    body: ProxyBody,
-    token: &CachedToken,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let mut request = Request::new(body);
-    *request.method_mut() = outgoing.method.clone();
-    *request.uri_mut() = outgoing.uri.clone();
-    *request.headers_mut() = outgoing.headers.clone();
-    inject_token(request.headers_mut(), &route.inject, &token.token)
-        .map_err(|_| ProxyError::Internal("token is not a valid header value".into()))?;
-    let response = match tokio::time::timeout(route.timeout, client.request(request)).await {
-        Err(_) => {
-            return Err(ProxyError::UpstreamTimeout {
-                upstream: route.upstream.to_string(),
-                timeout: route.timeout,
-            })
-        }
-        Ok(Err(err)) => {
+/// One request to the upstream, as many times as it is sent.
+struct Attempt<'a> {
+    client: &'a UpstreamClient,
+    route: &'a RouteSpec,
+    outgoing: &'a Outgoing,
+    credential: &'a CredentialSpec,
+    dpop_nonces: &'a Nonces,
+}
+
+impl Attempt<'_> {
+    async fn send(&self, body: ProxyBody, token: &CachedToken) -> Result<Response<ProxyBody>, ProxyError> {
+        let (route, outgoing) = (self.route, self.outgoing);
+        let mut request = Request::new(body);
+        *request.method_mut() = outgoing.method.clone();
+        *request.uri_mut() = outgoing.uri.clone();
+        *request.headers_mut() = outgoing.headers.clone();
+        self.authorize(request.headers_mut(), token)?;
+        let response = match tokio::time::timeout(route.timeout, self.client.request(request)).await {
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout {
+                    upstream: route.upstream.to_string(),
+                    timeout: route.timeout,
+                })
+            }
+            Ok(Err(err)) => {
+                return Err(ProxyError::UpstreamUnreachable {
+                    upstream: route.upstream.to_string(),
+                    reason: upstream_failure(&err),
+                    source: Some(err.into()),
+                })
+            }
+            Ok(Ok(response)) => response,
+        };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // Upgrade is never forwarded, so a 101 is unsolicited: the connection is unusable.
             return Err(ProxyError::UpstreamUnreachable {
                 upstream: route.upstream.to_string(),
-                reason: upstream_failure(&err),
-                source: Some(err.into()),
-            })
+                reason: "it switched protocols (101) though no upgrade was asked for",
+                source: None,
+            });
         }
-        Ok(Ok(response)) => response,
-    };
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        // Upgrade is never forwarded, so a 101 is unsolicited: the connection is unusable.
-        return Err(ProxyError::UpstreamUnreachable {
-            upstream: route.upstream.to_string(),
-            reason: "it switched protocols (101) though no upgrade was asked for",
-            source: None,
-        });
+        let (mut parts, body) = response.into_parts();
+        if token.dpop {
+            if let Some(nonce) = dpop::nonce_in(&parts.headers) {
+                self.dpop_nonces.remember(&self.origin(), nonce);
+            }
+        }
+        remove_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(ERROR_HEADER); // only the sidecar's own errors carry it
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(Into::into).boxed_unsync(),
+        ))
     }
-    let (mut parts, body) = response.into_parts();
-    remove_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(ERROR_HEADER); // only the sidecar's own errors carry it
-    Ok(Response::from_parts(
-        parts,
-        body.map_err(Into::into).boxed_unsync(),
-    ))
+
+    /// Puts the token in, as the route asks; a DPoP-bound one as `Authorization: DPoP` with a
+    /// fresh proof for this request (and the upstream's latest nonce).
+    fn authorize(&self, headers: &mut HeaderMap, token: &CachedToken) -> Result<(), ProxyError> {
+        let invalid = |_| ProxyError::Internal("token is not a valid header value".into());
+        let Some(key) = self.credential.request.dpop.as_ref().filter(|_| token.dpop) else {
+            return inject_token(headers, &self.route.inject, &token.token).map_err(invalid);
+        };
+        let uri = &self.outgoing.uri;
+        let htu = format!("{}{}", self.origin(), uri.path());
+        let nonce = self.dpop_nonces.get(&self.origin());
+        let proof = key
+            .proof(
+                self.outgoing.method.as_str(),
+                &htu,
+                SystemTime::now(),
+                nonce.as_deref(),
+                Some(token.token.expose()),
+            )
+            .map_err(|err| ProxyError::Internal(format!("the DPoP proof could not be signed: {err}")))?;
+        inject_dpop_token(headers, &token.token, &proof).map_err(invalid)
+    }
+
+    /// Whether the upstream refused a DPoP-bound token only for want of its nonce (a 401 with
+    /// `DPoP-Nonce`, remembered by [`Self::send`]): worth one more try with it.
+    fn asks_for_a_dpop_nonce(&self, response: &Response<ProxyBody>, token: &CachedToken) -> bool {
+        token.dpop
+            && response.status() == StatusCode::UNAUTHORIZED
+            && dpop::nonce_in(response.headers()).is_some()
+    }
+
+    /// `scheme://authority` of the upstream: where its DPoP nonces apply.
+    fn origin(&self) -> String {
+        let uri = &self.outgoing.uri;
+        let scheme = uri.scheme_str().unwrap_or("https");
+        let authority = uri.authority().map_or("", |authority| authority.as_str());
+        format!("{scheme}://{authority}")
+    }
 }
 
 /// The parts of the forwarded request that survive a replay.

@@ -182,6 +182,9 @@ pub struct RawProvider {
     pub assertion_audience: Option<String>,
     /// Extra fields sent in the token request body.
     pub params: Option<BTreeMap<String, String>>,
+    // DPoP (RFC 9449), also on credentials
+    pub dpop: Option<bool>,
+    pub dpop_key: Option<RawSecret>,
     pub token_field: Option<String>,
     pub expires_in_field: Option<String>,
     pub expires_at_field: Option<String>,
@@ -222,6 +225,8 @@ pub struct RawCredential {
     pub assertion_audience: Option<String>,
     /// Extra fields sent in the token request body.
     pub params: Option<BTreeMap<String, String>>,
+    pub dpop: Option<bool>,
+    pub dpop_key: Option<RawSecret>,
     pub scopes: Option<Vec<String>>,
     #[serde(default)]
     pub prefetch: bool,
@@ -249,32 +254,37 @@ pub struct RawRoute {
     pub replay_body_limit: Option<u64>,
 }
 
-/// The assertion keys of a provider or a credential table.
-pub struct RawSigningKeys<'r> {
+/// The keys a provider and its credentials share (a credential's own win): client assertions,
+/// extra body fields and DPoP.
+pub struct RawClientKeys<'r> {
     pub signing_key: Option<&'r RawSecret>,
     pub signing_alg: Option<RawSigningAlg>,
     pub signing_kid: Option<&'r String>,
     pub assertion_audience: Option<&'r String>,
     pub params: Option<&'r BTreeMap<String, String>>,
+    pub dpop: Option<bool>,
+    pub dpop_key: Option<&'r RawSecret>,
 }
 
-macro_rules! signing_keys {
+macro_rules! client_keys {
     ($table:ty) => {
         impl $table {
-            pub fn signing(&self) -> RawSigningKeys<'_> {
-                RawSigningKeys {
+            pub fn client_keys(&self) -> RawClientKeys<'_> {
+                RawClientKeys {
                     signing_key: self.signing_key.as_ref(),
                     signing_alg: self.signing_alg,
                     signing_kid: self.signing_kid.as_ref(),
                     assertion_audience: self.assertion_audience.as_ref(),
                     params: self.params.as_ref(),
+                    dpop: self.dpop,
+                    dpop_key: self.dpop_key.as_ref(),
                 }
             }
         }
     };
 }
-signing_keys!(RawProvider);
-signing_keys!(RawCredential);
+client_keys!(RawProvider);
+client_keys!(RawCredential);
 
 /// `"literal"`, `{ env = "NAME" }` or `{ file = "/path" }`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,6 +24,7 @@ use crate::token::dialect::oauth2::{self, ClientAuth, OAuth2Client};
 use crate::token::dialect::{
     credential_identity, BodyEncoding, ResponseSpec, TimeUnit, TokenChars, TokenRequest,
 };
+use crate::token::dpop::DpopKey;
 
 mod providers;
 mod routes;
@@ -58,6 +59,7 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
         removed: shape_problems.iter().map(|p| p.key_path.clone()).collect(),
         problems: shape_problems,
         base_dir: base_dir.to_owned(),
+        shared_cache: false,
     };
     // With the keys that had shape problems removed, the rest is still checked: one run
     // reports every problem.
@@ -78,6 +80,7 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
         .shared
         .as_ref()
         .and_then(|shared| v.shared_cache(&root.key("cache").key("shared"), shared));
+    v.shared_cache = raw.cache.shared.is_some();
     for (name, identity) in &raw.identities {
         let parsed = v.identity(&root.key("identities").key(name), name, identity);
         v.identities.insert(name.clone(), parsed);
@@ -249,6 +252,8 @@ struct Validator {
     removed: Vec<String>,
     /// The config file's directory: relative file paths in it are relative to it.
     base_dir: PathBuf,
+    /// Whether `[cache.shared]` is configured: a fleet shares keys it would otherwise make.
+    shared_cache: bool,
 }
 
 impl Validator {
@@ -263,10 +268,14 @@ impl Validator {
         if follows_from_a_removal && !key_path.is_empty() {
             return;
         }
-        self.problems.push(Problem {
+        let problem = Problem {
             line: self.map.line_of_path(path),
-            key_path: path.to_string(),
+            key_path,
             message: message.into(),
-        });
+        };
+        // Credentials of one provider can share its problem: it is reported once.
+        if !self.problems.contains(&problem) {
+            self.problems.push(problem);
+        }
     }
 }

@@ -25,6 +25,7 @@ fn credential() -> Arc<CredentialSpec> {
             authorization: None,
             secrets: vec![],
             assertion: None,
+            dpop: None,
         },
         response: ResponseSpec::oauth2(),
         prefetch: false,

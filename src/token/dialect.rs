@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use serde_json::Value;
 
 use super::assertion::Assertion;
+use super::dpop::DpopKey;
 use super::error::FetchError;
 use super::jwt;
 use crate::secret::{AccessToken, Secret};
@@ -56,6 +57,8 @@ pub struct TokenRequest {
     /// A client assertion signed afresh for each request (`client_secret_jwt`,
     /// `private_key_jwt`).
     pub assertion: Option<Assertion>,
+    /// The key DPoP proofs are signed with, when the provider binds tokens to one (RFC 9449).
+    pub dpop: Option<Arc<DpopKey>>,
 }
 
 impl TokenRequest {
@@ -152,6 +155,11 @@ impl TokenRequest {
                 }
             }
         }
+        // A bound token is useless without its key: the key's (public) thumbprint is part of
+        // what the token depends on.
+        if let Some(key) = &self.dpop {
+            hash_part(&mut hasher, &format!("dpop:{}", key.thumbprint()));
+        }
         if secrets == Secrets::AsDigests {
             let authorization = self.authorization.as_ref().map(secret_digest);
             hash_part(&mut hasher, &authorization.unwrap_or_default());
@@ -220,6 +228,8 @@ pub struct IssuedToken {
     pub expires_at: SystemTime,
     pub lifetime: Duration,
     pub token_id: Option<String>,
+    /// `token_type` `DPoP` (RFC 9449): the token is bound to the key the request proved.
+    pub dpop: bool,
 }
 
 /// A token that lives less than this cannot be used safely: it is a failed fetch.
@@ -262,11 +272,16 @@ pub fn parse_response(
         .as_deref()
         .and_then(|pointer| json.pointer(pointer))
         .and_then(|id| id.as_str().map(str::to_owned));
+    let dpop = json
+        .pointer("/token_type")
+        .and_then(Value::as_str)
+        .is_some_and(|token_type| token_type.eq_ignore_ascii_case(super::dpop::SCHEME));
     Ok(IssuedToken {
         token: AccessToken::new(token.as_str()),
         expires_at,
         lifetime,
         token_id,
+        dpop,
     })
 }
 

@@ -9,6 +9,7 @@ use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, StatusCode};
 
 use super::dialect::{parse_response, IssuedToken, MAX_RESPONSE_BYTES};
+use super::dpop::{self, Nonces};
 use super::error::{error_code_from_body, FetchError};
 use crate::clock::SharedClock;
 use crate::config::{CredentialSpec, Egress, ProviderSpec};
@@ -19,6 +20,8 @@ use rustls::pki_types::CertificateDer;
 pub struct TokenFetcher {
     clients: HashMap<Arc<str>, ProviderClient>,
     clock: SharedClock,
+    /// The latest DPoP nonce each token endpoint handed out.
+    dpop_nonces: Arc<Nonces>,
 }
 
 /// One provider's HTTP client and the settings it was built with.
@@ -80,24 +83,63 @@ impl TokenFetcher {
                 },
             );
         }
-        Ok(Self { clients, clock })
+        let dpop_nonces = previous.map_or_else(Default::default, |previous| previous.dpop_nonces.clone());
+        Ok(Self {
+            clients,
+            clock,
+            dpop_nonces,
+        })
     }
 
-    /// One request to the credential's token endpoint; no retries here.
+    /// One request to the credential's token endpoint; no retries here, except the one round
+    /// a DPoP server may ask for to hand out its nonce (`use_dpop_nonce`).
     pub async fn fetch(&self, credential: &CredentialSpec) -> Result<IssuedToken, FetchError> {
         let request = &credential.request;
-        let requested_at = self.clock.now();
-        let (content_type, body) = request.encode_body(requested_at)?;
-        let builder = self
-            .post(credential, request.url.clone())?
-            .header(CONTENT_TYPE, content_type)
-            .body(body);
-        let response = builder.send().await.map_err(transport_error)?;
-        let status = response.status();
-        let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
-        let body = read_capped(response).await?;
-        classify(status, retry_after, &body, &request.secrets)?;
-        parse_response(&credential.response, &body, requested_at)
+        let origin = request.url.origin().ascii_serialization();
+        let mut nonce = request.dpop.as_ref().and_then(|_| self.dpop_nonces.get(&origin));
+        let mut nonce_round = false;
+        loop {
+            let requested_at = self.clock.now();
+            let (content_type, body) = request.encode_body(requested_at)?;
+            let mut builder = self
+                .post(credential, request.url.clone())?
+                .header(CONTENT_TYPE, content_type)
+                .body(body);
+            if let Some(key) = &request.dpop {
+                let proof = key
+                    .proof("POST", request.url.as_str(), requested_at, nonce.as_deref(), None)
+                    .map_err(|_| FetchError::malformed("the DPoP proof could not be signed"))?;
+                builder = builder.header(dpop::DPOP, proof);
+            }
+            let response = builder.send().await.map_err(transport_error)?;
+            let status = response.status();
+            let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+            let offered = request
+                .dpop
+                .as_ref()
+                .and_then(|_| dpop::nonce_in(response.headers()));
+            if let Some(offered) = &offered {
+                self.dpop_nonces.remember(&origin, offered.clone());
+            }
+            let body = read_capped(response).await?;
+            match classify(status, retry_after, &body, &request.secrets) {
+                Err(FetchError::Rejected {
+                    reason: Some(reason), ..
+                }) if reason == "use_dpop_nonce" && offered.is_some() && !nonce_round => {
+                    nonce = offered;
+                    nonce_round = true;
+                    continue;
+                }
+                outcome => outcome?,
+            }
+            let issued = parse_response(&credential.response, &body, requested_at)?;
+            if issued.dpop && request.dpop.is_none() {
+                return Err(FetchError::malformed(
+                    "the token is DPoP-bound, but the provider does not have dpop = true",
+                ));
+            }
+            return Ok(issued);
+        }
     }
 
     /// Revokes a Nuapay token: `POST {token url}/{token_id}/revoke` with the API key.

@@ -4,6 +4,7 @@
 pub mod assertion;
 pub mod cache;
 pub mod dialect;
+pub mod dpop;
 pub mod error;
 pub mod fetch;
 pub mod jwt;

@@ -261,6 +261,7 @@ impl SharedTier {
             expires_at: expires,
             lifetime: expires.duration_since(obtained).unwrap_or_default(),
             token_id: stored.token_id,
+            dpop: stored.dpop,
         }))
     }
 
@@ -313,6 +314,7 @@ impl SharedTier {
                     expires_at_ms: unix_millis(issued.expires_at),
                     obtained_at_ms: unix_millis(obtained),
                     token_id: issued.token_id.clone(),
+                    dpop: issued.dpop,
                 };
                 let value = self.sealer.seal(&keys.token, &shared);
                 redis::pipe()

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Why a fleet needs its DPoP key in a file.
+const FLEET_DPOP_KEY: &str =
+    "with [cache.shared], dpop_key must be a file ({ file = \"...\" }) so that the whole fleet proves with one key";
+
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -15,16 +19,27 @@ pub(super) struct ProviderDraft {
     response: ResponseSpec,
 }
 
-/// A client's assertion settings (on a provider; a credential's own win), before the key is
-/// known to sign.
+/// The keys a provider and its credentials share (a credential's own win): its assertion
+/// settings, before the key is known to sign, extra body fields and DPoP.
 #[derive(Clone, Default)]
-pub(super) struct SigningDraft {
-    /// The key and where it was configured (for errors).
+pub(super) struct ClientDraft {
+    /// The signing key and where it was configured (for errors).
     key: Option<(Secret, KeyPath)>,
     alg: Option<SigningAlg>,
     kid: Option<String>,
     audience: Option<String>,
     params: Vec<(String, String)>,
+    /// `dpop`, and the table it was set in.
+    dpop: Option<(bool, KeyPath)>,
+    /// `dpop_key`, read and checked (`None` inside: it has a problem, reported).
+    dpop_key: Option<DpopKeyDraft>,
+}
+
+#[derive(Clone)]
+pub(super) struct DpopKeyDraft {
+    key: Option<Arc<DpopKey>>,
+    path: KeyPath,
+    from_file: bool,
 }
 
 pub(super) enum Endpoint {
@@ -34,7 +49,7 @@ pub(super) enum Endpoint {
         client_auth: RawClientAuth,
         client_id: Option<String>,
         client_secret: Option<Secret>,
-        signing: SigningDraft,
+        keys: Box<ClientDraft>,
     },
     Nuapay {
         base_url: reqwest::Url,
@@ -109,6 +124,8 @@ impl Validator {
             ("signing_kid", raw.signing_kid.is_some()),
             ("assertion_audience", raw.assertion_audience.is_some()),
             ("params", raw.params.is_some()),
+            ("dpop", raw.dpop.is_some()),
+            ("dpop_key", raw.dpop_key.is_some()),
             ("token_field", raw.token_field.is_some()),
             ("expires_in_field", raw.expires_in_field.is_some()),
             ("expires_at_field", raw.expires_at_field.is_some()),
@@ -191,7 +208,7 @@ impl Validator {
             client_auth: raw.client_auth.unwrap_or(RawClientAuth::Body),
             client_id: self.text(&path.key("client_id"), raw.client_id.as_ref()),
             client_secret,
-            signing: self.signing(path, &raw.signing(), SigningDraft::default()),
+            keys: Box::new(self.client_keys(path, &raw.client_keys(), ClientDraft::default())),
         };
         let response = ResponseSpec {
             token: token??,
@@ -303,7 +320,7 @@ impl Validator {
             client_auth,
             client_id,
             client_secret,
-            signing,
+            keys,
         } = &provider.endpoint
         else {
             return None;
@@ -322,7 +339,7 @@ impl Validator {
             .text(&path.key("client_id"), raw.client_id.as_ref())
             .or_else(|| client_id.clone());
         let client_secret = own_secret.or_else(|| client_secret.clone());
-        let signing = self.signing(path, &raw.signing(), signing.clone());
+        let keys = self.client_keys(path, &raw.client_keys(), (**keys).clone());
         let provider_name = &provider.spec.name;
         let Some(client_id) = client_id else {
             let needs = match client_auth {
@@ -337,7 +354,7 @@ impl Validator {
             );
             return None;
         };
-        let audience = signing.audience.clone().unwrap_or_else(|| url.to_string());
+        let audience = keys.audience.clone().unwrap_or_else(|| url.to_string());
         let auth = match client_auth {
             RawClientAuth::TlsClientAuth => {
                 if provider.spec.client_identity.is_none() {
@@ -349,11 +366,11 @@ impl Validator {
                     );
                     return None;
                 }
-                self.refuse_signing_keys(&signing, *client_auth);
+                self.refuse_signing_keys(&keys, *client_auth);
                 ClientAuth::TlsClientAuth
             }
             RawClientAuth::PrivateKeyJwt => {
-                ClientAuth::PrivateKeyJwt(self.private_key_assertion(path, &signing, &client_id, &audience)?)
+                ClientAuth::PrivateKeyJwt(self.private_key_assertion(path, &keys, &client_id, &audience)?)
             }
             RawClientAuth::Body | RawClientAuth::Basic | RawClientAuth::ClientSecretJwt => {
                 let Some(secret) = client_secret else {
@@ -363,36 +380,38 @@ impl Validator {
                     );
                     return None;
                 };
-                self.refuse_signing_keys(&signing, *client_auth);
+                self.refuse_signing_keys(&keys, *client_auth);
                 match client_auth {
                     RawClientAuth::Body => ClientAuth::Body { secret },
                     RawClientAuth::Basic => ClientAuth::Basic { secret },
                     _ => ClientAuth::ClientSecretJwt {
                         secret,
                         audience,
-                        kid: signing.kid.clone(),
+                        kid: keys.kid.clone(),
                     },
                 }
             }
         };
+        let dpop = self.dpop(&keys).ok()?;
         let client = OAuth2Client {
             url: url.clone(),
             encoding: *encoding,
             client_id,
             auth,
             scopes,
-            params: signing.params,
+            params: keys.params,
+            dpop,
         };
         Some(client.token_request())
     }
 
-    /// A provider's assertion settings, with a credential's own (`raw`) winning.
-    pub(super) fn signing(
+    /// A provider's client keys, with a credential's own (`raw`) winning.
+    pub(super) fn client_keys(
         &mut self,
         path: &KeyPath,
-        raw: &RawSigningKeys<'_>,
-        base: SigningDraft,
-    ) -> SigningDraft {
+        raw: &RawClientKeys<'_>,
+        base: ClientDraft,
+    ) -> ClientDraft {
         let key = match raw.signing_key {
             Some(key) => self
                 .secret(&path.key("signing_key"), key)
@@ -416,12 +435,66 @@ impl Validator {
             RawSigningAlg::Ps256 => SigningAlg::Ps256,
             RawSigningAlg::Es256 => SigningAlg::Es256,
         });
-        SigningDraft {
+        let dpop_key = match raw.dpop_key {
+            Some(key) => Some(self.dpop_key_draft(&path.key("dpop_key"), key)),
+            None => base.dpop_key,
+        };
+        ClientDraft {
             key,
             alg: alg.or(base.alg),
             kid: raw.signing_kid.cloned().or(base.kid),
             audience: raw.assertion_audience.cloned().or(base.audience),
             params,
+            dpop: raw.dpop.map(|dpop| (dpop, path.clone())).or(base.dpop),
+            dpop_key,
+        }
+    }
+
+    /// A `dpop_key`, read once where it is configured.
+    fn dpop_key_draft(&mut self, path: &KeyPath, raw: &RawSecret) -> DpopKeyDraft {
+        let key = self
+            .secret(path, raw)
+            .and_then(|pem| match DpopKey::from_pem(&pem) {
+                Ok(key) => Some(Arc::new(key)),
+                Err(err) => {
+                    self.problem(path, err.to_string());
+                    None
+                }
+            });
+        DpopKeyDraft {
+            key,
+            path: path.clone(),
+            from_file: matches!(raw, RawSecret::File(_)),
+        }
+    }
+
+    /// The key a credential's DPoP proofs are signed with: `Ok(None)` without `dpop = true`;
+    /// `dpop_key`, or the process's own key (not with a fleet: its members must share one).
+    fn dpop(&mut self, keys: &ClientDraft) -> Result<Option<Arc<DpopKey>>, ()> {
+        let Some((true, table)) = &keys.dpop else {
+            if let Some(draft) = &keys.dpop_key {
+                self.problem(&draft.path, "is used only with dpop = true");
+                return Err(());
+            }
+            return Ok(None);
+        };
+        match &keys.dpop_key {
+            Some(draft) if self.shared_cache && !draft.from_file => {
+                self.problem(&draft.path, FLEET_DPOP_KEY);
+                Err(())
+            }
+            Some(draft) => draft.key.clone().map(Some).ok_or(()),
+            None if self.shared_cache => {
+                self.problem(&table.key("dpop_key"), format!("missing: {FLEET_DPOP_KEY}"));
+                Err(())
+            }
+            None => match DpopKey::generated() {
+                Ok(key) => Ok(Some(key)),
+                Err(err) => {
+                    self.problem(&table.key("dpop"), err.to_string());
+                    Err(())
+                }
+            },
         }
     }
 
@@ -429,7 +502,7 @@ impl Validator {
     pub(super) fn private_key_assertion(
         &mut self,
         path: &KeyPath,
-        signing: &SigningDraft,
+        signing: &ClientDraft,
         client_id: &str,
         audience: &str,
     ) -> Option<Assertion> {
@@ -449,7 +522,7 @@ impl Validator {
         }
     }
 
-    pub(super) fn refuse_signing_keys(&mut self, signing: &SigningDraft, client_auth: RawClientAuth) {
+    pub(super) fn refuse_signing_keys(&mut self, signing: &ClientDraft, client_auth: RawClientAuth) {
         if let Some((_, key_path)) = &signing.key {
             self.problem(
                 key_path,
@@ -482,6 +555,20 @@ impl Validator {
                     &path.key(key),
                     "nuapay credentials use the provider's api_key, not client credentials",
                 );
+            }
+        }
+        let keys = raw.client_keys();
+        for (key, present) in [
+            ("signing_key", keys.signing_key.is_some()),
+            ("signing_alg", keys.signing_alg.is_some()),
+            ("signing_kid", keys.signing_kid.is_some()),
+            ("assertion_audience", keys.assertion_audience.is_some()),
+            ("params", keys.params.is_some()),
+            ("dpop", keys.dpop.is_some()),
+            ("dpop_key", keys.dpop_key.is_some()),
+        ] {
+            if present {
+                self.problem(&path.key(key), "not a key of a nuapay credential");
             }
         }
         let organisation = self.text(&path.key("organisation"), raw.organisation.as_ref());

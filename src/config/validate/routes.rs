@@ -63,6 +63,9 @@ impl Validator {
         let client_identity = self.identity_ref(&path.key("client_identity"), raw.client_identity.as_deref());
         let credential = self.credential_choice(path, raw, credentials);
         let inject = self.inject(&path.key("inject"), raw.inject.as_ref());
+        if let (Some(choice), Some(inject)) = (&credential, &inject) {
+            self.dpop_takes_authorization(&path.key("inject"), choice, inject);
+        }
         let headers = self.static_headers(&path.key("headers"), &raw.headers);
         let timeout = self.nonzero(&path.key("timeout"), raw.timeout, DEFAULT_UPSTREAM_TIMEOUT);
         let purge_on_status =
@@ -254,6 +257,27 @@ impl Validator {
                 );
                 None
             }
+        }
+    }
+
+    /// DPoP-bound tokens go in `Authorization: DPoP`: a route sending one cannot inject
+    /// elsewhere.
+    fn dpop_takes_authorization(&mut self, path: &KeyPath, choice: &CredentialChoice, inject: &Inject) {
+        let credentials = match choice {
+            CredentialChoice::Fixed(credential) => std::slice::from_ref(credential),
+            CredentialChoice::FromHeader { allowed, .. } => allowed.as_slice(),
+        };
+        let dpop = credentials
+            .iter()
+            .find(|credential| credential.request.dpop.is_some());
+        if let (Some(credential), false) = (dpop, matches!(inject, Inject::Bearer)) {
+            self.problem(
+                path,
+                format!(
+                    "credential `{}` uses DPoP, whose tokens go in Authorization: DPoP; remove inject",
+                    credential.name
+                ),
+            );
         }
     }
 

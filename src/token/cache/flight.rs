@@ -127,6 +127,7 @@ impl TokenCache {
             schedule,
             obtained_at,
             token_id: issued.token_id,
+            dpop: issued.dpop,
             generation: 0,
         })
     }

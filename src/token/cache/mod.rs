@@ -59,6 +59,8 @@ pub struct CachedToken {
     pub obtained_at: SystemTime,
     /// The provider's id for the token, where it gives one (Nuapay), for revocation.
     pub token_id: Option<String>,
+    /// Bound to the credential's DPoP key: sent as `Authorization: DPoP` with a proof.
+    pub dpop: bool,
     /// This credential's successful fetches when it was stored: a later token has a higher one.
     pub generation: u64,
 }

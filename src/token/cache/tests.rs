@@ -26,6 +26,7 @@ impl TokenSource for CountingSource {
                 expires_at: self.clock.now() + self.lifetime,
                 lifetime: self.lifetime,
                 token_id: None,
+                dpop: false,
             })
         })
     }
@@ -62,6 +63,7 @@ fn credential(name: &str, identity: &str) -> Arc<CredentialSpec> {
             authorization: None,
             secrets: vec![],
             assertion: None,
+            dpop: None,
         },
         response: ResponseSpec::oauth2(),
         prefetch: false,

@@ -46,6 +46,7 @@ impl OrganisationToken {
             ))),
             secrets: vec![self.api_key],
             assertion: None,
+            dpop: None,
         }
     }
 }

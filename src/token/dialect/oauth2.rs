@@ -7,7 +7,10 @@ use base64::Engine;
 
 use super::{BodyEncoding, BodyValue, ResponseSpec, TokenChars, TokenRequest};
 use crate::secret::Secret;
+use std::sync::Arc;
+
 use crate::token::assertion::Assertion;
+use crate::token::dpop::DpopKey;
 
 /// Where an RFC 6749 answer keeps its token and lifetime.
 pub const TOKEN_POINTER: &str = "/access_token";
@@ -53,6 +56,8 @@ pub struct OAuth2Client {
     pub scopes: Vec<String>,
     /// Extra body fields (`params`), after the sidecar's own.
     pub params: Vec<(String, String)>,
+    /// Ask for DPoP-bound tokens, proving possession of this key.
+    pub dpop: Option<Arc<DpopKey>>,
 }
 
 impl OAuth2Client {
@@ -66,6 +71,7 @@ impl OAuth2Client {
             authorization: None,
             secrets: Vec::new(),
             assertion: None,
+            dpop: self.dpop,
         };
         self.auth.apply(&mut request, self.client_id);
         if !self.scopes.is_empty() {
@@ -162,6 +168,7 @@ mod tests {
             auth,
             scopes: vec!["payments".into(), "refunds".into()],
             params: vec![("audience".into(), "https://api.test".into())],
+            dpop: None,
         }
         .token_request()
     }

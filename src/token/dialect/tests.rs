@@ -169,6 +169,7 @@ fn form_body_joins_lists_with_spaces_and_json_keeps_them() {
         authorization: None,
         secrets: vec![],
         assertion: None,
+        dpop: None,
     };
     let (content_type, body) = request.encode_body(SystemTime::now()).unwrap();
     assert_eq!(content_type, "application/x-www-form-urlencoded");
@@ -202,6 +203,7 @@ fn a_credential_identity_changes_with_its_secret_and_scopes_and_never_contains_t
         authorization: None,
         secrets: vec![Secret::new(secret)],
         assertion: None,
+        dpop: None,
     };
     let spec = ResponseSpec::oauth2();
     let base = credential_identity(&request("s3cret-one", "read"), &spec);

@@ -39,6 +39,9 @@ pub struct SharedToken {
     pub obtained_at_ms: u64,
     #[serde(rename = "i")]
     pub token_id: Option<String>,
+    /// Bound to the credential's DPoP key (`token_type` `DPoP`).
+    #[serde(rename = "d", default)]
+    pub dpop: bool,
 }
 
 mod token_text {
@@ -152,6 +155,7 @@ mod tests {
             expires_at_ms: 1_700_000_600_000,
             obtained_at_ms: 1_700_000_000_000,
             token_id: Some("id-1".into()),
+            dpop: true,
         }
     }
 
