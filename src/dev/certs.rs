@@ -69,15 +69,27 @@ impl TestPki {
         self.acceptor_with(names, None)
     }
 
+    /// A server certificate for `names` signed by this CA, and its key, as PEM text: for a
+    /// server of another process (the tests' OAuth server).
+    pub fn server_certificate(&self, names: &[&str]) -> Result<(String, String), PkiError> {
+        let (cert, key) = self.server_cert(names)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    fn server_cert(&self, names: &[&str]) -> Result<(rcgen::Certificate, KeyPair), PkiError> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = CertificateParams::new(names)?;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key)?;
+        Ok((cert, key))
+    }
+
     fn acceptor_with(
         &self,
         names: &[&str],
         clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     ) -> Result<TlsAcceptor, PkiError> {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let params = CertificateParams::new(names)?;
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key)?;
+        let (cert, key) = self.server_cert(names)?;
         let private_key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let builder =
             rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))

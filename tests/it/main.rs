@@ -15,6 +15,7 @@ mod forwarding;
 mod hardening;
 mod lifecycle;
 mod mtls;
+mod oauth_server;
 mod providers;
 mod reload;
 mod routing;

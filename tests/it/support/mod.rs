@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod oauth_server;
 pub mod redis;
 pub mod tinyproxy;
 
