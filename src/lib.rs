@@ -8,9 +8,13 @@
 //!    wait (from a [`token::source::TokenSource`]: the endpoint, [`token::fetch`], behind the
 //!    fleet's [`token::shared`] tier on Redis when configured) and refreshing it ahead of expiry
 //!    by the [`token::lifetime`] policy;
-//! 3. [`forward`] rewrites the URI, cleans the headers, injects the token and streams the request
-//!    to the route's upstream over rustls, and the response back; [`proxy::client_body`] reads
-//!    the client's body under its limits.
+//! 3. [`forward`] rewrites the URI, cleans the headers, injects the token (a DPoP-bound one with
+//!    a fresh proof, [`token::dpop`]) and streams the request to the route's upstream over
+//!    rustls, and the response back; [`proxy::client_body`] reads the client's body under its
+//!    limits.
+//!
+//! What a token request looks like is each provider's dialect, [`token::dialect`]: its `oauth2`
+//! module (with the `client_auth` methods, [`token::assertion`] for signed ones) and `nuapay`.
 //!
 //! Each request reads one [`proxy::Snapshot`] of the configuration; [`reload`] validates a
 //! changed config file and swaps in a new snapshot, credentials and clients (tokens are keyed by

@@ -71,8 +71,8 @@ async fn no_secret_or_token_appears_anywhere_at_trace_level() {
     seen.push_str(&h.get("/acme/setu/p").await.text().await.unwrap());
     seen.push_str(&h.tokens().await.to_string());
     seen.push_str(&h.metrics_text().await);
-    // Regulated-provider keys: a signing key (private_key_jwt) and a client identity (mTLS),
-    // through a request and the Debug print of the whole configuration.
+    // Regulated-provider keys: a signing key (private_key_jwt), a client identity (mTLS) and a
+    // DPoP key, through a request and the Debug print of the whole configuration.
     let keys = tempfile::tempdir().unwrap();
     let signing_pem =
         std::fs::read_to_string(support::repo_root().join("tests/fixtures/keys/rsa-2048.pem")).unwrap();
@@ -80,6 +80,8 @@ async fn no_secret_or_token_appears_anywhere_at_trace_level() {
     std::fs::write(keys.path().join("signing.pem"), &signing_pem).unwrap();
     std::fs::write(keys.path().join("id.crt"), &identity_cert).unwrap();
     std::fs::write(keys.path().join("id.key"), &identity_key).unwrap();
+    let dpop_pem = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    std::fs::write(keys.path().join("dpop.pem"), &dpop_pem).unwrap();
     let regulated = format!(
         r#"
 [server]
@@ -95,6 +97,8 @@ token_url = "https://{token}/oauth/token"
 client_auth = "private_key_jwt"
 signing_key = {{ file = "{dir}/signing.pem" }}
 client_identity = "acme-qwac"
+dpop = true
+dpop_key = {{ file = "{dir}/dpop.pem" }}
 
 [credentials.acme-bank]
 provider = "bank"
@@ -143,7 +147,7 @@ client_identity = "acme-qwac"
     .collect();
     forbidden.push(STANDARD.encode("dev-nuapay-api-key:"));
     // A line from inside each private key.
-    for pem in [&signing_pem, &identity_key] {
+    for pem in [&signing_pem, &identity_key, &dpop_pem] {
         forbidden.push(pem.lines().nth(2).unwrap().to_owned());
     }
     for subject in [

@@ -19,8 +19,8 @@ const EXAMPLE_ENV: &[(&str, &str)] = &[
     ),
 ];
 
-/// The keys and certificates `config/open-banking.toml` references: a test-only RSA key and a
-/// client certificate from a throwaway CA.
+/// The keys and certificates `config/open-banking.toml` references: a test-only RSA key, a
+/// client certificate from a throwaway CA and a fresh DPoP key.
 fn open_banking_env() -> Vec<(&'static str, String)> {
     let pki = token_sidecar::dev::certs::TestPki::new().unwrap();
     let (cert, key) = pki.client_certificate("acme").unwrap();
@@ -30,6 +30,10 @@ fn open_banking_env() -> Vec<(&'static str, String)> {
         ("ACME_QWAC_CERT", cert),
         ("ACME_QWAC_KEY", key),
         ("ACME_SIGNING_KEY", signing),
+        (
+            "ACME_DPOP_KEY",
+            rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        ),
     ]
 }
 
