@@ -5,16 +5,21 @@
 
 pub mod target;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::RouteSpec;
 
 pub use target::{check_path, is_loopback_host, request_host, TargetError};
 
-/// The configured routes, ordered so that the first match is the most specific.
-#[derive(Debug, Clone)]
+/// The configured routes, indexed so that finding one costs the same however many there are:
+/// a map from host to that host's routes, each set a trie of path-prefix segments.
+#[derive(Debug, Clone, Default)]
 pub struct Router {
-    routes: Vec<Arc<RouteSpec>>,
+    /// Routes with a `host`, by host (lower-case).
+    by_host: HashMap<Box<str>, PrefixTrie>,
+    /// Routes without a `host`.
+    hostless: PrefixTrie,
     /// Non-loopback hosts that routes without a `host` also serve (lower-case).
     allowed_hosts: Vec<String>,
 }
@@ -28,35 +33,74 @@ pub struct Matched<'r, 'p> {
 
 impl Router {
     pub fn new(routes: &[Arc<RouteSpec>], allowed_hosts: &[String]) -> Self {
-        let mut routes = routes.to_vec();
-        routes.sort_by_key(|r| {
-            let prefix_len = r.path_prefix.as_ref().map_or(0, String::len);
-            (r.host.is_none(), std::cmp::Reverse(prefix_len))
-        });
-        Self {
-            routes,
+        let mut router = Self {
             allowed_hosts: allowed_hosts.to_vec(),
+            ..Self::default()
+        };
+        for route in routes {
+            let trie = match &route.host {
+                Some(host) => router.by_host.entry(host.as_str().into()).or_default(),
+                None => &mut router.hostless,
+            };
+            trie.insert(route);
         }
+        router
     }
 
     /// The most specific route for a request to `host` (as [`request_host`] returns it) and
-    /// `path` (already passed by [`check_path`]).
+    /// `path` (already passed by [`check_path`]): the longest prefix among the host's own
+    /// routes, else (for loopback and allowed hosts) the longest among routes without a host.
     pub fn find<'r, 'p>(&'r self, host: Option<&str>, path: &'p str) -> Option<Matched<'r, 'p>> {
-        let local =
-            host.is_none_or(|host| is_loopback_host(host) || self.allowed_hosts.iter().any(|a| a == host));
-        self.routes.iter().find_map(|route| {
-            match &route.host {
-                Some(route_host) if host != Some(route_host.as_str()) => return None,
-                None if !local => return None,
-                _ => {}
-            }
-            let rest = match &route.path_prefix {
-                Some(prefix) => strip_prefix(prefix, path)?,
-                None => path,
-            };
-            Some(Matched { route, rest })
+        let own = host
+            .and_then(|host| self.by_host.get(host))
+            .and_then(|trie| trie.longest(path));
+        own.or_else(|| {
+            let local = host
+                .is_none_or(|host| is_loopback_host(host) || self.allowed_hosts.iter().any(|a| a == host));
+            local.then(|| self.hostless.longest(path)).flatten()
         })
     }
+}
+
+/// Routes by path prefix, one node per segment: a lookup walks the request path's segments
+/// once, keeping the deepest node that has a route.
+#[derive(Debug, Clone, Default)]
+struct PrefixTrie {
+    /// The route whose prefix ends here (the first configured, should two).
+    route: Option<Arc<RouteSpec>>,
+    children: HashMap<Box<str>, PrefixTrie>,
+}
+
+impl PrefixTrie {
+    fn insert(&mut self, route: &Arc<RouteSpec>) {
+        let prefix = route.path_prefix.as_deref().unwrap_or("");
+        let node = segments(prefix).fold(self, |node, segment| {
+            node.children.entry(segment.into()).or_default()
+        });
+        node.route.get_or_insert_with(|| route.clone());
+    }
+
+    fn longest<'r, 'p>(&'r self, path: &'p str) -> Option<Matched<'r, 'p>> {
+        let mut deepest = self.route.as_ref();
+        let mut node = self;
+        for segment in segments(path) {
+            let Some(child) = node.children.get(segment) else {
+                break;
+            };
+            node = child;
+            deepest = node.route.as_ref().or(deepest);
+        }
+        let route = deepest?;
+        let rest = strip_prefix(route.path_prefix.as_deref().unwrap_or(""), path)?;
+        Some(Matched { route, rest })
+    }
+}
+
+/// The segments of a path after its leading `/`: `/a/b` → `a`, `b`; `""` → none.
+fn segments(path: &str) -> impl Iterator<Item = &str> {
+    path.strip_prefix('/')
+        .into_iter()
+        .flat_map(|rest| rest.split('/'))
 }
 
 /// `path` without `prefix` when `prefix` matches whole segments: `/a/b` matches `/a/b`,

@@ -131,3 +131,55 @@ fn paths_join_onto_the_upstream_base_path() {
     assert_eq!(join_path("", ""), "/");
     assert_eq!(join_path("", "/x/y"), "/x/y");
 }
+
+/// The routing rule written as plainly as possible: host routes first, then the longest
+/// prefix, the first configured on a tie; hostless routes only for local hosts.
+fn reference_find<'r>(routes: &'r [Arc<RouteSpec>], host: Option<&str>, path: &str) -> Option<&'r str> {
+    let local = host.is_none_or(is_loopback_host);
+    let mut candidates: Vec<(usize, &Arc<RouteSpec>)> = routes.iter().enumerate().collect();
+    candidates.sort_by_key(|(index, r)| {
+        let prefix_len = r.path_prefix.as_ref().map_or(0, String::len);
+        (r.host.is_none(), std::cmp::Reverse(prefix_len), *index)
+    });
+    candidates
+        .into_iter()
+        .map(|(_, route)| route)
+        .find(|route| {
+            let host_ok = match &route.host {
+                Some(route_host) => host == Some(route_host.as_str()),
+                None => local,
+            };
+            host_ok && strip_prefix(route.path_prefix.as_deref().unwrap_or(""), path).is_some()
+        })
+        .map(|route| route.label.as_str())
+}
+
+proptest::proptest! {
+    #[test]
+    fn the_trie_finds_what_the_plain_rule_finds(
+        specs in proptest::collection::vec(
+            (proptest::option::of(0..3usize), proptest::collection::vec(0..4usize, 0..4)),
+            0..12,
+        ),
+        host in proptest::option::of(0..4usize),
+        path in proptest::collection::vec(0..5usize, 0..6),
+    ) {
+        const HOSTS: [&str; 4] = ["a.test", "b.test", "c.test", "localhost"];
+        const SEGMENTS: [&str; 5] = ["pay", "v1", "", "x", "payx"];
+        let routes: Vec<Arc<RouteSpec>> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, (host, segments))| {
+                let prefix: String = segments.iter().map(|s| format!("/{}", SEGMENTS[*s])).collect();
+                let prefix = prefix.trim_end_matches('/').to_owned();
+                route(&format!("r{i}"), host.map(|h| HOSTS[h]), Some(prefix.as_str()).filter(|_| i % 3 != 0))
+            })
+            .collect();
+        let path: String = path.iter().map(|s| format!("/{}", SEGMENTS[*s])).collect();
+        let path = if path.is_empty() { "/".to_owned() } else { path };
+        let host = host.map(|h| HOSTS[h]);
+        let router = Router::new(&routes, &[]);
+        let found = router.find(host, &path).map(|m| m.route.label.as_str());
+        proptest::prop_assert_eq!(found, reference_find(&routes, host, &path));
+    }
+}

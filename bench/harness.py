@@ -1,0 +1,390 @@
+#!/usr/bin/env python3
+"""token-sidecar's benchmark harness: the sidecar against nginx doing the same job, side by side
+in one run, and the sidecar's costs at scale. Run it through `bench/run.sh quick|full`, which
+installs nginx and wrk and builds the release binary.
+
+Jobs (the client, wrk, and the upstream nginx on core 0; the proxy under test alone on core 1):
+  direct      wrk → upstream                        (the floor)
+  nginx       wrk → nginx, 1 worker, static `proxy_set_header Authorization` → upstream
+  sidecar     wrk → token-sidecar (1 core: 1 worker thread), cached token → upstream
+each with a plain-HTTP and a TLS upstream (keep-alive HTTP/1.1 both ways). Reported per job:
+requests/s, p50/p99 latency, CPU-seconds per 10k requests (proxies) and upstream connections
+opened per 10k requests (from the upstream's stub_status).
+
+Scale: RSS idle and with every token cached at 1/1k/10k(/100k in full) credentials, each with
+its own route; throughput to the last of 10/1k/10k routes; `check` time of 10k routes; a cold
+burst of 1,000 concurrent requests over 100 cold credentials (token fetches counted).
+
+Output: a Markdown table on stdout, and raw JSON plus the table in bench/results/.
+"""
+import concurrent.futures
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BINARY = os.environ.get("TOKEN_SIDECAR_BINARY", os.path.join(ROOT, "target", "release", "token-sidecar"))
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+CLIENT_CORE, PROXY_CORE = "0", "1"
+TOKEN = "bench-token"
+MODES = {
+    "quick": {"seconds": 4, "rounds": 1, "creds": [1, 1000, 10000], "routes": [10, 1000, 10000]},
+    "full": {"seconds": 15, "rounds": 3, "creds": [1, 1000, 10000, 100000], "routes": [10, 1000, 10000]},
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_status(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])  # kB
+    return 0
+
+
+def cpu_seconds(pids):
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        total += (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def get(port, path, timeout=10):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, body
+
+
+def wait_for(port, path="/", status=200, seconds=60):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if get(port, path, timeout=2)[0] == status:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"nothing answered {status} on 127.0.0.1:{port}{path}")
+
+
+class Work:
+    """A scratch directory with the test CA, the upstream nginx and the baseline nginx."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="sidecar-bench-")
+        self.children = []
+        self.nginx_prefixes = []
+        self.make_certificates()
+        self.upstream_plain, self.upstream_tls, self.status_port = free_port(), free_port(), free_port()
+        self.start_nginx("upstream", CLIENT_CORE, self.upstream_conf())
+        self.nginx_plain, self.nginx_tls = free_port(), free_port()
+        self.nginx_pids = self.start_nginx("proxy", PROXY_CORE, self.proxy_conf())
+
+    def make_certificates(self):
+        d = self.dir
+        run = lambda *args: subprocess.run(args, check=True, capture_output=True)
+        run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=bench CA",
+            "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem")
+        run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", f"{d}/server.key", "-out", f"{d}/server.csr")
+        with open(f"{d}/san.ext", "w") as f:
+            f.write("subjectAltName=IP:127.0.0.1\n")
+        run("openssl", "x509", "-req", "-in", f"{d}/server.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{d}/san.ext", "-out", f"{d}/server.pem")
+
+    def common(self, prefix):
+        return (f"worker_processes 1;\nerror_log {prefix}/error.log warn;\npid {prefix}/nginx.pid;\n"
+                "events { worker_connections 8192; }\n")
+
+    def temp_paths(self, prefix):
+        return " ".join(f"{k}_temp_path {prefix}/{k};" for k in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"])
+
+    def upstream_conf(self):
+        p, d = f"{self.dir}/upstream", self.dir
+        answers = f"""
+    keepalive_requests 10000000;
+    location /oauth/token {{ default_type application/json; return 200 '{{"access_token":"{TOKEN}","expires_in":86400}}'; }}
+    location / {{ default_type application/json; return 200 '{{"status":"ok","payments":[]}}'; }}"""
+        return self.common(p) + f"""http {{
+  access_log off; {self.temp_paths(p)}
+  server {{ listen 127.0.0.1:{self.upstream_plain} reuseport; {answers} }}
+  server {{ listen 127.0.0.1:{self.upstream_tls} ssl; ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key; {answers} }}
+  server {{ listen 127.0.0.1:{self.status_port}; location / {{ stub_status; }} }}
+}}
+"""
+
+    def proxy_conf(self):
+        p, d = f"{self.dir}/proxy", self.dir
+        location = lambda upstream, scheme: f"""
+    location /api/ {{
+      proxy_pass {scheme}://{upstream}/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer {TOKEN}";
+      proxy_ssl_trusted_certificate {d}/ca.pem; proxy_ssl_verify on; proxy_ssl_name 127.0.0.1; proxy_ssl_session_reuse on;
+    }}"""
+        return self.common(p) + f"""http {{
+  access_log off; {self.temp_paths(p)}
+  upstream plain {{ server 127.0.0.1:{self.upstream_plain}; keepalive 64; keepalive_requests 10000000; }}
+  upstream tls {{ server 127.0.0.1:{self.upstream_tls}; keepalive 64; keepalive_requests 10000000; }}
+  server {{ listen 127.0.0.1:{self.nginx_plain}; keepalive_requests 10000000; {location("plain", "http")} }}
+  server {{ listen 127.0.0.1:{self.nginx_tls}; keepalive_requests 10000000; {location("tls", "https")} }}
+}}
+"""
+
+    def start_nginx(self, name, core, conf):
+        prefix = f"{self.dir}/{name}"
+        os.makedirs(prefix)
+        with open(f"{prefix}/nginx.conf", "w") as f:
+            f.write(conf)
+        subprocess.run(["taskset", "-c", core, NGINX, "-p", prefix, "-c", f"{prefix}/nginx.conf"], check=True)
+        self.nginx_prefixes.append(prefix)
+        time.sleep(0.3)
+        master = int(open(f"{prefix}/nginx.pid").read())
+        workers = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+        return [master] + [int(w) for w in workers]
+
+    def upstream_accepts(self):
+        body = get(self.status_port, "/")[1].decode()
+        return int(body.splitlines()[2].split()[0])
+
+    def sidecar(self, config_text, core=PROXY_CORE, extra_env=None):
+        port, admin = free_port(), free_port()
+        path = f"{self.dir}/sidecar-{port}.toml"
+        with open(path, "w") as f:
+            f.write(config_text.replace("LISTEN", f"127.0.0.1:{port}").replace("ADMIN", f"127.0.0.1:{admin}"))
+        env = dict(os.environ, TOKEN_SIDECAR_LOG="warn", **(extra_env or {}))
+        child = subprocess.Popen(["taskset", "-c", core, BINARY, "run", "--config", path],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        self.children.append(child)
+        wait_for(admin, "/healthz")
+        return child, port, admin
+
+    def stop(self, child):
+        child.terminate()
+        child.wait(timeout=30)
+
+    def close(self):
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+        for prefix in self.nginx_prefixes:
+            subprocess.run([NGINX, "-p", prefix, "-c", f"{prefix}/nginx.conf", "-s", "stop"], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def config(self, credentials=1, routes=None, prefetch=False):
+        """A sidecar config: `credentials` credentials at the upstream's token endpoint, each
+        with its route `/m{i}` (plain upstream), plus `/plain` and `/tls` for the first."""
+        lines = [f"""[server]
+listen = "LISTEN"
+admin_listen = "ADMIN"
+max_connections = 4096
+[tls]
+ca_file = "{self.dir}/ca.pem"
+[providers.partner]
+token_url = "https://127.0.0.1:{self.upstream_tls}/oauth/token"
+[[routes]]
+path_prefix = "/plain"
+upstream = "http://127.0.0.1:{self.upstream_plain}"
+allow_plaintext = true
+credential = "m0"
+[[routes]]
+path_prefix = "/tls"
+upstream = "https://127.0.0.1:{self.upstream_tls}"
+credential = "m0"
+"""]
+        for i in range(routes or credentials):
+            lines.append(f"""[[routes]]
+path_prefix = "/m{i}"
+upstream = "http://127.0.0.1:{self.upstream_plain}"
+allow_plaintext = true
+credential = "m{i % credentials}"
+""")
+        for i in range(credentials):
+            lines.append(f'[credentials.m{i}]\nprovider = "partner"\nclient_id = "m{i}"\nclient_secret = "s{i}"\n'
+                         + ("prefetch = true\n" if prefetch else ""))
+        return "\n".join(lines)
+
+
+def wrk(url, seconds, connections=32):
+    out = subprocess.run(["taskset", "-c", CLIENT_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+                          "--latency", url], capture_output=True, text=True, check=True).stdout
+    ms = lambda v: float(v[:-2]) / 1000 if v.endswith("us") else float(v[:-2]) if v.endswith("ms") else float(v[:-1]) * 1000
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    p50 = ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        raise SystemExit(f"{url}: {non2xx.group(1)} failed responses")
+    return {"rps": rps, "requests": requests, "p50_ms": p50, "p99_ms": p99}
+
+
+def throughput(work, mode):
+    """direct / nginx / sidecar, plain and TLS upstream, rounds alternating."""
+    child, port, _ = work.sidecar(work.config())
+    for path in ["/plain/p", "/tls/p"]:
+        assert get(port, path)[0] == 200
+    jobs = {
+        "direct plain": (f"http://127.0.0.1:{work.upstream_plain}/p", None),
+        "nginx plain": (f"http://127.0.0.1:{work.nginx_plain}/api/p", work.nginx_pids),
+        "sidecar plain": (f"http://127.0.0.1:{port}/plain/p", [child.pid]),
+        "nginx tls": (f"http://127.0.0.1:{work.nginx_tls}/api/p", work.nginx_pids),
+        "sidecar tls": (f"http://127.0.0.1:{port}/tls/p", [child.pid]),
+    }
+    results = {name: [] for name in jobs}
+    for _ in range(mode["rounds"]):
+        for name, (url, pids) in jobs.items():
+            accepts, cpu = work.upstream_accepts(), cpu_seconds(pids) if pids else 0
+            run = wrk(url, mode["seconds"])
+            opened = work.upstream_accepts() - accepts - 1  # the status request itself
+            run["upstream_conns_per_10k"] = opened / run["requests"] * 10000
+            if pids:
+                run["cpu_s_per_10k"] = (cpu_seconds(pids) - cpu) / run["requests"] * 10000
+            results[name].append(run)
+    work.stop(child)
+    mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)
+    return {name: {key: mean(runs, key) for key in runs[0]} for name, runs in results.items()}
+
+
+def memory(work, counts):
+    rows = []
+    for n in counts:
+        child, port, admin = work.sidecar(work.config(credentials=n, prefetch=True), core="0,1")
+        configured = None
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            tokens = json.loads(get(admin, "/tokens", timeout=60)[1])
+            if configured is None:
+                configured = proc_status(child.pid, "VmRSS")
+            if all(t["state"] == "fresh" for t in tokens):
+                break
+            time.sleep(0.5)
+        time.sleep(1)
+        rows.append({"credentials": n, "rss_configured_kb": configured, "rss_cached_kb": proc_status(child.pid, "VmRSS")})
+        work.stop(child)
+    return rows
+
+
+def routing(work, counts, seconds):
+    rows = []
+    for n in counts:
+        child, port, _ = work.sidecar(work.config(credentials=1, routes=n))
+        last = f"/m{n - 1}/p"
+        assert get(port, last)[0] == 200
+        rows.append({"routes": n, **wrk(f"http://127.0.0.1:{port}{last}", seconds)})
+        work.stop(child)
+    return rows
+
+
+def check_time(work, routes=10000):
+    path = f"{work.dir}/check-{routes}.toml"
+    with open(path, "w") as f:
+        f.write(work.config(credentials=routes).replace("LISTEN", "127.0.0.1:1").replace("ADMIN", "127.0.0.1:2"))
+    best = None
+    for _ in range(3):
+        started = time.monotonic()
+        subprocess.run([BINARY, "check", "--config", path], check=True, capture_output=True)
+        elapsed = time.monotonic() - started
+        best = elapsed if best is None else min(best, elapsed)
+    return {"routes": routes, "seconds": best}
+
+
+def cold_burst(work, credentials=100, requests=1000):
+    child, port, admin = work.sidecar(work.config(credentials=credentials), core="0,1")
+
+    def one(i):
+        return get(port, f"/m{i % credentials}/p", timeout=60)[0]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=requests) as pool:
+        statuses = list(pool.map(one, range(requests)))
+    metrics = get(admin, "/metrics")[1].decode()
+    fetches = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("token_sidecar_token_fetches_total{") and 'outcome="ok"' in line)
+    work.stop(child)
+    return {"credentials": credentials, "requests": requests, "ok": statuses.count(200), "fetches": fetches}
+
+
+def table(r):
+    t, out = r["throughput"], []
+    out.append("| job | requests/s | p50 ms | p99 ms | CPU-s per 10k | upstream conns per 10k |")
+    out.append("|---|---|---|---|---|---|")
+    for name, row in t.items():
+        cpu = f"{row['cpu_s_per_10k']:.2f}" if "cpu_s_per_10k" in row else "—"
+        out.append(f"| {name} | {row['rps']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {cpu} | {row['upstream_conns_per_10k']:.2f} |")
+    for kind in ["plain", "tls"]:
+        s, n, d = t[f"sidecar {kind}"], t[f"nginx {kind}"], t[f"direct plain"]
+        added = lambda row: row["p99_ms"] - d["p99_ms"]
+        out.append(f"\n{kind} upstream: sidecar/nginx throughput **{s['rps'] / n['rps']:.2f}×** (target ≥ 1.2); "
+                   f"added p99 over direct {added(s):.2f} ms vs nginx {added(n):.2f} ms "
+                   f"(**{added(s) / max(added(n), 1e-3):.2f}×**, target ≤ 0.8)")
+    out.append("\n| credentials | RSS configured MB | RSS all tokens cached MB |")
+    out.append("|---|---|---|")
+    for row in r["memory"]:
+        out.append(f"| {row['credentials']} | {row['rss_configured_kb'] / 1024:.1f} | {row['rss_cached_kb'] / 1024:.1f} |")
+    out.append("\n| routes | requests/s to the last route | p99 ms |")
+    out.append("|---|---|---|")
+    for row in r["routing"]:
+        out.append(f"| {row['routes']} | {row['rps']:.0f} | {row['p99_ms']:.2f} |")
+    first, last = r["routing"][0], r["routing"][-1]
+    out.append(f"\nlast of {last['routes']} routes vs last of {first['routes']}: **{last['rps'] / first['rps']:.2f}×** (target ≥ 0.9)")
+    c = r["check"]
+    out.append(f"\n`check` of {c['routes']} routes: **{c['seconds']:.2f} s** (target < 0.3 s)")
+    b = r["cold_burst"]
+    out.append(f"\ncold burst: {b['requests']} concurrent requests over {b['credentials']} cold credentials → "
+               f"{b['ok']} × 200, **{b['fetches']:.0f} token fetches** (target: exactly {b['credentials']})")
+    return "\n".join(out)
+
+
+def main():
+    mode_name = sys.argv[1] if len(sys.argv) > 1 else "quick"
+    mode = MODES[mode_name]
+    work = Work()
+    try:
+        started = time.monotonic()
+        results = {
+            "mode": mode_name,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.release()}",
+            "git": subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+            "throughput": throughput(work, mode),
+            "routing": routing(work, mode["routes"], mode["seconds"]),
+            "check": check_time(work),
+            "cold_burst": cold_burst(work),
+            "memory": memory(work, mode["creds"]),
+        }
+        results["seconds"] = time.monotonic() - started
+    finally:
+        work.close()
+    text = table(results)
+    print(text)
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    stem = os.path.join(ROOT, "bench", "results", f"{results['date'][:19].replace(':', '')}-{mode_name}")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# {mode_name} run, {results['date']}, {results['machine']}, commit {results['git']}\n\n{text}\n")
+    print(f"\n({results['seconds']:.0f} s; written to {stem}.json and .md)")
+
+
+if __name__ == "__main__":
+    main()
