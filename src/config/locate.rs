@@ -48,9 +48,11 @@ impl std::fmt::Display for KeyPath {
     }
 }
 
-/// The TOML source parsed with spans, to answer "which line is this key on?".
+/// The TOML source parsed with spans, to answer "which line is this key on?". It is parsed on
+/// the first question: a config without problems never pays for it.
 pub struct SourceMap {
-    document: Option<ImDocument<String>>,
+    source: String,
+    document: std::cell::OnceCell<Option<ImDocument<String>>>,
     line_starts: Vec<usize>,
 }
 
@@ -60,9 +62,16 @@ impl SourceMap {
             .chain(source.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
         Self {
-            document: ImDocument::parse(source.to_owned()).ok(),
+            source: source.to_owned(),
+            document: std::cell::OnceCell::new(),
             line_starts,
         }
+    }
+
+    fn document(&self) -> Option<&ImDocument<String>> {
+        self.document
+            .get_or_init(|| ImDocument::parse(self.source.clone()).ok())
+            .as_ref()
     }
 
     /// 1-based line of a byte offset.
@@ -73,7 +82,7 @@ impl SourceMap {
     /// The line of the deepest part of `path` present in the file (the key's own line when the
     /// key exists, else its table's), or `None` when not even the first segment exists.
     pub fn line_of_path(&self, path: &KeyPath) -> Option<usize> {
-        let document = self.document.as_ref()?;
+        let document = self.document()?;
         let mut found = None;
         let mut node = Node::Table(document.as_table());
         for segment in &path.0 {

@@ -1,6 +1,8 @@
 //! Validation of `[[routes]]`: matching (prefix, host), upstream, credential choice, injection
 //! and static headers.
 
+use std::collections::HashMap;
+
 use super::*;
 
 const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -14,24 +16,25 @@ impl Validator {
         credentials: &BTreeMap<&str, Option<Arc<CredentialSpec>>>,
     ) -> Vec<Arc<RouteSpec>> {
         let mut routes: Vec<Arc<RouteSpec>> = Vec::new();
+        // (host, path_prefix) → the index in `routes` of the route that has them.
+        let mut matching: HashMap<(Option<String>, Option<String>), usize> = HashMap::new();
         for (index, raw_route) in raw.iter().enumerate() {
             let route_path = path.index(index);
             let Some(route) = self.route(&route_path, raw_route, credentials) else {
                 continue;
             };
-            if let Some(earlier) = routes
-                .iter()
-                .find(|r| r.host == route.host && r.path_prefix == route.path_prefix)
-            {
+            let key = (route.host.clone(), route.path_prefix.clone());
+            if let Some(&earlier) = matching.get(&key) {
                 self.problem(
                     &route_path,
                     format!(
                         "matches the same requests as {} (same host and path_prefix)",
-                        earlier.label
+                        routes[earlier].label
                     ),
                 );
                 continue;
             }
+            matching.insert(key, routes.len());
             routes.push(Arc::new(route));
         }
         routes
