@@ -132,7 +132,10 @@ pub fn inject_token(
     token: &AccessToken,
 ) -> Result<(), InvalidHeaderValue> {
     let (name, value) = match inject {
-        Inject::Bearer => (header::AUTHORIZATION, format!("Bearer {}", token.expose())),
+        Inject::Bearer => {
+            headers.insert(header::AUTHORIZATION, bearer_value(token)?);
+            return Ok(());
+        }
         Inject::BasicUsername => (
             header::AUTHORIZATION,
             format!("Basic {}", STANDARD.encode(format!("{}:", token.expose()))),
@@ -145,6 +148,13 @@ pub fn inject_token(
     value.set_sensitive(true);
     headers.insert(name, value);
     Ok(())
+}
+
+/// `Bearer <token>` as a header value, marked sensitive.
+pub fn bearer_value(token: &AccessToken) -> Result<HeaderValue, InvalidHeaderValue> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// Puts a DPoP-bound token in (`Authorization: DPoP`, RFC 9449 §7.1) with its `proof`, both
