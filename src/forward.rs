@@ -132,10 +132,7 @@ pub fn inject_token(
     token: &AccessToken,
 ) -> Result<(), InvalidHeaderValue> {
     let (name, value) = match inject {
-        Inject::Bearer => {
-            headers.insert(header::AUTHORIZATION, bearer_value(token)?);
-            return Ok(());
-        }
+        Inject::Bearer => (header::AUTHORIZATION, format!("Bearer {}", token.expose())),
         Inject::BasicUsername => (
             header::AUTHORIZATION,
             format!("Basic {}", STANDARD.encode(format!("{}:", token.expose()))),
@@ -148,13 +145,6 @@ pub fn inject_token(
     value.set_sensitive(true);
     headers.insert(name, value);
     Ok(())
-}
-
-/// `Bearer <token>` as a header value, marked sensitive.
-pub fn bearer_value(token: &AccessToken) -> Result<HeaderValue, InvalidHeaderValue> {
-    let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))?;
-    value.set_sensitive(true);
-    Ok(value)
 }
 
 /// Puts a DPoP-bound token in (`Authorization: DPoP`, RFC 9449 §7.1) with its `proof`, both

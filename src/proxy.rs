@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use subtle::ConstantTimeEq;
 
-use crate::config::{CredentialChoice, CredentialSpec, Inject, RouteSpec, ServerSettings};
+use crate::config::{CredentialChoice, CredentialSpec, RouteSpec, ServerSettings};
 use crate::error::{full_body, Chain, ProxyBody, ProxyError, ERROR_HEADER};
 use crate::forward::{
     clean_request_headers, inject_dpop_token, inject_token, remove_hop_by_hop, upstream_uri, UpstreamClient,
@@ -350,10 +350,6 @@ impl Attempt<'_> {
     fn authorize(&self, headers: &mut HeaderMap, token: &CachedToken) -> Result<(), ProxyError> {
         let invalid = |_| ProxyError::Internal("token is not a valid header value".into());
         let Some(key) = self.credential.request.dpop.as_ref().filter(|_| token.dpop) else {
-            if let (Inject::Bearer, Some(bearer)) = (&self.route.inject, &token.bearer) {
-                headers.insert(http::header::AUTHORIZATION, bearer.clone());
-                return Ok(());
-            }
             return inject_token(headers, &self.route.inject, &token.token).map_err(invalid);
         };
         let uri = &self.outgoing.uri;

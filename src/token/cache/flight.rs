@@ -122,15 +122,11 @@ impl TokenCache {
                 "token arrived too close to its expiry to be sent",
             ));
         }
-        let bearer = (!issued.dpop)
-            .then(|| crate::forward::bearer_value(&issued.token).ok())
-            .flatten();
         Ok(CachedToken {
             token: issued.token,
             schedule,
             obtained_at,
             token_id: issued.token_id,
-            bearer,
             dpop: issued.dpop,
             generation: 0,
         })

@@ -61,9 +61,6 @@ pub struct CachedToken {
     pub token_id: Option<String>,
     /// Bound to the credential's DPoP key: sent as `Authorization: DPoP` with a proof.
     pub dpop: bool,
-    /// `Bearer <token>`, built once for every request that sends it (`None` for a DPoP-bound
-    /// token).
-    pub bearer: Option<http::HeaderValue>,
     /// This credential's successful fetches when it was stored: a later token has a higher one.
     pub generation: u64,
 }
