@@ -9,7 +9,8 @@ Jobs (the client, wrk, and the upstream nginx on core 0; the proxy under test al
   sidecar     wrk → token-sidecar (1 core: 1 worker thread), cached token → upstream
 each with a plain-HTTP and a TLS upstream (keep-alive HTTP/1.1 both ways). Reported per job:
 requests/s, p50/p99 latency, CPU-seconds per 10k requests (proxies) and upstream connections
-opened per 10k requests (from the upstream's stub_status).
+opened per 10k requests (from the upstream's stub_status). Then p50/p90/p99/p99.9 at fixed
+open-loop rates (oha, latency-corrected), plotted as an SVG.
 
 Scale: RSS idle and with every token cached at 1/1k/10k(/100k in full) credentials, each with
 its own route; throughput to the last of 10/1k/10k routes; `check` time of 10k routes; a cold
@@ -37,8 +38,8 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 CLIENT_CORE, PROXY_CORE = "0", "1"
 TOKEN = "bench-token"
 MODES = {
-    "quick": {"seconds": 4, "rounds": 1, "creds": [1, 1000, 10000], "routes": [10, 1000, 10000]},
-    "full": {"seconds": 15, "rounds": 3, "creds": [1, 1000, 10000, 100000], "routes": [10, 1000, 10000]},
+    "quick": {"seconds": 4, "rounds": 1, "rates": [5000, 15000], "creds": [1, 1000, 10000], "routes": [10, 1000, 10000]},
+    "full": {"seconds": 15, "rounds": 3, "rates": [5000, 10000, 15000, 20000], "creds": [1, 1000, 10000, 100000], "routes": [10, 1000, 10000]},
 }
 
 
@@ -266,6 +267,62 @@ def throughput(work, mode):
     return {name: {key: mean(runs, key) for key in runs[0]} for name, runs in results.items()}
 
 
+def oha(url, rate, seconds):
+    """Open loop: `rate` requests/s whatever the answers' pace, latencies corrected for
+    coordinated omission. Percentiles in ms."""
+    out = subprocess.run(["taskset", "-c", CLIENT_CORE, "oha", "--no-tui", "--output-format", "json",
+                          "--latency-correction", "-c", "32",
+                          "-q", str(rate), "-z", f"{seconds}s", url], capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    pct = data["latencyPercentiles"]
+    ok = data.get("statusCodeDistribution", {}).get("200", 0)
+    return {"rate": rate, "ok": ok, **{f"p{k}_ms": pct[f"p{k}"] * 1000 for k in ["50", "90", "99", "99.9"]}}
+
+
+def latency(work, rates, seconds):
+    """p50/p90/p99/p99.9 at fixed open-loop rates: direct, nginx and the sidecar (plain upstream)."""
+    if not shutil.which("oha"):
+        return {"skipped": "oha is not installed (bench/run.sh installs it with cargo install)"}
+    child, port, _ = work.sidecar(work.config())
+    assert get(port, "/plain/p")[0] == 200
+    targets = {
+        "direct": f"http://127.0.0.1:{work.upstream_plain}/p",
+        "nginx": f"http://127.0.0.1:{work.nginx_plain}/api/p",
+        "sidecar": f"http://127.0.0.1:{port}/plain/p",
+    }
+    rows = {name: [oha(url, rate, seconds) for rate in rates] for name, url in targets.items()}
+    work.stop(child)
+    return rows
+
+
+def latency_svg(rows, path):
+    """Latency by percentile (log-spaced: 50, 90, 99, 99.9) at the highest rate, one line per job."""
+    width, height, left, bottom = 640, 400, 60, 50
+    keys = ["p50_ms", "p90_ms", "p99_ms", "p99.9_ms"]
+    series = {name: [runs[-1][k] for k in keys] for name, runs in rows.items()}
+    top = max(max(v) for v in series.values()) * 1.1 or 1
+    x = lambda i: left + i * (width - left - 20) / (len(keys) - 1)
+    y = lambda ms: height - bottom - ms / top * (height - bottom - 20)
+    colours = {"direct": "#888888", "nginx": "#2b8a3e", "sidecar": "#1c7ed6"}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{left}" y="14">latency by percentile at {rows["sidecar"][-1]["rate"]} requests/s (open loop, corrected), ms</text>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - 20}" y2="{height - bottom}" stroke="black"/>',
+             f'<line x1="{left}" y1="20" x2="{left}" y2="{height - bottom}" stroke="black"/>']
+    for i, k in enumerate(keys):
+        parts.append(f'<text x="{x(i)}" y="{height - bottom + 18}" text-anchor="middle">{k[1:-3]}%</text>')
+    for step in range(5):
+        ms = top * step / 4
+        parts.append(f'<text x="{left - 6}" y="{y(ms) + 4}" text-anchor="end">{ms:.1f}</text>')
+    for n, (name, values) in enumerate(series.items()):
+        points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{colours.get(name, "black")}" stroke-width="2"/>')
+        parts.append(f'<text x="{width - 120}" y="{40 + 16 * n}" fill="{colours.get(name, "black")}">{name}</text>')
+    parts.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+
+
 def memory(work, counts):
     """RSS with `n` credentials configured and no token yet, and with every token fetched (prefetch,
     then /readyz). Only small admin answers are asked for: /tokens and /metrics of 10k
@@ -327,6 +384,8 @@ def table(r):
     out = []
     if "throughput" in r:
         throughput_table(r["throughput"], out)
+    if "latency" in r:
+        latency_table(r["latency"], out)
     if "memory" in r:
         memory_table(r["memory"], out)
     if "routing" in r:
@@ -353,6 +412,18 @@ def throughput_table(t, out):
         out.append(f"\n{kind} upstream: sidecar/nginx throughput **{s['rps'] / n['rps']:.2f}×** (target ≥ 1.2); "
                    f"added p99 over direct {added(s):.2f} ms vs nginx {added(n):.2f} ms "
                    f"(**{added(s) / max(added(n), 1e-3):.2f}×**, target ≤ 0.8)")
+
+
+def latency_table(rows, out):
+    if "skipped" in rows:
+        out.append(f"\nopen-loop latency: skipped ({rows['skipped']})")
+        return
+    out.append("\n| job | rate/s | answered | p50 ms | p90 ms | p99 ms | p99.9 ms |")
+    out.append("|---|---|---|---|---|---|---|")
+    for name, runs in rows.items():
+        for row in runs:
+            out.append(f"| {name} | {row['rate']} | {row['ok']} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | "
+                       f"{row['p99_ms']:.2f} | {row['p99.9_ms']:.2f} |")
 
 
 def memory_table(rows, out):
@@ -390,6 +461,7 @@ def main():
         }
         sections = {
             "throughput": lambda: throughput(work, mode),
+            "latency": lambda: latency(work, mode["rates"], mode["seconds"]),
             "routing": lambda: routing(work, mode["routes"], mode["seconds"]),
             "check": lambda: check_time(work),
             "cold_burst": lambda: cold_burst(work),
@@ -407,6 +479,8 @@ def main():
     stem = os.path.join(ROOT, "bench", "results", f"{results['date'][:19].replace(':', '')}-{mode_name}")
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=2)
+    if isinstance(results.get("latency"), dict) and "sidecar" in results["latency"]:
+        latency_svg(results["latency"], stem + "-latency.svg")
     with open(stem + ".md", "w") as f:
         f.write(f"# {mode_name} run, {results['date']}, {results['machine']}, commit {results['git']}\n\n{text}\n")
     print(f"\n({results['seconds']:.0f} s; written to {stem}.json and .md)")

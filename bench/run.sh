@@ -15,7 +15,11 @@ need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx && [ ! -x /usr/sbin/nginx ] || ! need wrk || ! need openssl || ! need taskset; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx-light wrk openssl util-linux >/dev/null
 fi
-export PATH="$PATH:/usr/sbin"
+export PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
+# Open-loop latency with coordinated-omission correction: oha (not packaged in Debian).
+if ! need oha; then
+  cargo install --locked --quiet oha || echo "oha did not install: open-loop latency is skipped" >&2
+fi
 if [ "$(nproc)" -lt 2 ]; then
   echo "bench/run.sh pins the client and the proxy to separate cores: it needs 2" >&2
   exit 2
