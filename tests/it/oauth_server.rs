@@ -43,14 +43,8 @@ async fn a_certified_oauth_server_issues_dpop_bound_tokens_to_private_key_jwt() 
         assert_eq!(response.status(), 200);
         assert_eq!(response.text().await.unwrap(), "paid");
     }
-    let refresh = h
-        .client
-        .post(h.admin_url("/tokens/c/refresh?force=true"))
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        refresh.status(),
+        h.force_refresh("c").await.status(),
         200,
         "a second assertion and proof are accepted too"
     );

@@ -76,6 +76,15 @@ impl Harness {
         )
     }
 
+    /// `POST /tokens/{credential}/refresh?force=true`: a new token now, whatever the cache holds.
+    pub async fn force_refresh(&self, credential: &str) -> reqwest::Response {
+        self.client
+            .post(self.admin_url(&format!("/tokens/{credential}/refresh?force=true")))
+            .send()
+            .await
+            .expect("admin refresh")
+    }
+
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client
             .get(self.url(path))
