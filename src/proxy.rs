@@ -222,10 +222,14 @@ impl Proxy {
             Err(err) => return Err(body_record.fault(&limits).map_or(err, ProxyError::Body)),
         };
         if attempt.asks_for_a_dpop_nonce(&response, &token) {
-            if let Some(bytes) = &replay_body {
-                tracing::debug!(route = %route.name, "upstream asked for a DPoP nonce; resending once with it");
-                response = attempt.send(full_body(bytes.clone()), &token).await?;
-            }
+            // Not a refusal of the token: the nonce is remembered, so a resend (ours, or the
+            // client's when the body was streamed) carries it.
+            let Some(bytes) = &replay_body else {
+                exchange.upstream_status = Some(response.status().as_u16());
+                return Ok(response);
+            };
+            tracing::debug!(route = %route.name, "upstream asked for a DPoP nonce; resending once with it");
+            response = attempt.send(full_body(bytes.clone()), &token).await?;
         }
         exchange.upstream_status = Some(response.status().as_u16());
         if !route.purge_on_status.contains(&response.status()) {

@@ -407,3 +407,41 @@ fn check_refuses_dpop_keys_that_cannot_prove() {
     );
     assert_eq!(code, 0, "a fleet with its key in a file passes: {stderr}");
 }
+
+#[tokio::test]
+async fn a_nonce_round_on_a_streamed_body_is_passed_back_and_keeps_the_token() {
+    let (h, seen) = dpop_sidecar("dpop = true").await;
+    // A chunked body of unknown length cannot be kept for a resend.
+    let chunks: Vec<Result<&'static str, std::io::Error>> = vec![Ok("{\"amount\":"), Ok("2}")];
+    let streamed = h
+        .client
+        .post(h.url("/api/payments"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        streamed.status(),
+        401,
+        "the upstream's nonce round goes back to the client"
+    );
+    assert!(streamed.headers().contains_key("dpop-nonce"));
+    let retried = h
+        .client
+        .post(h.url("/api/payments"))
+        .body("{\"amount\":2}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        retried.status(),
+        200,
+        "the client's retry carries the remembered nonce"
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen.issued, 1,
+        "a nonce round is not a refused token: nothing was purged or refetched"
+    );
+    assert_eq!(seen.upstream_refusals, ["nonce"]);
+}
