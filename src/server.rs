@@ -238,7 +238,7 @@ pub async fn start_from(
             shutdown_rx.clone(),
         )));
     }
-    prefetch(&tokens);
+    tokens.prefetch();
     tracing::info!(%proxy_addr, admin_addr = ?admin_addr, routes, "token-sidecar listening");
     Ok(RunningSidecar {
         proxy_addr,
@@ -313,17 +313,6 @@ impl Signals {
             let _ = tokio::signal::ctrl_c().await;
             Signal::Shutdown
         }
-    }
-}
-
-fn prefetch(tokens: &Arc<TokenCache>) {
-    for credential in tokens.prefetch_credentials() {
-        let tokens = tokens.clone();
-        tokio::spawn(async move {
-            if let Err(err) = tokens.token_named(&credential).await {
-                tracing::warn!(credential = %credential, error = %err, "prefetch failed");
-            }
-        });
     }
 }
 

@@ -18,7 +18,7 @@
 //!   endpoint, and an expired token is never handed out.
 //! - A refresher task refreshes the tokens of recently used credentials when they come due, so
 //!   steady traffic never meets an empty cache; at most `max_concurrent_fetches` fetches run at
-//!   once across all credentials.
+//!   once across all credentials, background ones (prefetch, refresh-ahead) at most half of them.
 
 mod backoff;
 mod flight;
@@ -98,6 +98,7 @@ pub struct TokenCache {
     store: Cache<Arc<str>, Arc<CachedToken>>,
     registry: ArcSwap<Registry>,
     fetch_permits: tokio::sync::Semaphore,
+    background: refresher::BackgroundQueue,
     settings: ArcSwap<CacheSettings>,
     clock: SharedClock,
     metrics: Metrics,
@@ -115,6 +116,7 @@ impl TokenCache {
             store: Cache::builder().build(),
             registry: ArcSwap::from_pointee(Registry::new(credentials, source, None)),
             fetch_permits: tokio::sync::Semaphore::new(settings.max_concurrent_fetches.max(1)),
+            background: refresher::BackgroundQueue::default(),
             settings: ArcSwap::from_pointee(settings),
             clock,
             metrics,
@@ -194,12 +196,6 @@ impl TokenCache {
         }
         self.metrics.cache_lookup(credential, false);
         self.fetch_exclusive(&state, Want::Usable, true).await
-    }
-
-    /// A token for the credential named `credential` in the running configuration (prefetch).
-    pub async fn token_named(self: &Arc<Self>, credential: &str) -> Result<Arc<CachedToken>, TokenError> {
-        let spec = self.state(credential)?.spec.clone();
-        self.token(&spec).await
     }
 
     /// A token newer than the one cached now (the admin refresh). It joins a fetch already in

@@ -1,8 +1,11 @@
 //! Keeping tokens warm: a task that refreshes, when they come due, the tokens of recently used
 //! credentials and of `prefetch` ones always, and the one background refresh a request starts.
+//! Background fetches queue for a few workers, so that thousands of tokens coming due together
+//! wait as pointers in a queue, not as thousands of parked fetches.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::registry::CredentialState;
@@ -71,6 +74,16 @@ impl TokenCache {
         }
     }
 
+    /// Fetches the token of every `prefetch` credential that has none, in the background.
+    pub fn prefetch(self: &Arc<Self>) {
+        let registry = self.registry.load_full();
+        for state in registry.by_name.values().filter(|state| state.spec.prefetch) {
+            self.refresh_in_background(state);
+        }
+    }
+
+    /// Queues one background fetch of `state`'s token, unless one is queued or running or the
+    /// credential is backing off.
     pub(super) fn refresh_in_background(self: &Arc<Self>, state: &Arc<CredentialState>) {
         let backing_off = lock(&state.fetch.status)
             .retry_not_before
@@ -78,14 +91,63 @@ impl TokenCache {
         if backing_off || state.fetch.refreshing.swap(true, Ordering::AcqRel) {
             return; // one refresh at a time, none while backing off
         }
-        let cache = self.clone();
-        let state = state.clone();
-        tokio::spawn(async move {
-            if let Err(err) = cache.fetch_exclusive(&state, Want::Fresh, true).await {
-                tracing::warn!(credential = %state.spec.name, error = %err, "background token refresh failed; still using the cached token");
+        let workers = background_workers(self.settings.load().max_concurrent_fetches);
+        if self.background.push(state.clone(), workers) {
+            let cache = self.clone();
+            tokio::spawn(cache.work_through_background_queue());
+        }
+    }
+
+    /// One background worker: fetches queued credentials' tokens until the queue is empty.
+    async fn work_through_background_queue(self: Arc<Self>) {
+        while let Some(state) = self.background.next() {
+            if let Err(err) = self.fetch_exclusive(&state, Want::Fresh, true).await {
+                tracing::warn!(credential = %state.spec.name, error = %err, "background token fetch failed; a cached token, if any, is still used");
             }
             state.fetch.refreshing.store(false, Ordering::Release);
-        });
+        }
+    }
+}
+
+/// Half the fetch permits (at least one) go to background fetches: a request that needs a
+/// token finds a permit however many tokens come due at once.
+fn background_workers(max_concurrent_fetches: usize) -> usize {
+    max_concurrent_fetches.div_ceil(2).max(1)
+}
+
+/// The credentials waiting for a background fetch, and how many workers run.
+#[derive(Default)]
+pub(super) struct BackgroundQueue {
+    inner: Mutex<Waiting>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    states: VecDeque<Arc<CredentialState>>,
+    workers: usize,
+}
+
+impl BackgroundQueue {
+    /// Queues `state`; true when the caller is to start a worker (fewer than `max_workers` run).
+    fn push(&self, state: Arc<CredentialState>, max_workers: usize) -> bool {
+        let mut waiting = lock(&self.inner);
+        waiting.states.push_back(state);
+        let start = waiting.workers < max_workers;
+        if start {
+            waiting.workers += 1;
+        }
+        start
+    }
+
+    /// The next credential for a worker; `None` retires the worker (under the same lock as a
+    /// push, so that no queued credential is left without one).
+    fn next(&self) -> Option<Arc<CredentialState>> {
+        let mut waiting = lock(&self.inner);
+        let next = waiting.states.pop_front();
+        if next.is_none() {
+            waiting.workers -= 1;
+        }
+        next
     }
 }
 

@@ -11,6 +11,9 @@ use crate::token::source::SourceFuture;
 /// Counts its calls; each answers after `delay` (tokio time) with a token of `lifetime`.
 struct CountingSource {
     calls: AtomicUsize,
+    /// Fetches running now, and the most that ever ran at once.
+    in_flight: AtomicUsize,
+    peak_in_flight: AtomicUsize,
     delay: Duration,
     lifetime: Duration,
     clock: Arc<ManualClock>,
@@ -20,7 +23,10 @@ impl TokenSource for CountingSource {
     fn fetch<'a>(&'a self, _: &'a CredentialSpec) -> SourceFuture<'a, IssuedToken> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let running = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak_in_flight.fetch_max(running, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             Ok(IssuedToken {
                 token: AccessToken::new(format!("token-{n}")),
                 expires_at: self.clock.now() + self.lifetime,
@@ -39,6 +45,8 @@ impl TokenSource for CountingSource {
 fn source(clock: &Arc<ManualClock>) -> Arc<CountingSource> {
     Arc::new(CountingSource {
         calls: AtomicUsize::new(0),
+        in_flight: AtomicUsize::new(0),
+        peak_in_flight: AtomicUsize::new(0),
         delay: Duration::from_millis(50),
         lifetime: Duration::from_secs(3600),
         clock: clock.clone(),
@@ -146,4 +154,38 @@ async fn a_reload_keeps_the_token_of_an_unchanged_identity_only() {
     cache.token(&changed).await.unwrap();
     assert_eq!(source.calls.load(Ordering::SeqCst), 4);
     assert!(cache.store.get(&changed.identity).await.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn prefetch_runs_a_few_fetches_at_a_time_and_leaves_permits_for_requests() {
+    let clock = ManualClock::new();
+    let source = source(&clock);
+    let prefetched: Vec<_> = (0..100)
+        .map(|i| {
+            let mut spec = (*credential(&format!("m{i}"), &format!("identity-{i}"))).clone();
+            spec.prefetch = true;
+            Arc::new(spec)
+        })
+        .collect();
+    let requested = credential("requested", "identity-r");
+    let mut all = prefetched.clone();
+    all.push(requested.clone());
+    let cache = cache(&all, source.clone(), clock);
+
+    cache.prefetch();
+    let asked = tokio::time::Instant::now();
+    cache.token(&requested).await.unwrap();
+    let waited = asked.elapsed();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+
+    assert!(
+        waited < Duration::from_millis(200),
+        "a request's fetch did not queue behind the prefetch (waited {waited:?})"
+    );
+    let workers = CacheSettings::default().max_concurrent_fetches.div_ceil(2);
+    assert_eq!(source.peak_in_flight.load(Ordering::SeqCst), workers + 1);
+    assert_eq!(source.calls.load(Ordering::SeqCst), 101);
+    for spec in &prefetched {
+        assert!(cache.has_usable(&spec.name).await, "{} was prefetched", spec.name);
+    }
 }
