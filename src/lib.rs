@@ -24,9 +24,11 @@
 //! Around it: [`config`] (TOML → validated types), [`server`] (listeners, signals, shutdown; one
 //! connection's watchdog in `server::connection`), [`admin`] (health, readiness, metrics, token
 //! admin, reload), [`error`] (the sidecar's JSON errors), [`probe`] (the image's health check),
-//! [`dev`] (the self-contained demo and the test doubles it shares with the tests).
+//! [`dev`] (the self-contained demo and the test doubles it shares with the tests), [`allocator`]
+//! (the binary's mimalloc, tuned to give memory back).
 
 pub mod admin;
+pub mod allocator;
 pub mod cli;
 pub mod clock;
 pub mod config;
