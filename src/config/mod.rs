@@ -168,7 +168,8 @@ pub struct CredentialSpec {
     pub identity: Arc<str>,
     pub provider: Arc<ProviderSpec>,
     pub request: TokenRequest,
-    pub response: ResponseSpec,
+    /// Shared by the provider's credentials.
+    pub response: Arc<ResponseSpec>,
     pub prefetch: bool,
     /// Revoke this credential's token at shutdown (Nuapay long-lived tokens):
     /// `POST {request.url}/{token id}/revoke`.

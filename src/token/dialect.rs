@@ -56,7 +56,7 @@ pub struct TokenRequest {
     pub secrets: Vec<Secret>,
     /// A client assertion signed afresh for each request (`client_secret_jwt`,
     /// `private_key_jwt`).
-    pub assertion: Option<Assertion>,
+    pub assertion: Option<Box<Assertion>>,
     /// The key DPoP proofs are signed with, when the provider binds tokens to one (RFC 9449).
     pub dpop: Option<Arc<DpopKey>>,
 }
@@ -163,7 +163,7 @@ impl TokenRequest {
         if secrets == Secrets::AsDigests {
             let authorization = self.authorization.as_ref().map(secret_digest);
             hash_part(&mut hasher, &authorization.unwrap_or_default());
-            let assertion = self.assertion.as_ref().map(Assertion::identity_part);
+            let assertion = self.assertion.as_deref().map(Assertion::identity_part);
             hash_part(&mut hasher, &assertion.unwrap_or_default());
         }
         hasher

@@ -16,7 +16,7 @@ pub(super) struct ProviderDraft {
     revoke_on_shutdown: bool,
     endpoint: Endpoint,
     scopes: Vec<String>,
-    response: ResponseSpec,
+    response: Arc<ResponseSpec>,
 }
 
 /// The keys a provider and its credentials share (a credential's own win): its assertion
@@ -103,7 +103,7 @@ impl Validator {
             }),
             endpoint,
             scopes: raw.scopes.clone().unwrap_or_default(),
-            response,
+            response: Arc::new(response),
         })
     }
 

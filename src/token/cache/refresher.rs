@@ -146,6 +146,8 @@ impl BackgroundQueue {
         let next = waiting.states.pop_front();
         if next.is_none() {
             waiting.workers -= 1;
+            // Ten thousand tokens came due at once: give the queue's room back.
+            waiting.states.shrink_to(16);
         }
         next
     }

@@ -73,7 +73,7 @@ fn credential(name: &str, identity: &str) -> Arc<CredentialSpec> {
             assertion: None,
             dpop: None,
         },
-        response: ResponseSpec::oauth2(),
+        response: Arc::new(ResponseSpec::oauth2()),
         prefetch: false,
         revoke_on_shutdown: false,
     })

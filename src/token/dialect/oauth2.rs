@@ -113,14 +113,16 @@ impl ClientAuth {
                 audience,
                 kid,
             } => {
-                request.assertion = Some(Assertion::client_secret_jwt(&secret, &client_id, &audience, kid));
+                request.assertion = Some(Box::new(Assertion::client_secret_jwt(
+                    &secret, &client_id, &audience, kid,
+                )));
                 request.secrets.push(secret);
                 request
                     .fields
                     .push(("client_id".into(), BodyValue::Text(client_id)));
             }
             Self::PrivateKeyJwt(assertion) => {
-                request.assertion = Some(assertion);
+                request.assertion = Some(Box::new(assertion));
                 request
                     .fields
                     .push(("client_id".into(), BodyValue::Text(client_id)));
