@@ -282,6 +282,7 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
 impl Config {
     /// Reads and validates a config file, resolving every secret it references.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let _loading = crate::allocator::PurgeAtOnce::begin();
         let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
