@@ -235,6 +235,7 @@ impl TokenCache {
                 }
             })
             .await;
+        state.fetch.look_again(Some(self.clock.now()));
         // The fleet's copy too, so that the other sidecars stop sending it.
         let source = self.registry.load().source.clone();
         if let Err(err) = source.purge(spec, &used.token).await {
@@ -284,6 +285,7 @@ impl TokenCache {
             if let Some(cached) = self.store.get(&state.spec.identity).await {
                 if revoke(&*registry.source, state, &cached).await {
                     self.store.invalidate(&state.spec.identity).await;
+                    state.fetch.look_again(Some(self.clock.now()));
                 }
             }
         }

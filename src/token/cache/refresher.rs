@@ -45,17 +45,21 @@ impl TokenCache {
             if registry.source.names(refused, &state.spec, &cached.token) {
                 tracing::info!(credential = %state.spec.name, token = %cached.token, "another sidecar saw this token refused; dropping it");
                 self.store.invalidate(&state.spec.identity).await;
+                state.fetch.look_again(Some(self.clock.now()));
             }
         }
     }
 
     /// Refreshes what comes due: recently used credentials, and `prefetch` credentials
     /// always — also when they hold no token yet (a failed start-up fetch is retried on the
-    /// back-off schedule).
-    async fn refresh_due(self: &Arc<Self>) {
+    /// back-off schedule). Tokens not yet due are skipped without a lookup.
+    pub(super) async fn refresh_due(self: &Arc<Self>) {
         let now = self.clock.now();
         let registry = self.registry.load_full();
         for state in registry.by_identity.values() {
+            if state.fetch.not_due(now) || state.fetch.refreshing.load(Ordering::Acquire) {
+                continue; // not yet due, or a refresh is queued and will say when to look again
+            }
             let Some(cached) = self.store.get(&state.spec.identity).await else {
                 if state.spec.prefetch {
                     self.refresh_in_background(state);
@@ -68,8 +72,12 @@ impl TokenCache {
                 .duration_since(cached.obtained_at)
                 .unwrap_or_default();
             let keep_warm = state.spec.prefetch || state.fetch.recently_used(now, lifetime);
-            if cached.schedule.freshness(now) != Freshness::Fresh && keep_warm {
+            if cached.schedule.freshness(now) == Freshness::Fresh {
+                state.fetch.look_again(Some(cached.schedule.refresh_at));
+            } else if keep_warm {
                 self.refresh_in_background(state);
+            } else {
+                state.fetch.look_again(None);
             }
         }
     }

@@ -39,6 +39,13 @@ impl CredentialState {
 #[derive(Default)]
 pub(super) struct FetchState {
     pub(super) refreshing: AtomicBool,
+    /// When the refresher next needs to look at this identity's token (Unix ms on our clock):
+    /// 0 (at once) while there is none, its refresh time once one is stored, the end of a
+    /// back-off after a failure, never once the refresher has let an idle credential's token
+    /// come due (the request path refreshes it if it is used again). Each tick skips, with one
+    /// load, every token not yet due; it used to look each one up, and with 100,000
+    /// credentials the scan took most of a core.
+    pub(super) next_look_ms: AtomicU64,
     /// When a request last asked for this credential's token (Unix ms on our clock; 0 = never).
     pub(super) last_used_ms: AtomicU64,
     pub(super) status: Mutex<FetchStatus>,
@@ -59,6 +66,17 @@ pub(super) struct RefusalState {
 }
 
 impl FetchState {
+    /// The refresher is to look again at `at` (`None`: only once a new token is stored).
+    pub(super) fn look_again(&self, at: Option<SystemTime>) {
+        let millis = at.map_or(u64::MAX, crate::clock::unix_millis);
+        self.next_look_ms.store(millis, Ordering::Relaxed);
+    }
+
+    /// Whether the refresher may skip this identity at `now`.
+    pub(super) fn not_due(&self, now: SystemTime) -> bool {
+        self.next_look_ms.load(Ordering::Relaxed) > crate::clock::unix_millis(now)
+    }
+
     /// Used within the last quarter of its token's lifetime (at least the last minute): in
     /// steady use, and worth keeping warm.
     pub(super) fn recently_used(&self, now: SystemTime, lifetime: Duration) -> bool {

@@ -189,3 +189,51 @@ async fn prefetch_runs_a_few_fetches_at_a_time_and_leaves_permits_for_requests()
         assert!(cache.has_usable(&spec.name).await, "{} was prefetched", spec.name);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_refresher_looks_only_at_tokens_come_due_and_lets_idle_ones_lapse() {
+    let clock = ManualClock::new();
+    let source = source(&clock);
+    let mut warm = (*credential("warm", "identity-w")).clone();
+    warm.prefetch = true;
+    let (warm, idle) = (Arc::new(warm), credential("idle", "identity-i"));
+    let cache = cache(&[warm.clone(), idle.clone()], source.clone(), clock.clone());
+    cache.prefetch();
+    cache.token(&idle).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    let state = |spec: &CredentialSpec| cache.registry.load().by_identity[&spec.identity].clone();
+    let refresh_at = cache.store.get(&warm.identity).await.unwrap().schedule.refresh_at;
+    assert!(
+        state(&warm).fetch.not_due(clock.now()),
+        "a fresh token is not looked at"
+    );
+
+    // Past the refresh time (and the idle credential's last use by far more than a minute).
+    clock.advance(refresh_at.duration_since(clock.now()).unwrap() + Duration::from_secs(1));
+    cache.refresh_due().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        source.calls.load(Ordering::SeqCst),
+        3,
+        "the prefetched credential was refreshed, the idle one was not"
+    );
+    assert!(
+        state(&warm).fetch.not_due(clock.now()),
+        "the new token is not due"
+    );
+    assert_eq!(
+        state(&idle).fetch.next_look_ms.load(Ordering::Relaxed),
+        u64::MAX,
+        "an idle credential's due token is not looked at again"
+    );
+    cache.refresh_due().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(source.calls.load(Ordering::SeqCst), 3);
+
+    // Used again, its token is refreshed by the request path, and looked at when due.
+    cache.token(&idle).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(source.calls.load(Ordering::SeqCst), 4);
+    assert!(state(&idle).fetch.not_due(clock.now()));
+}
