@@ -13,7 +13,8 @@ opened per 10k requests (from the upstream's stub_status). Then p50/p90/p99/p99.
 open-loop rates (oha, latency-corrected), plotted as an SVG.
 
 Scale: RSS idle and with every token cached at 1/1k/10k(/100k in full) credentials, each with
-its own route (2 s after start-up or readiness, once the allocator has purged); throughput to
+its own route (2 s after start-up or readiness, once the allocator has purged), and the CPU the
+sidecar holding them all spends idle (the refresher's rounds); throughput to
 the last of 10/1k/10k routes; `check` and start-up time of 10k routes; a cold
 burst of 1,000 concurrent requests over 100 cold credentials (token fetches counted).
 
@@ -38,6 +39,7 @@ BINARY = os.environ.get("TOKEN_SIDECAR_BINARY", os.path.join(ROOT, "target", "re
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 CLIENT_CORE, PROXY_CORE = "0", "1"
 TOKEN = "bench-token"
+IDLE_SECONDS = 3  # the idle CPU of a sidecar holding every token (the refresher's cost)
 MODES = {
     "quick": {"seconds": 4, "rounds": 1, "rates": [5000, 15000], "creds": [1, 1000, 10000], "routes": [10, 1000, 10000]},
     "full": {"seconds": 15, "rounds": 3, "rates": [5000, 10000, 15000, 20000], "creds": [1, 1000, 10000, 100000], "routes": [10, 1000, 10000]},
@@ -335,9 +337,14 @@ def memory(work, counts):
         configured = proc_status(child.pid, "VmRSS")
         work.stop(child)
         child, port, admin = work.sidecar(work.config(credentials=n, prefetch=True))
-        wait_for(admin, "/readyz", seconds=600)
+        wait_for(admin, "/readyz", seconds=900)
         time.sleep(2)
-        rows.append({"credentials": n, "rss_configured_kb": configured, "rss_cached_kb": proc_status(child.pid, "VmRSS")})
+        cached = proc_status(child.pid, "VmRSS")
+        before = cpu_seconds([child.pid])
+        time.sleep(IDLE_SECONDS)
+        idle_cpu = (cpu_seconds([child.pid]) - before) / IDLE_SECONDS
+        rows.append({"credentials": n, "rss_configured_kb": configured, "rss_cached_kb": cached,
+                     "idle_cpu_percent": 100 * idle_cpu})
         work.stop(child)
     return rows
 
@@ -437,10 +444,11 @@ def latency_table(rows, out):
 
 
 def memory_table(rows, out):
-    out.append("\n| credentials | RSS configured MB | RSS all tokens cached MB |")
-    out.append("|---|---|---|")
+    out.append("\n| credentials | RSS configured MB | RSS all tokens cached MB | idle CPU, % of a core |")
+    out.append("|---|---|---|---|")
     for row in rows:
-        out.append(f"| {row['credentials']} | {row['rss_configured_kb'] / 1024:.1f} | {row['rss_cached_kb'] / 1024:.1f} |")
+        out.append(f"| {row['credentials']} | {row['rss_configured_kb'] / 1024:.1f} | {row['rss_cached_kb'] / 1024:.1f} | "
+                   f"{row.get('idle_cpu_percent', float('nan')):.1f} |")
     first = rows[0]
     last = next((row for row in rows if row["credentials"] == 10000), rows[-1])
     added = (last["rss_cached_kb"] - first["rss_cached_kb"]) / 1024

@@ -8,13 +8,13 @@
 //! moved the figures"). While serving, purging waits mimalloc's default second: purging at once
 //! there cost a third of the throughput.
 
-use libmimalloc_sys::{mi_option_set, mi_option_t};
+use std::ffi::c_long;
+
+use libmimalloc_sys::{mi_option_get, mi_option_set, mi_option_t};
 
 /// `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (`include/mimalloc.h`; the crate
 /// exports no constant for it): milliseconds before freed pages are given back.
 const PURGE_DELAY: mi_option_t = 15;
-/// mimalloc's default purge delay, kept while serving.
-const SERVING_PURGE_DELAY_MS: std::ffi::c_long = 1000;
 
 /// Call first thing in `main`, before other threads exist.
 pub fn tune() {
@@ -28,43 +28,49 @@ pub fn tune() {
     }
 }
 
-/// While alive, freed pages go back to the OS at once (a configuration being loaded). A no-op
-/// when mimalloc is not the allocator.
+/// While alive, freed pages go back to the OS at once (a configuration being loaded); then the
+/// delay before is back (mimalloc's default, or the operator's `MIMALLOC_PURGE_DELAY`). A
+/// no-op when mimalloc is not the allocator.
 #[must_use = "purging at once lasts as long as the guard"]
-pub struct PurgeAtOnce(());
+pub struct PurgeAtOnce {
+    delay_before: c_long,
+}
 
 impl PurgeAtOnce {
     pub fn begin() -> Self {
+        let delay_before = purge_delay();
         set_purge_delay(0);
-        Self(())
+        Self { delay_before }
     }
 }
 
 impl Drop for PurgeAtOnce {
     fn drop(&mut self) {
-        set_purge_delay(SERVING_PURGE_DELAY_MS);
+        set_purge_delay(self.delay_before);
     }
 }
 
-fn set_purge_delay(milliseconds: std::ffi::c_long) {
+fn purge_delay() -> c_long {
+    // SAFETY: a read of mimalloc's option table.
+    unsafe { mi_option_get(PURGE_DELAY) }
+}
+
+fn set_purge_delay(milliseconds: c_long) {
     // SAFETY: a store into mimalloc's option table (an atomic word).
     unsafe { mi_option_set(PURGE_DELAY, milliseconds) };
 }
 
 #[cfg(test)]
 mod tests {
-    use libmimalloc_sys::mi_option_get;
-
     use super::*;
 
     #[test]
     fn purging_at_once_lasts_as_long_as_the_guard() {
-        // The option number names the purge delay: its documented default comes back.
-        // SAFETY: reads of mimalloc's option table.
-        assert_eq!(unsafe { mi_option_get(PURGE_DELAY) }, SERVING_PURGE_DELAY_MS);
+        // The option number names the purge delay: its documented default (1 s) reads back.
+        assert_eq!(purge_delay(), 1000);
         let loading = PurgeAtOnce::begin();
-        assert_eq!(unsafe { mi_option_get(PURGE_DELAY) }, 0);
+        assert_eq!(purge_delay(), 0);
         drop(loading);
-        assert_eq!(unsafe { mi_option_get(PURGE_DELAY) }, SERVING_PURGE_DELAY_MS);
+        assert_eq!(purge_delay(), 1000);
     }
 }

@@ -142,7 +142,7 @@ impl TokenCache {
         status.last_error = None;
         token.generation = status.successes;
         drop(status);
-        state.fetch.look_again(Some(token.schedule.refresh_at));
+        self.look_again(state, Some(token.schedule.refresh_at));
         let lifetime = token
             .schedule
             .expires_at
@@ -164,7 +164,7 @@ impl TokenCache {
         let wait = backoff(&self.settings.load(), status.consecutive_failures, error);
         status.retry_not_before = Some(now + wait);
         status.last_error = Some(error.clone());
-        state.fetch.look_again(Some(now + wait));
+        self.look_again(state, Some(now + wait));
         wait
     }
 

@@ -99,6 +99,9 @@ pub struct TokenCache {
     registry: ArcSwap<Registry>,
     fetch_permits: tokio::sync::Semaphore,
     background: refresher::BackgroundQueue,
+    /// The earliest of the identities' next looks (Unix ms): a refresher tick before it has
+    /// nothing to do, however many credentials there are.
+    earliest_look_ms: std::sync::atomic::AtomicU64,
     settings: ArcSwap<CacheSettings>,
     clock: SharedClock,
     metrics: Metrics,
@@ -117,6 +120,7 @@ impl TokenCache {
             registry: ArcSwap::from_pointee(Registry::new(credentials, source, None)),
             fetch_permits: tokio::sync::Semaphore::new(settings.max_concurrent_fetches.max(1)),
             background: refresher::BackgroundQueue::default(),
+            earliest_look_ms: std::sync::atomic::AtomicU64::new(0),
             settings: ArcSwap::from_pointee(settings),
             clock,
             metrics,
@@ -135,6 +139,7 @@ impl TokenCache {
         let new = Registry::new(credentials, source, Some(&self.registry.load()));
         let old = self.registry.swap(Arc::new(new));
         self.settings.store(Arc::new(settings));
+        self.earliest_look_ms.store(0, Ordering::Release); // new identities want a look
         let new = self.registry.load();
         let mut applied = Applied::default();
         for (name, state) in &new.by_name {
@@ -235,7 +240,7 @@ impl TokenCache {
                 }
             })
             .await;
-        state.fetch.look_again(Some(self.clock.now()));
+        self.look_again(&state, Some(self.clock.now()));
         // The fleet's copy too, so that the other sidecars stop sending it.
         let source = self.registry.load().source.clone();
         if let Err(err) = source.purge(spec, &used.token).await {
@@ -285,7 +290,7 @@ impl TokenCache {
             if let Some(cached) = self.store.get(&state.spec.identity).await {
                 if revoke(&*registry.source, state, &cached).await {
                     self.store.invalidate(&state.spec.identity).await;
-                    state.fetch.look_again(Some(self.clock.now()));
+                    self.look_again(state, Some(self.clock.now()));
                 }
             }
         }

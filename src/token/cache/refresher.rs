@@ -6,10 +6,11 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::registry::CredentialState;
 use super::{lock, TokenCache, Want};
+use crate::clock::unix_millis;
 use crate::token::lifetime::Freshness;
 use crate::token::source::RefusedToken;
 
@@ -45,7 +46,7 @@ impl TokenCache {
             if registry.source.names(refused, &state.spec, &cached.token) {
                 tracing::info!(credential = %state.spec.name, token = %cached.token, "another sidecar saw this token refused; dropping it");
                 self.store.invalidate(&state.spec.identity).await;
-                state.fetch.look_again(Some(self.clock.now()));
+                self.look_again(state, Some(self.clock.now()));
             }
         }
     }
@@ -55,14 +56,25 @@ impl TokenCache {
     /// back-off schedule). Tokens not yet due are skipped without a lookup.
     pub(super) async fn refresh_due(self: &Arc<Self>) {
         let now = self.clock.now();
+        let now_ms = unix_millis(now);
+        if self.earliest_look_ms.load(Ordering::Acquire) > now_ms {
+            return; // nothing is due
+        }
+        // Each identity skipped below, and each look set meanwhile, lowers it again.
+        self.earliest_look_ms.store(u64::MAX, Ordering::Release);
         let registry = self.registry.load_full();
         for state in registry.by_identity.values() {
-            if state.fetch.not_due(now) || state.fetch.refreshing.load(Ordering::Acquire) {
-                continue; // not yet due, or a refresh is queued and will say when to look again
+            let next = state.fetch.next_look_ms.load(Ordering::Relaxed);
+            if next > now_ms || state.fetch.refreshing.load(Ordering::Acquire) {
+                // Not yet due, or a refresh is queued and its outcome sets the next look.
+                self.earliest_look_ms.fetch_min(next, Ordering::AcqRel);
+                continue;
             }
             let Some(cached) = self.store.get(&state.spec.identity).await else {
                 if state.spec.prefetch {
                     self.refresh_in_background(state);
+                } else {
+                    self.look_again(state, None); // the request path fetches it when asked
                 }
                 continue;
             };
@@ -73,13 +85,20 @@ impl TokenCache {
                 .unwrap_or_default();
             let keep_warm = state.spec.prefetch || state.fetch.recently_used(now, lifetime);
             if cached.schedule.freshness(now) == Freshness::Fresh {
-                state.fetch.look_again(Some(cached.schedule.refresh_at));
+                self.look_again(state, Some(cached.schedule.refresh_at));
             } else if keep_warm {
                 self.refresh_in_background(state);
             } else {
-                state.fetch.look_again(None);
+                self.look_again(state, None);
             }
         }
+    }
+
+    /// Records when the refresher is to look at `state` again (`None`: once a new token is
+    /// stored).
+    pub(super) fn look_again(&self, state: &CredentialState, at: Option<SystemTime>) {
+        let millis = state.fetch.look_again(at);
+        self.earliest_look_ms.fetch_min(millis, Ordering::AcqRel);
     }
 
     /// Fetches the token of every `prefetch` credential that has none, in the background.

@@ -66,13 +66,16 @@ pub(super) struct RefusalState {
 }
 
 impl FetchState {
-    /// The refresher is to look again at `at` (`None`: only once a new token is stored).
-    pub(super) fn look_again(&self, at: Option<SystemTime>) {
+    /// The refresher is to look again at `at` (`None`: only once a new token is stored);
+    /// returns it in Unix ms.
+    pub(super) fn look_again(&self, at: Option<SystemTime>) -> u64 {
         let millis = at.map_or(u64::MAX, crate::clock::unix_millis);
         self.next_look_ms.store(millis, Ordering::Relaxed);
+        millis
     }
 
     /// Whether the refresher may skip this identity at `now`.
+    #[cfg(test)]
     pub(super) fn not_due(&self, now: SystemTime) -> bool {
         self.next_look_ms.load(Ordering::Relaxed) > crate::clock::unix_millis(now)
     }

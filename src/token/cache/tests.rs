@@ -208,9 +208,18 @@ async fn the_refresher_looks_only_at_tokens_come_due_and_lets_idle_ones_lapse() 
         state(&warm).fetch.not_due(clock.now()),
         "a fresh token is not looked at"
     );
+    cache.refresh_due().await;
+    let idle_refresh_at = cache.store.get(&idle.identity).await.unwrap().schedule.refresh_at;
+    assert_eq!(
+        cache.earliest_look_ms.load(Ordering::Relaxed),
+        crate::clock::unix_millis(refresh_at.min(idle_refresh_at)),
+        "until the first token comes due, a tick has nothing to look at"
+    );
 
-    // Past the refresh time (and the idle credential's last use by far more than a minute).
-    clock.advance(refresh_at.duration_since(clock.now()).unwrap() + Duration::from_secs(1));
+    // Past both refresh times (jittered), and the idle credential's last use by far more than
+    // a quarter of the lifetime.
+    let both_due = refresh_at.max(idle_refresh_at);
+    clock.advance(both_due.duration_since(clock.now()).unwrap() + Duration::from_secs(1));
     cache.refresh_due().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
