@@ -72,7 +72,7 @@ impl TokenCache {
             }
             let Some(cached) = self.store.get(&state.spec.identity).await else {
                 if state.spec.prefetch {
-                    self.refresh_in_background(state);
+                    self.refresh_or_look_later(state);
                 } else {
                     self.look_again(state, None); // the request path fetches it when asked
                 }
@@ -87,11 +87,20 @@ impl TokenCache {
             if cached.schedule.freshness(now) == Freshness::Fresh {
                 self.look_again(state, Some(cached.schedule.refresh_at));
             } else if keep_warm {
-                self.refresh_in_background(state);
+                self.refresh_or_look_later(state);
             } else {
                 self.look_again(state, None);
             }
         }
+    }
+
+    /// Starts a background refresh of `state`; if it is backing off instead, the refresher
+    /// looks again when the back-off ends (its last failure set that look). A queued refresh's
+    /// outcome sets the next look; until then each tick passes over it.
+    fn refresh_or_look_later(self: &Arc<Self>, state: &Arc<CredentialState>) {
+        self.refresh_in_background(state);
+        let next = state.fetch.next_look_ms.load(Ordering::Relaxed);
+        self.earliest_look_ms.fetch_min(next, Ordering::AcqRel);
     }
 
     /// Records when the refresher is to look at `state` again (`None`: once a new token is
