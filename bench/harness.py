@@ -417,9 +417,14 @@ def table(r):
     return "\n".join(out)
 
 
+def table_header(out, *columns, gap=False):
+    """A Markdown table's header and separator lines (after a blank line when `gap`)."""
+    out.append(("\n" if gap else "") + "| " + " | ".join(columns) + " |")
+    out.append("|" + "---|" * len(columns))
+
+
 def throughput_table(t, out):
-    out.append("| job | requests/s | p50 ms | p99 ms | CPU-s per 10k | upstream conns per 10k |")
-    out.append("|---|---|---|---|---|---|")
+    table_header(out, "job", "requests/s", "p50 ms", "p99 ms", "CPU-s per 10k", "upstream conns per 10k")
     for name, row in t.items():
         cpu = f"{row['cpu_s_per_10k']:.2f}" if "cpu_s_per_10k" in row else "—"
         out.append(f"| {name} | {row['rps']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {cpu} | {row['upstream_conns_per_10k']:.2f} |")
@@ -435,8 +440,7 @@ def latency_table(rows, out):
     if "skipped" in rows:
         out.append(f"\nopen-loop latency: skipped ({rows['skipped']})")
         return
-    out.append("\n| job | rate/s | answered | p50 ms | p90 ms | p99 ms | p99.9 ms |")
-    out.append("|---|---|---|---|---|---|---|")
+    table_header(out, "job", "rate/s", "answered", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", gap=True)
     for name, runs in rows.items():
         for row in runs:
             out.append(f"| {name} | {row['rate']} | {row['ok']} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | "
@@ -444,8 +448,7 @@ def latency_table(rows, out):
 
 
 def memory_table(rows, out):
-    out.append("\n| credentials | RSS configured MB | RSS all tokens cached MB | idle CPU, % of a core |")
-    out.append("|---|---|---|---|")
+    table_header(out, "credentials", "RSS configured MB", "RSS all tokens cached MB", "idle CPU, % of a core", gap=True)
     for row in rows:
         out.append(f"| {row['credentials']} | {row['rss_configured_kb'] / 1024:.1f} | {row['rss_cached_kb'] / 1024:.1f} | "
                    f"{row.get('idle_cpu_percent', float('nan')):.1f} |")
@@ -457,8 +460,7 @@ def memory_table(rows, out):
 
 
 def routing_table(rows, out):
-    out.append("\n| routes | requests/s to the last route | p99 ms |")
-    out.append("|---|---|---|")
+    table_header(out, "routes", "requests/s to the last route", "p99 ms", gap=True)
     for row in rows:
         out.append(f"| {row['routes']} | {row['rps']:.0f} | {row['p99_ms']:.2f} |")
     first, last = rows[0], rows[-1]
