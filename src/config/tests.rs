@@ -56,16 +56,13 @@ fn a_credentials_own_secret_wins_over_the_providers() {
     assert_eq!(
         request.fields,
         vec![
+            ("grant_type".into(), BodyValue::Text("client_credentials".into())),
+            ("client_id".into(), BodyValue::Text("shared-id".into())),
             (
-                "grant_type".to_owned(),
-                BodyValue::Text("client_credentials".into())
-            ),
-            ("client_id".to_owned(), BodyValue::Text("shared-id".into())),
-            (
-                "client_secret".to_owned(),
+                "client_secret".into(),
                 BodyValue::Secret(crate::secret::Secret::new("acme-secret"))
             ),
-            ("scope".to_owned(), BodyValue::Text("a".into())),
+            ("scope".into(), BodyValue::Text("a".into())),
         ]
     );
 }

@@ -19,7 +19,7 @@ fn credential() -> Arc<CredentialSpec> {
             timeout: Duration::from_secs(1),
         }),
         request: TokenRequest {
-            url: "https://t.test/token".parse().unwrap(),
+            url: Arc::new("https://t.test/token".parse().unwrap()),
             encoding: BodyEncoding::Form,
             fields: vec![],
             authorization: None,

@@ -9,6 +9,7 @@
 pub mod nuapay;
 pub mod oauth2;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -34,10 +35,15 @@ pub enum TimeUnit {
     Millis,
 }
 
+/// A token request body field's name: the dialects' own are static, `params` names are not.
+pub type FieldName = Cow<'static, str>;
+
 /// One field of a token request body.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BodyValue {
-    Text(String),
+    /// Static where the dialect fixes it (`client_credentials`), so 10,000 credentials do not
+    /// hold 10,000 copies.
+    Text(Cow<'static, str>),
     Secret(Secret),
     List(Vec<String>),
     Number(u64),
@@ -46,9 +52,10 @@ pub enum BodyValue {
 /// Everything needed to ask one token endpoint for one credential's token.
 #[derive(Debug, Clone)]
 pub struct TokenRequest {
-    pub url: reqwest::Url,
+    /// Shared by a provider's credentials where it is the provider's (OAuth2 `token_url`).
+    pub url: Arc<reqwest::Url>,
     pub encoding: BodyEncoding,
-    pub fields: Vec<(String, BodyValue)>,
+    pub fields: Vec<(FieldName, BodyValue)>,
     /// A ready `Authorization` header value (`Basic …`), when the client authenticates that way.
     pub authorization: Option<Secret>,
     /// Every secret this request carries, as configured: an error answer that echoes one is
@@ -74,7 +81,7 @@ impl TokenRequest {
                 let pairs: Vec<(&str, String)> = self
                     .fields
                     .iter()
-                    .map(|(name, value)| (name.as_str(), form_text(value)))
+                    .map(|(name, value)| (name.as_ref(), form_text(value)))
                     .chain(signed)
                     .collect();
                 let body = serde_urlencoded::to_string(pairs).unwrap_or_default();
@@ -84,7 +91,7 @@ impl TokenRequest {
                 let object: serde_json::Map<String, Value> = self
                     .fields
                     .iter()
-                    .map(|(name, value)| (name.clone(), json_value(value)))
+                    .map(|(name, value)| (name.to_string(), json_value(value)))
                     .chain(
                         signed
                             .into_iter()
@@ -99,7 +106,7 @@ impl TokenRequest {
 
 fn form_text(value: &BodyValue) -> String {
     match value {
-        BodyValue::Text(text) => text.clone(),
+        BodyValue::Text(text) => text.to_string(),
         BodyValue::Secret(secret) => secret.expose().to_owned(),
         BodyValue::List(items) => items.join(" "),
         BodyValue::Number(number) => number.to_string(),
@@ -108,7 +115,7 @@ fn form_text(value: &BodyValue) -> String {
 
 fn json_value(value: &BodyValue) -> Value {
     match value {
-        BodyValue::Text(text) => Value::from(text.as_str()),
+        BodyValue::Text(text) => Value::from(text.as_ref()),
         BodyValue::Secret(secret) => Value::from(secret.expose()),
         BodyValue::List(items) => Value::from(items.clone()),
         BodyValue::Number(number) => Value::from(*number),

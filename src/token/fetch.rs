@@ -102,7 +102,7 @@ impl TokenFetcher {
             let requested_at = self.clock.now();
             let (content_type, body) = request.encode_body(requested_at)?;
             let mut builder = self
-                .post(credential, request.url.clone())?
+                .post(credential, reqwest::Url::clone(&request.url))?
                 .header(CONTENT_TYPE, content_type)
                 .body(body);
             if let Some(key) = &request.dpop {

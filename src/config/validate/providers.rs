@@ -44,7 +44,7 @@ pub(super) struct DpopKeyDraft {
 
 pub(super) enum Endpoint {
     OAuth2 {
-        url: reqwest::Url,
+        url: Arc<reqwest::Url>,
         encoding: BodyEncoding,
         client_auth: RawClientAuth,
         client_id: Option<String>,
@@ -200,7 +200,7 @@ impl Validator {
             RawTimeUnit::Ms => TimeUnit::Millis,
         };
         let endpoint = Endpoint::OAuth2 {
-            url: url?,
+            url: Arc::new(url?),
             encoding: match raw.body.unwrap_or(RawBodyEncoding::Form) {
                 RawBodyEncoding::Form => BodyEncoding::Form,
                 RawBodyEncoding::Json => BodyEncoding::Json,

@@ -176,7 +176,7 @@ impl TokenCache {
     ) -> TokenError {
         TokenError::Unavailable {
             credential: state.spec.name.clone(),
-            endpoint: state.endpoint.clone(),
+            endpoint: state.endpoint().into(),
             cause,
             retry_after,
         }

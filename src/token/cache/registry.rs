@@ -17,8 +17,6 @@ const RECENT_USE_MIN: Duration = Duration::from_secs(60);
 /// One configured credential, as the current configuration defines it.
 pub(super) struct CredentialState {
     pub(super) spec: Arc<CredentialSpec>,
-    /// The token endpoint's `host[:port]`, for errors.
-    pub(super) endpoint: Arc<str>,
     /// Shared by every credential with the same identity, and kept across reloads while the
     /// identity stays.
     pub(super) fetch: Arc<FetchState>,
@@ -26,12 +24,13 @@ pub(super) struct CredentialState {
 
 impl CredentialState {
     pub(super) fn new(spec: Arc<CredentialSpec>, fetch: Arc<FetchState>) -> Self {
-        let endpoint = spec.request.url[url::Position::BeforeHost..url::Position::AfterPort].into();
-        Self {
-            spec,
-            endpoint,
-            fetch,
-        }
+        Self { spec, fetch }
+    }
+
+    /// The token endpoint's `host[:port]`, for errors (worked out when one happens, not held
+    /// for every credential).
+    pub(super) fn endpoint(&self) -> &str {
+        &self.spec.request.url[url::Position::BeforeHost..url::Position::AfterPort]
     }
 }
 

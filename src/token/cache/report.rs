@@ -101,7 +101,7 @@ impl TokenCache {
             last_error: status
                 .last_error
                 .as_ref()
-                .map(|error| format!("{}: {error}", state.endpoint)),
+                .map(|error| format!("{}: {error}", state.endpoint())),
         }
     }
 }

@@ -65,7 +65,7 @@ fn credential(name: &str, identity: &str) -> Arc<CredentialSpec> {
             timeout: Duration::from_secs(1),
         }),
         request: TokenRequest {
-            url: "https://auth.test/token".parse().unwrap(),
+            url: Arc::new("https://auth.test/token".parse().unwrap()),
             encoding: BodyEncoding::Form,
             fields: vec![],
             authorization: None,

@@ -1,6 +1,7 @@
 //! The Nuapay dialect: organisation tokens asked for with the partner's API key as the Basic
 //! username, read from `data.*` with epoch-millisecond times, revoked by id.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -32,12 +33,12 @@ impl OrganisationToken {
         let mut url = self.base_url;
         let base_path = url.path().trim_end_matches('/').to_owned();
         url.set_path(&format!("{base_path}/organisations/{}/tokens", self.organisation));
-        let mut fields = vec![("scopes".to_owned(), BodyValue::List(self.scopes))];
+        let mut fields = vec![("scopes".into(), BodyValue::List(self.scopes))];
         if let Some(expires_in) = self.expires_in {
             fields.push(("expiresIn".into(), BodyValue::Number(expires_in.as_secs())));
         }
         TokenRequest {
-            url,
+            url: Arc::new(url),
             encoding: BodyEncoding::Json,
             fields,
             authorization: Some(Secret::new(format!(

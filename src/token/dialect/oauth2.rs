@@ -49,7 +49,7 @@ pub enum ClientAuth {
 /// One client of an OAuth2 token endpoint.
 #[derive(Debug, Clone)]
 pub struct OAuth2Client {
-    pub url: reqwest::Url,
+    pub url: Arc<reqwest::Url>,
     pub encoding: BodyEncoding,
     pub client_id: String,
     pub auth: ClientAuth,
@@ -77,11 +77,14 @@ impl OAuth2Client {
         if !self.scopes.is_empty() {
             request
                 .fields
-                .push(("scope".into(), BodyValue::Text(self.scopes.join(" "))));
+                .push(("scope".into(), BodyValue::Text(self.scopes.join(" ").into())));
         }
         for (name, value) in self.params {
-            request.fields.push((name, BodyValue::Text(value)));
+            request.fields.push((name.into(), BodyValue::Text(value.into())));
         }
+        // Held for the life of the config, once per credential: no spare capacity.
+        request.fields.shrink_to_fit();
+        request.secrets.shrink_to_fit();
         request
     }
 }
@@ -94,7 +97,7 @@ impl ClientAuth {
                 request.secrets.push(secret.clone());
                 request
                     .fields
-                    .push(("client_id".into(), BodyValue::Text(client_id)));
+                    .push(("client_id".into(), BodyValue::Text(client_id.into())));
                 request
                     .fields
                     .push(("client_secret".into(), BodyValue::Secret(secret)));
@@ -119,18 +122,18 @@ impl ClientAuth {
                 request.secrets.push(secret);
                 request
                     .fields
-                    .push(("client_id".into(), BodyValue::Text(client_id)));
+                    .push(("client_id".into(), BodyValue::Text(client_id.into())));
             }
             Self::PrivateKeyJwt(assertion) => {
                 request.assertion = Some(Box::new(assertion));
                 request
                     .fields
-                    .push(("client_id".into(), BodyValue::Text(client_id)));
+                    .push(("client_id".into(), BodyValue::Text(client_id.into())));
             }
             Self::TlsClientAuth => {
                 request
                     .fields
-                    .push(("client_id".into(), BodyValue::Text(client_id)));
+                    .push(("client_id".into(), BodyValue::Text(client_id.into())));
             }
         }
     }
@@ -164,7 +167,7 @@ mod tests {
 
     fn client(auth: ClientAuth) -> TokenRequest {
         OAuth2Client {
-            url: "https://as.test/token".parse().unwrap(),
+            url: Arc::new("https://as.test/token".parse().unwrap()),
             encoding: BodyEncoding::Form,
             client_id: "acme id".into(),
             auth,

@@ -156,7 +156,7 @@ fn absolute_expiry_in_the_past_is_rejected() {
 #[test]
 fn form_body_joins_lists_with_spaces_and_json_keeps_them() {
     let mut request = TokenRequest {
-        url: "https://example.test/oauth/token".parse().unwrap(),
+        url: Arc::new("https://example.test/oauth/token".parse().unwrap()),
         encoding: BodyEncoding::Form,
         fields: vec![
             ("grant_type".into(), BodyValue::Text("client_credentials".into())),
@@ -193,12 +193,12 @@ fn form_body_joins_lists_with_spaces_and_json_keeps_them() {
 #[test]
 fn a_credential_identity_changes_with_its_secret_and_scopes_and_never_contains_them() {
     let request = |secret: &str, scope: &str| TokenRequest {
-        url: "https://auth.example/oauth/token".parse().unwrap(),
+        url: Arc::new("https://auth.example/oauth/token".parse().unwrap()),
         encoding: BodyEncoding::Form,
         fields: vec![
             ("client_id".into(), BodyValue::Text("acme".into())),
             ("client_secret".into(), BodyValue::Secret(Secret::new(secret))),
-            ("scope".into(), BodyValue::Text(scope.into())),
+            ("scope".into(), BodyValue::Text(scope.to_owned().into())),
         ],
         authorization: None,
         secrets: vec![Secret::new(secret)],
