@@ -137,9 +137,10 @@ pub fn inject_token(
             header::AUTHORIZATION,
             format!("Basic {}", STANDARD.encode(format!("{}:", token.expose()))),
         ),
-        Inject::Header { name, prefix, suffix } => {
-            (name.clone(), format!("{prefix}{}{suffix}", token.expose()))
-        }
+        Inject::Header(header) => (
+            header.name.clone(),
+            format!("{}{}{}", header.prefix, token.expose(), header.suffix),
+        ),
     };
     let mut value = HeaderValue::from_str(&value)?;
     value.set_sensitive(true);
@@ -220,11 +221,11 @@ mod tests {
             headers[header::AUTHORIZATION],
             format!("Basic {}", STANDARD.encode("tok:"))
         );
-        let custom = Inject::Header {
+        let custom = Inject::Header(Box::new(crate::config::HeaderInject {
             name: HeaderName::from_static("x-auth-token"),
             prefix: "Token ".into(),
             suffix: "".into(),
-        };
+        }));
         inject_token(&mut headers, &custom, &token).unwrap();
         assert_eq!(headers["x-auth-token"], "Token tok");
     }

@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use subtle::ConstantTimeEq;
 
-use crate::config::{CredentialChoice, CredentialSpec, RouteSpec, ServerSettings};
+use crate::config::{CredentialChoice, CredentialSpec, HeaderChoice, RouteSpec, ServerSettings};
 use crate::error::{full_body, Chain, ProxyBody, ProxyError, ERROR_HEADER};
 use crate::forward::{
     clean_request_headers, inject_dpop_token, inject_token, remove_hop_by_hop, upstream_uri, UpstreamClient,
@@ -232,7 +232,7 @@ impl Proxy {
             response = attempt.send(full_body(bytes.clone()), &token).await?;
         }
         exchange.upstream_status = Some(response.status().as_u16());
-        if !route.purge_on_status.contains(&response.status()) {
+        if !route.purge_on_status.contains(response.status()) {
             self.tokens.upstream_accepted(&credential);
             return Ok(response);
         }
@@ -249,7 +249,7 @@ impl Proxy {
         exchange.token = Some(fresh.token.clone());
         let replayed = attempt.send(full_body(bytes), &fresh).await?;
         exchange.upstream_status = Some(replayed.status().as_u16());
-        if route.purge_on_status.contains(&replayed.status()) {
+        if route.purge_on_status.contains(replayed.status()) {
             self.tokens.purge_refused(&credential, &fresh).await;
         } else {
             self.tokens.upstream_accepted(&credential);
@@ -277,7 +277,7 @@ fn check(guards: &RequestGuards, request: &Request<Incoming>) -> Result<Option<S
 fn outgoing(guards: &RequestGuards, route: &RouteSpec, parts: http::request::Parts, uri: Uri) -> Outgoing {
     let mut headers = parts.headers;
     let mut strip: Vec<&HeaderName> = match &route.credential {
-        CredentialChoice::FromHeader { header, .. } => vec![header],
+        CredentialChoice::FromHeader(choice) => vec![&choice.header],
         CredentialChoice::Fixed(_) => vec![],
     };
     if let Some((required, _)) = &guards.require_header {
@@ -434,7 +434,8 @@ fn select_credential<'r>(
 ) -> Result<&'r Arc<CredentialSpec>, ProxyError> {
     match &route.credential {
         CredentialChoice::Fixed(credential) => Ok(credential),
-        CredentialChoice::FromHeader { header, allowed } => {
+        CredentialChoice::FromHeader(choice) => {
+            let HeaderChoice { header, allowed } = &**choice;
             let Some(value) = headers.get(header) else {
                 return Err(ProxyError::UnknownCredential(format!(
                     "header {header} is missing; it must name one of this route's credentials"

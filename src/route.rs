@@ -39,7 +39,7 @@ impl Router {
         };
         for route in routes {
             let trie = match &route.host {
-                Some(host) => router.by_host.entry(host.as_str().into()).or_default(),
+                Some(host) => router.by_host.entry(host.clone()).or_default(),
                 None => &mut router.hostless,
             };
             trie.insert(route);

@@ -177,27 +177,70 @@ pub struct CredentialSpec {
 }
 
 /// Which requests get which credential and where they go.
+///
+/// One is held per merchant, so it is kept compact: what routes usually share (the upstream)
+/// is shared, what they rarely have is boxed, nothing has spare capacity.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
-    /// `routes[N]`, for errors and logs.
-    pub label: String,
+    /// N in `routes[N]`: see [`RouteSpec::label`].
+    pub index: u32,
     /// The route's name in metrics: its path prefix and/or host.
-    pub name: String,
+    pub name: Box<str>,
     /// Lower-case host name to match, without port.
-    pub host: Option<String>,
+    pub host: Option<Box<str>>,
     /// Path prefix without trailing slash (`""` for `/`).
-    pub path_prefix: Option<String>,
-    pub upstream: Upstream,
+    pub path_prefix: Option<Box<str>>,
+    /// One per distinct upstream URL in the config.
+    pub upstream: Arc<Upstream>,
     /// Mutual TLS to the upstream.
     pub client_identity: Option<Arc<ClientIdentity>>,
     pub credential: CredentialChoice,
     pub inject: Inject,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub headers: Box<[(HeaderName, HeaderValue)]>,
     pub timeout: Duration,
     /// Upstream statuses that mean "this token was refused": purge it and resend once.
-    pub purge_on_status: Vec<http::StatusCode>,
+    pub purge_on_status: ClientErrorSet,
     /// Request bodies up to this many bytes are kept so they can be resent.
     pub replay_body_limit: u64,
+}
+
+impl RouteSpec {
+    /// `routes[N]`, for errors and logs.
+    pub fn label(&self) -> String {
+        format!("routes[{}]", self.index)
+    }
+}
+
+/// A set of 4xx statuses, as bits: no allocation per route, one shift per lookup.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientErrorSet(u128);
+
+impl ClientErrorSet {
+    /// Adds `status`; `false` (and nothing added) unless it is a 4xx.
+    pub fn insert(&mut self, status: http::StatusCode) -> bool {
+        let Some(bit) = Self::bit(status) else {
+            return false;
+        };
+        self.0 |= bit;
+        true
+    }
+
+    pub fn contains(&self, status: http::StatusCode) -> bool {
+        Self::bit(status).is_some_and(|bit| self.0 & bit != 0)
+    }
+
+    fn bit(status: http::StatusCode) -> Option<u128> {
+        status.is_client_error().then(|| 1u128 << (status.as_u16() - 400))
+    }
+}
+
+impl fmt::Debug for ClientErrorSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let statuses = (0..100u16)
+            .filter(|i| self.0 & (1u128 << i) != 0)
+            .map(|i| 400 + i);
+        f.debug_set().entries(statuses).finish()
+    }
 }
 
 /// Where a route forwards to.
@@ -218,11 +261,15 @@ impl fmt::Display for Upstream {
 #[derive(Debug, Clone)]
 pub enum CredentialChoice {
     Fixed(Arc<CredentialSpec>),
-    /// The request names its credential in `header`, from an allow-list.
-    FromHeader {
-        header: HeaderName,
-        allowed: Vec<Arc<CredentialSpec>>,
-    },
+    /// The request names its credential in a header, from an allow-list.
+    FromHeader(Box<HeaderChoice>),
+}
+
+/// A credential chosen by the request: the header naming it, and the credentials it may name.
+#[derive(Debug, Clone)]
+pub struct HeaderChoice {
+    pub header: HeaderName,
+    pub allowed: Vec<Arc<CredentialSpec>>,
 }
 
 /// How the token goes into the forwarded request.
@@ -233,11 +280,15 @@ pub enum Inject {
     /// `Authorization: Basic base64("<token>:")`
     BasicUsername,
     /// `<header>: <prefix><token><suffix>`
-    Header {
-        name: HeaderName,
-        prefix: String,
-        suffix: String,
-    },
+    Header(Box<HeaderInject>),
+}
+
+/// A token injected into a header of the route's choice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderInject {
+    pub name: HeaderName,
+    pub prefix: String,
+    pub suffix: String,
 }
 
 /// Why a configuration could not be used.

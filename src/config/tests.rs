@@ -44,7 +44,8 @@ fn defaults_and_normalisation() {
     assert_eq!(route.path_prefix.as_deref(), Some("/acme"));
     assert_eq!(route.upstream.base_path, "/v1");
     assert_eq!(route.inject, Inject::Bearer);
-    assert_eq!(route.purge_on_status, vec![http::StatusCode::UNAUTHORIZED]);
+    assert!(route.purge_on_status.contains(http::StatusCode::UNAUTHORIZED));
+    assert!(!route.purge_on_status.contains(http::StatusCode::FORBIDDEN));
     assert_eq!(route.replay_body_limit, 1024 * 1024);
 }
 
@@ -206,4 +207,17 @@ fn reserved_headers_cannot_be_injected_or_set() {
 fn syntax_errors_name_the_line() {
     let found = problems("[server]\nlisten = \n");
     assert!(found[0].starts_with("2:"), "{found:?}");
+}
+
+#[test]
+fn purge_statuses_are_a_set_of_client_errors_only() {
+    let mut set = ClientErrorSet::default();
+    assert!(set.insert(http::StatusCode::UNAUTHORIZED));
+    assert!(set.insert(http::StatusCode::from_u16(499).unwrap()));
+    assert!(!set.insert(http::StatusCode::INTERNAL_SERVER_ERROR));
+    assert!(!set.insert(http::StatusCode::PERMANENT_REDIRECT));
+    assert!(set.contains(http::StatusCode::UNAUTHORIZED));
+    assert!(!set.contains(http::StatusCode::FORBIDDEN));
+    assert!(!set.contains(http::StatusCode::INTERNAL_SERVER_ERROR));
+    assert_eq!(format!("{set:?}"), "{401, 499}");
 }

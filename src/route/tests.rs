@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::{
-    CredentialChoice, CredentialSpec, Inject, ProviderKind, ProviderSpec, RouteSpec, Upstream,
+    ClientErrorSet, CredentialChoice, CredentialSpec, Inject, ProviderKind, ProviderSpec, RouteSpec, Upstream,
 };
 use crate::token::dialect::{BodyEncoding, ResponseSpec, TokenRequest};
 
@@ -33,23 +33,26 @@ fn credential() -> Arc<CredentialSpec> {
     })
 }
 
-fn route(label: &str, host: Option<&str>, prefix: Option<&str>) -> Arc<RouteSpec> {
+/// A route the tests tell apart by `name`.
+fn route(name: &str, host: Option<&str>, prefix: Option<&str>) -> Arc<RouteSpec> {
+    let mut purge_on_status = ClientErrorSet::default();
+    purge_on_status.insert(http::StatusCode::UNAUTHORIZED);
     Arc::new(RouteSpec {
-        label: label.into(),
-        name: label.into(),
-        host: host.map(str::to_owned),
-        path_prefix: prefix.map(str::to_owned),
-        upstream: Upstream {
+        index: 0,
+        name: name.into(),
+        host: host.map(Into::into),
+        path_prefix: prefix.map(Into::into),
+        upstream: Arc::new(Upstream {
             scheme: http::uri::Scheme::HTTPS,
             authority: "h.test".parse().unwrap(),
             base_path: String::new(),
-        },
+        }),
         client_identity: None,
         credential: CredentialChoice::Fixed(credential()),
         inject: Inject::Bearer,
-        headers: vec![],
+        headers: Box::new([]),
         timeout: Duration::from_secs(1),
-        purge_on_status: vec![http::StatusCode::UNAUTHORIZED],
+        purge_on_status,
         replay_body_limit: 1024,
     })
 }
@@ -71,7 +74,7 @@ fn found(host: Option<&str>, path: &str) -> Option<(String, String)> {
     let router = router();
     router
         .find(host, path)
-        .map(|m| (m.route.label.clone(), m.rest.to_owned()))
+        .map(|m| (m.route.name.to_string(), m.rest.to_owned()))
 }
 
 #[test]
@@ -138,7 +141,7 @@ fn reference_find<'r>(routes: &'r [Arc<RouteSpec>], host: Option<&str>, path: &s
     let local = host.is_none_or(is_loopback_host);
     let mut candidates: Vec<(usize, &Arc<RouteSpec>)> = routes.iter().enumerate().collect();
     candidates.sort_by_key(|(index, r)| {
-        let prefix_len = r.path_prefix.as_ref().map_or(0, String::len);
+        let prefix_len = r.path_prefix.as_ref().map_or(0, |prefix| prefix.len());
         (r.host.is_none(), std::cmp::Reverse(prefix_len), *index)
     });
     candidates
@@ -146,12 +149,12 @@ fn reference_find<'r>(routes: &'r [Arc<RouteSpec>], host: Option<&str>, path: &s
         .map(|(_, route)| route)
         .find(|route| {
             let host_ok = match &route.host {
-                Some(route_host) => host == Some(route_host.as_str()),
+                Some(route_host) => host == Some(&**route_host),
                 None => local,
             };
             host_ok && strip_prefix(route.path_prefix.as_deref().unwrap_or(""), path).is_some()
         })
-        .map(|route| route.label.as_str())
+        .map(|route| &*route.name)
 }
 
 proptest::proptest! {
@@ -179,7 +182,7 @@ proptest::proptest! {
         let path = if path.is_empty() { "/".to_owned() } else { path };
         let host = host.map(|h| HOSTS[h]);
         let router = Router::new(&routes, &[]);
-        let found = router.find(host, &path).map(|m| m.route.label.as_str());
+        let found = router.find(host, &path).map(|m| &*m.route.name);
         proptest::prop_assert_eq!(found, reference_find(&routes, host, &path));
     }
 }

@@ -8,6 +8,9 @@ use super::*;
 const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_REPLAY_BODY_LIMIT: u64 = 1024 * 1024;
 
+/// What a route matches on: its host and its path prefix.
+type Matching = (Option<Box<str>>, Option<Box<str>>);
+
 impl Validator {
     pub(super) fn routes(
         &mut self,
@@ -17,10 +20,12 @@ impl Validator {
     ) -> Vec<Arc<RouteSpec>> {
         let mut routes: Vec<Arc<RouteSpec>> = Vec::new();
         // (host, path_prefix) → the index in `routes` of the route that has them.
-        let mut matching: HashMap<(Option<String>, Option<String>), usize> = HashMap::new();
+        let mut matching: HashMap<Matching, usize> = HashMap::new();
+        // One `Upstream` per distinct upstream URL: 10,000 merchants usually share a few.
+        let mut upstreams: HashMap<String, Arc<Upstream>> = HashMap::new();
         for (index, raw_route) in raw.iter().enumerate() {
             let route_path = path.index(index);
-            let Some(route) = self.route(&route_path, raw_route, credentials) else {
+            let Some(mut route) = self.route(&route_path, raw_route, credentials) else {
                 continue;
             };
             let key = (route.host.clone(), route.path_prefix.clone());
@@ -29,12 +34,17 @@ impl Validator {
                     &route_path,
                     format!(
                         "matches the same requests as {} (same host and path_prefix)",
-                        routes[earlier].label
+                        routes[earlier].label()
                     ),
                 );
                 continue;
             }
             matching.insert(key, routes.len());
+            route.index = index as u32;
+            route.upstream = upstreams
+                .entry(route.upstream.to_string())
+                .or_insert_with(|| route.upstream.clone())
+                .clone();
             routes.push(Arc::new(route));
         }
         routes
@@ -83,33 +93,30 @@ impl Validator {
             (None, None) => String::new(),
         };
         Some(RouteSpec {
-            label: path.to_string(),
-            name,
-            host,
-            path_prefix,
-            upstream: upstream?,
+            index: 0, // set by `routes`, which knows it
+            name: name.into(),
+            host: host.map(String::into_boxed_str),
+            path_prefix: path_prefix.map(String::into_boxed_str),
+            upstream: Arc::new(upstream?),
             client_identity,
             credential: credential?,
             inject: inject?,
-            headers: headers?,
+            headers: headers?.into_boxed_slice(),
             timeout,
             purge_on_status: purge_on_status?,
             replay_body_limit: raw.replay_body_limit.unwrap_or(DEFAULT_REPLAY_BODY_LIMIT),
         })
     }
 
-    pub(super) fn purge_statuses(
-        &mut self,
-        path: &KeyPath,
-        raw: Option<&[u16]>,
-    ) -> Option<Vec<http::StatusCode>> {
+    pub(super) fn purge_statuses(&mut self, path: &KeyPath, raw: Option<&[u16]>) -> Option<ClientErrorSet> {
+        let mut statuses = ClientErrorSet::default();
         let Some(codes) = raw else {
-            return Some(vec![http::StatusCode::UNAUTHORIZED]);
+            statuses.insert(http::StatusCode::UNAUTHORIZED);
+            return Some(statuses);
         };
-        let mut statuses = Vec::new();
         for (i, code) in codes.iter().enumerate() {
             match http::StatusCode::from_u16(*code) {
-                Ok(status) if status.is_client_error() => statuses.push(status),
+                Ok(status) if statuses.insert(status) => {}
                 _ => {
                     self.problem(&path.index(i), format!("{code} is not a 4xx status"));
                     return None;
@@ -205,10 +212,10 @@ impl Validator {
                     .enumerate()
                     .map(|(i, name)| self.credential_ref(&list_path.index(i), name, credentials))
                     .collect();
-                Some(CredentialChoice::FromHeader {
+                Some(CredentialChoice::FromHeader(Box::new(HeaderChoice {
                     header,
                     allowed: allowed.into_iter().collect::<Option<Vec<_>>>()?,
-                })
+                })))
             }
             (None, None, None) => {
                 self.problem(
@@ -268,7 +275,7 @@ impl Validator {
     fn dpop_takes_authorization(&mut self, path: &KeyPath, choice: &CredentialChoice, inject: &Inject) {
         let credentials = match choice {
             CredentialChoice::Fixed(credential) => std::slice::from_ref(credential),
-            CredentialChoice::FromHeader { allowed, .. } => allowed.as_slice(),
+            CredentialChoice::FromHeader(choice) => choice.allowed.as_slice(),
         };
         let dpop = credentials
             .iter()
@@ -307,11 +314,11 @@ impl Validator {
                     );
                     return None;
                 }
-                Some(Inject::Header {
+                Some(Inject::Header(Box::new(HeaderInject {
                     name,
                     prefix: prefix.to_owned(),
                     suffix: suffix.to_owned(),
-                })
+                })))
             }
         }
     }
