@@ -4,28 +4,39 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// A label value that shares the name it shows (a route's or a credential's): a series holds
+/// no copy of the name, and recording one allocates nothing.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Name(Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: String,
+    pub route: Name,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
+    pub route: Name,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FetchLabels {
-    pub credential: String,
-    pub outcome: String,
+    pub credential: Name,
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,7 +56,7 @@ pub struct VersionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CredentialLabels {
-    pub credential: String,
+    pub credential: Name,
 }
 
 /// Every metric the sidecar records, cheap to clone.
@@ -170,42 +181,38 @@ impl Metrics {
             .set(1);
     }
 
-    pub fn request(&self, route: &str, status: u16, elapsed: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                status,
-            })
-            .inc();
+    pub fn request(&self, route: &Arc<str>, status: u16, elapsed: Duration) {
+        let route = Name(route.clone());
         self.request_duration
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
+            .get_or_create(&RouteLabels { route: route.clone() })
             .observe(elapsed.as_secs_f64());
+        self.requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
     }
 
-    pub fn token_fetch(&self, credential: &str, outcome: &str) {
+    pub fn token_fetch(&self, credential: &Arc<str>, outcome: &'static str) {
         self.token_fetches
             .get_or_create(&FetchLabels {
-                credential: credential.to_owned(),
-                outcome: outcome.to_owned(),
+                credential: Name(credential.clone()),
+                outcome,
             })
             .inc();
     }
 
-    pub fn cache_lookup(&self, credential: &str, hit: bool) {
+    pub fn cache_lookup(&self, credential: &Arc<str>, hit: bool) {
         let family = if hit { &self.cache_hits } else { &self.cache_misses };
         family
             .get_or_create(&CredentialLabels {
-                credential: credential.to_owned(),
+                credential: Name(credential.clone()),
             })
             .inc();
     }
 
-    pub fn upstream_401_retry(&self, route: &str) {
+    pub fn upstream_401_retry(&self, route: &Arc<str>) {
         self.upstream_401_retries
             .get_or_create(&RouteLabels {
-                route: route.to_owned(),
+                route: Name(route.clone()),
             })
             .inc();
     }

@@ -144,7 +144,7 @@ impl Proxy {
         let mut exchange = Exchange::new(&request);
         let result = self.route_and_forward(&snapshot, request, &mut exchange).await;
         let response = result.unwrap_or_else(|err| {
-            let route = exchange.route_label();
+            let route = &**exchange.route_label();
             if err.status().is_server_error() {
                 tracing::warn!(route, method = %exchange.method, code = err.code(), error = %Chain(&err), "request failed");
             } else {

@@ -184,8 +184,8 @@ pub struct CredentialSpec {
 pub struct RouteSpec {
     /// N in `routes[N]`: see [`RouteSpec::label`].
     pub index: u32,
-    /// The route's name in metrics: its path prefix and/or host.
-    pub name: Box<str>,
+    /// The route's name in metrics: its path prefix and/or host (shared by its series).
+    pub name: Arc<str>,
     /// Lower-case host name to match, without port.
     pub host: Option<Box<str>>,
     /// Path prefix without trailing slash (`""` for `/`).

@@ -4,7 +4,7 @@
 //! data); the token only as its fingerprint.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -19,7 +19,7 @@ use crate::error::{BoxError, ProxyBody};
 use crate::secret::AccessToken;
 
 /// The metrics and log label for requests that matched no route.
-const NO_ROUTE: &str = "none";
+static NO_ROUTE: LazyLock<Arc<str>> = LazyLock::new(|| "none".into());
 
 /// What is known of one request, filled in as it goes through the request path.
 pub struct Exchange {
@@ -54,14 +54,14 @@ impl Exchange {
     }
 
     /// The route's name in metrics and logs (`none` when nothing matched).
-    pub fn route_label(&self) -> &str {
-        self.route.as_ref().map_or(NO_ROUTE, |route| &route.name)
+    pub fn route_label(&self) -> &Arc<str> {
+        self.route.as_ref().map_or(&NO_ROUTE, |route| &route.name)
     }
 
     fn log(&self, status: u16, bytes_out: u64) {
         tracing::info!(
             target: "token_sidecar::access",
-            route = self.route_label(),
+            route = &**self.route_label(),
             credential = self.credential.as_deref().unwrap_or("-"),
             method = %self.method,
             path = self.uri.path(),

@@ -180,7 +180,7 @@ impl TokenCache {
             let detached = CredentialState::new(spec.clone(), Arc::default());
             return self.fetch_with_retries(&detached).await;
         };
-        let credential = &*spec.name;
+        let credential = &spec.name;
         state
             .fetch
             .last_used_ms
