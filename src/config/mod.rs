@@ -20,7 +20,7 @@ pub use locate::KeyPath;
 
 use crate::secret::{EncryptionKey, Secret};
 use crate::tls::ClientIdentity;
-use crate::token::dialect::{ResponseSpec, TokenRequest};
+use crate::token::dialect::{Identity, ResponseSpec, TokenRequest};
 use crate::token::lifetime::RefreshPolicy;
 
 /// A validated configuration.
@@ -165,7 +165,7 @@ pub struct CredentialSpec {
     pub name: Arc<str>,
     /// What the token depends on, hashed ([`crate::token::dialect::credential_identity`]): the
     /// token cache's key.
-    pub identity: Arc<str>,
+    pub identity: Identity,
     pub provider: Arc<ProviderSpec>,
     pub request: TokenRequest,
     /// Shared by the provider's credentials.

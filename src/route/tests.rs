@@ -10,7 +10,7 @@ use crate::token::dialect::{BodyEncoding, ResponseSpec, TokenRequest};
 fn credential() -> Arc<CredentialSpec> {
     Arc::new(CredentialSpec {
         name: "c".into(),
-        identity: "c-identity".into(),
+        identity: crate::token::dialect::Identity::named("c-identity"),
         provider: Arc::new(ProviderSpec {
             name: "p".into(),
             kind: ProviderKind::OAuth2,

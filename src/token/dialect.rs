@@ -123,13 +123,45 @@ fn json_value(value: &BodyValue) -> Value {
 }
 
 /// What makes two credentials' tokens interchangeable: the endpoint, the request sent to it
-/// (secrets only as digests) and how its answer is read. A hex SHA-256, never a secret: the
-/// token cache is keyed by it, so a credential keeps its token across a reload exactly when
-/// none of this changed.
-pub fn credential_identity(request: &TokenRequest, response: &ResponseSpec) -> Arc<str> {
+/// (secrets only as digests) and how its answer is read. A SHA-256 (its first 128 bits), never
+/// a secret: the token cache is keyed by it, so a credential keeps its token across a reload
+/// exactly when none of this changed.
+pub fn credential_identity(request: &TokenRequest, response: &ResponseSpec) -> Identity {
     let mut hasher = request.digest(Secrets::AsDigests);
     hash_part(&mut hasher, &format!("{response:?}"));
-    hex::encode(hasher.finalize()).into()
+    Identity::from_digest(hasher)
+}
+
+/// A credential's identity ([`credential_identity`]): held inline, one per credential and per
+/// cached token, so 16 bytes rather than a 64-character hex string on the heap. A collision
+/// needs some 2^64 credentials.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Identity(u128);
+
+impl Identity {
+    /// The first 128 bits of `hasher`'s digest.
+    pub fn from_digest(hasher: Sha256) -> Self {
+        let digest = hasher.finalize();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        Self(u128::from_be_bytes(first))
+    }
+
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+
+    /// A test's identity, told apart by `name`.
+    #[cfg(test)]
+    pub fn named(name: &str) -> Self {
+        Self::from_digest(Sha256::new_with_prefix(name))
+    }
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({:032x})", self.0)
+    }
 }
 
 /// How [`TokenRequest::digest`] treats the request's secrets.

@@ -610,15 +610,13 @@ impl Validator {
 
 /// A credential's identity, also bound to the client certificate its tokens are fetched with
 /// (certificate-bound tokens, RFC 8705): rotating the certificate gets a new token.
-fn with_client_identity(identity: Arc<str>, client: Option<&ClientIdentity>) -> Arc<str> {
+fn with_client_identity(identity: Identity, client: Option<&ClientIdentity>) -> Identity {
     match client {
-        Some(client) => {
-            let digest = Sha256::new()
-                .chain_update(identity.as_bytes())
-                .chain_update(client.digest.as_bytes())
-                .finalize();
-            hex::encode(digest).into()
-        }
+        Some(client) => Identity::from_digest(
+            Sha256::new()
+                .chain_update(identity.to_bytes())
+                .chain_update(client.digest.as_bytes()),
+        ),
         None => identity,
     }
 }

@@ -26,7 +26,7 @@ impl TokenCache {
     ) -> Result<Arc<CachedToken>, TokenError> {
         let outcome = self
             .store
-            .entry(state.spec.identity.clone())
+            .entry(state.spec.identity)
             .and_try_compute_with(|current| async move {
                 let now = self.clock.now();
                 if let Some(entry) = &current {

@@ -36,6 +36,7 @@ use arc_swap::ArcSwap;
 use moka::future::Cache;
 use moka::ops::compute::Op;
 
+use super::dialect::Identity;
 use super::error::FetchError;
 use super::lifetime::{Freshness, Schedule};
 use super::source::TokenSource;
@@ -95,7 +96,7 @@ pub(super) enum Want {
 
 pub struct TokenCache {
     /// Tokens by credential identity.
-    store: Cache<Arc<str>, Arc<CachedToken>>,
+    store: Cache<Identity, Arc<CachedToken>>,
     registry: ArcSwap<Registry>,
     fetch_permits: tokio::sync::Semaphore,
     background: refresher::BackgroundQueue,
@@ -232,7 +233,7 @@ impl TokenCache {
             return false;
         }
         self.store
-            .entry(spec.identity.clone())
+            .entry(spec.identity)
             .and_compute_with(|current| async move {
                 match current {
                     Some(entry) if entry.value().token == used.token => Op::Remove,

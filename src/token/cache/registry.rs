@@ -10,6 +10,7 @@ use super::super::error::FetchError;
 use super::super::source::TokenSource;
 use crate::clock::from_unix_millis;
 use crate::config::CredentialSpec;
+use crate::token::dialect::Identity;
 
 /// The refresher keeps a credential warm if it was used within this long at least.
 const RECENT_USE_MIN: Duration = Duration::from_secs(60);
@@ -102,7 +103,7 @@ pub(super) struct FetchStatus {
 /// reload.
 pub(super) struct Registry {
     pub(super) by_name: BTreeMap<Arc<str>, Arc<CredentialState>>,
-    pub(super) by_identity: HashMap<Arc<str>, Arc<CredentialState>>,
+    pub(super) by_identity: HashMap<Identity, Arc<CredentialState>>,
     pub(super) source: Arc<dyn TokenSource>,
 }
 
@@ -115,7 +116,7 @@ impl Registry {
         old: Option<&Registry>,
     ) -> Self {
         let mut by_name = BTreeMap::new();
-        let mut by_identity: HashMap<Arc<str>, Arc<CredentialState>> = HashMap::new();
+        let mut by_identity: HashMap<Identity, Arc<CredentialState>> = HashMap::new();
         for spec in credentials {
             let fetch = by_identity
                 .get(&spec.identity)
@@ -123,7 +124,7 @@ impl Registry {
                 .map(|state| state.fetch.clone())
                 .unwrap_or_default();
             let state = Arc::new(CredentialState::new(spec.clone(), fetch));
-            by_identity.insert(spec.identity.clone(), state.clone());
+            by_identity.insert(spec.identity, state.clone());
             by_name.insert(spec.name.clone(), state);
         }
         Self {

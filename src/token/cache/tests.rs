@@ -56,7 +56,7 @@ fn source(clock: &Arc<ManualClock>) -> Arc<CountingSource> {
 fn credential(name: &str, identity: &str) -> Arc<CredentialSpec> {
     Arc::new(CredentialSpec {
         name: name.into(),
-        identity: identity.into(),
+        identity: Identity::named(identity),
         provider: Arc::new(ProviderSpec {
             name: "p".into(),
             kind: ProviderKind::OAuth2,
