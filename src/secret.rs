@@ -41,17 +41,20 @@ impl fmt::Display for Secret {
     }
 }
 
-/// An access token issued by a provider, with its fingerprint computed once.
+/// An access token issued by a provider, with its fingerprint computed once (and held inline:
+/// one is cached per credential).
 #[derive(Clone)]
 pub struct AccessToken {
     value: Arc<str>,
-    fingerprint: Arc<str>,
+    /// [`fingerprint`]'s 12 hex characters.
+    fingerprint: [u8; 12],
 }
 
 impl AccessToken {
     pub fn new(value: impl Into<Arc<str>>) -> Self {
         let value = value.into();
-        let fingerprint = fingerprint(&value).into();
+        let mut fingerprint = [0; 12];
+        fingerprint.copy_from_slice(self::fingerprint(&value).as_bytes());
         Self { value, fingerprint }
     }
 
@@ -61,7 +64,8 @@ impl AccessToken {
     }
 
     pub fn fingerprint(&self) -> &str {
-        &self.fingerprint
+        // Hex digits: always UTF-8.
+        std::str::from_utf8(&self.fingerprint).unwrap_or_default()
     }
 }
 
@@ -75,13 +79,13 @@ impl Eq for AccessToken {}
 
 impl fmt::Debug for AccessToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AccessToken(sha256:{})", self.fingerprint)
+        write!(f, "AccessToken(sha256:{})", self.fingerprint())
     }
 }
 
 impl fmt::Display for AccessToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.fingerprint)
+        write!(f, "sha256:{}", self.fingerprint())
     }
 }
 

@@ -57,7 +57,7 @@ impl TokenCache {
         match (status.retry_not_before, &status.last_error) {
             (Some(until), Some(error)) if until > now => {
                 let wait = until.duration_since(now).unwrap_or_default();
-                let error = error.clone();
+                let error = FetchError::clone(error);
                 drop(status);
                 Err(self.unavailable(state, error, wait))
             }
@@ -89,7 +89,7 @@ impl TokenCache {
                 Err(error) => error,
             };
             self.metrics.token_fetch(credential, error.outcome());
-            lock(&state.fetch.status).last_error = Some(error.clone());
+            lock(&state.fetch.status).last_error = Some(Box::new(error.clone()));
             let gap = retry_gap(&error, attempt);
             let retry =
                 gap.filter(|gap| attempt < max_attempts && tokio::time::Instant::now() + *gap < deadline);
@@ -126,7 +126,7 @@ impl TokenCache {
             token: issued.token,
             schedule,
             obtained_at,
-            token_id: issued.token_id,
+            token_id: issued.token_id.map(String::into_boxed_str),
             dpop: issued.dpop,
             generation: 0,
         })
@@ -163,7 +163,7 @@ impl TokenCache {
         status.consecutive_failures = status.consecutive_failures.saturating_add(1);
         let wait = backoff(&self.settings.load(), status.consecutive_failures, error);
         status.retry_not_before = Some(now + wait);
-        status.last_error = Some(error.clone());
+        status.last_error = Some(Box::new(error.clone()));
         self.look_again(state, Some(now + wait));
         wait
     }

@@ -59,7 +59,7 @@ pub struct CachedToken {
     /// When the provider issued it, on our clock (when we asked for it).
     pub obtained_at: SystemTime,
     /// The provider's id for the token, where it gives one (Nuapay), for revocation.
-    pub token_id: Option<String>,
+    pub token_id: Option<Box<str>>,
     /// Bound to the credential's DPoP key: sent as `Authorization: DPoP` with a proof.
     pub dpop: bool,
     /// This credential's successful fetches when it was stored: a later token has a higher one.
@@ -252,7 +252,7 @@ impl TokenCache {
 
     fn may_purge(&self, state: &CredentialState, used: &CachedToken) -> bool {
         let now = self.clock.now();
-        let mut refusals = lock(&state.fetch.refusals);
+        let mut refusals = lock(&state.fetch.status);
         if refusals.suppressed_until.is_some_and(|until| until > now) {
             return false;
         }

@@ -48,21 +48,11 @@ pub(super) struct FetchState {
     pub(super) next_look_ms: AtomicU64,
     /// When a request last asked for this credential's token (Unix ms on our clock; 0 = never).
     pub(super) last_used_ms: AtomicU64,
+    /// Fetches and refusals; one per credential, so kept small (128 bytes with the `Arc`).
     pub(super) status: Mutex<FetchStatus>,
     /// Consecutive upstream refusals of freshly fetched tokens (0 in the normal case, so the
     /// request path checks it without a lock).
     pub(super) refused_streak: AtomicU32,
-    pub(super) refusals: Mutex<RefusalState>,
-}
-
-/// Upstream refusals (401s) of this credential's tokens, so that an upstream that refuses
-/// every token does not turn every request into a token fetch.
-#[derive(Default)]
-pub(super) struct RefusalState {
-    /// The newest token generation purged after a refusal.
-    pub(super) purged_generation: u64,
-    /// While set and in the future, refusals are passed back without purging.
-    pub(super) suppressed_until: Option<SystemTime>,
 }
 
 impl FetchState {
@@ -96,7 +86,14 @@ pub(super) struct FetchStatus {
     pub(super) successes: u64,
     pub(super) consecutive_failures: u32,
     pub(super) retry_not_before: Option<SystemTime>,
-    pub(super) last_error: Option<FetchError>,
+    /// Boxed: most credentials never fail.
+    pub(super) last_error: Option<Box<FetchError>>,
+    /// Upstream refusals (401s) of this credential's tokens, so that an upstream that refuses
+    /// every token does not turn every request into a token fetch: the newest token generation
+    /// purged after a refusal,
+    pub(super) purged_generation: u64,
+    /// and while set and in the future, refusals are passed back without purging.
+    pub(super) suppressed_until: Option<SystemTime>,
 }
 
 /// The configured credentials and the client that fetches their tokens; replaced whole by a
