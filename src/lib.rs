@@ -25,7 +25,8 @@
 //! connection's watchdog in `server::connection`), [`admin`] (health, readiness, metrics, token
 //! admin, reload), [`error`] (the sidecar's JSON errors), [`probe`] (the image's health check),
 //! [`dev`] (the self-contained demo and the test doubles it shares with the tests), [`allocator`]
-//! (the binary's mimalloc: no transparent huge pages, freed pages purged at once while loading).
+//! (the binary's mimalloc: no transparent huge pages, freed pages given back at once while loading
+//! and after a burst of token fetches).
 
 pub mod admin;
 pub mod allocator;

@@ -135,15 +135,26 @@ impl TokenCache {
     }
 
     /// One background worker: fetches queued credentials' tokens until the queue is empty.
+    /// After a burst (a prefetch, many tokens come due at once), gives the memory the fetches
+    /// freed back to the OS: the sidecar is likely idle next.
     async fn work_through_background_queue(self: Arc<Self>) {
+        let mut fetched = 0;
         while let Some(state) = self.background.next() {
             if let Err(err) = self.fetch_exclusive(&state, Want::Fresh, true).await {
                 tracing::warn!(credential = %state.spec.name, error = %err, "background token fetch failed; a cached token, if any, is still used");
             }
             state.fetch.refreshing.store(false, Ordering::Release);
+            fetched += 1;
+        }
+        if fetched >= BURST {
+            crate::allocator::give_back_freed_memory();
         }
     }
 }
+
+/// Fetches by one background worker that make a burst, after which freed memory is given back
+/// (a trickle of refreshes leaves little, and mimalloc purges it as it allocates).
+const BURST: usize = 100;
 
 /// Half the fetch permits (at least one) go to background fetches: a request that needs a
 /// token finds a permit however many tokens come due at once.
