@@ -142,6 +142,8 @@ pub struct ProviderSpec {
     pub client_identity: Option<Arc<ClientIdentity>>,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// How to read the token endpoint's answer.
+    pub response: ResponseSpec,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,8 +170,6 @@ pub struct CredentialSpec {
     pub identity: Identity,
     pub provider: Arc<ProviderSpec>,
     pub request: TokenRequest,
-    /// Shared by the provider's credentials.
-    pub response: Arc<ResponseSpec>,
     pub prefetch: bool,
     /// Revoke this credential's token at shutdown (Nuapay long-lived tokens):
     /// `POST {request.url}/{token id}/revoke`.
@@ -211,34 +211,36 @@ impl RouteSpec {
     }
 }
 
-/// A set of 4xx statuses, as bits: no allocation per route, one shift per lookup.
+/// A set of 4xx statuses, as bits: no allocation per route, one shift per lookup. (Two `u64`s,
+/// not a `u128`, whose 16-byte alignment would pad every route.)
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
-pub struct ClientErrorSet(u128);
+pub struct ClientErrorSet([u64; 2]);
 
 impl ClientErrorSet {
     /// Adds `status`; `false` (and nothing added) unless it is a 4xx.
     pub fn insert(&mut self, status: http::StatusCode) -> bool {
-        let Some(bit) = Self::bit(status) else {
+        let Some((word, bit)) = Self::position(status.as_u16()) else {
             return false;
         };
-        self.0 |= bit;
+        self.0[word] |= bit;
         true
     }
 
     pub fn contains(&self, status: http::StatusCode) -> bool {
-        Self::bit(status).is_some_and(|bit| self.0 & bit != 0)
+        Self::position(status.as_u16()).is_some_and(|(word, bit)| self.0[word] & bit != 0)
     }
 
-    fn bit(status: http::StatusCode) -> Option<u128> {
-        status.is_client_error().then(|| 1u128 << (status.as_u16() - 400))
+    /// The word and bit of a 4xx `status`.
+    fn position(status: u16) -> Option<(usize, u64)> {
+        let offset = status.checked_sub(400).filter(|offset| *offset < 100)?;
+        Some((usize::from(offset / 64), 1 << (offset % 64)))
     }
 }
 
 impl fmt::Debug for ClientErrorSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let statuses = (0..100u16)
-            .filter(|i| self.0 & (1u128 << i) != 0)
-            .map(|i| 400 + i);
+        let statuses = (400..500u16)
+            .filter(|status| Self::position(*status).is_some_and(|(word, bit)| self.0[word] & bit != 0));
         f.debug_set().entries(statuses).finish()
     }
 }

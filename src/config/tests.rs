@@ -118,7 +118,7 @@ scopes = ["openbanking_pisp", "admin"]
         String::from_utf8(body).unwrap(),
         r#"{"scopes":["openbanking_pisp","admin"],"expiresIn":360}"#
     );
-    assert_eq!(credential.response.token, "/data/accessToken");
+    assert_eq!(credential.provider.response.token, "/data/accessToken");
 }
 
 #[test]

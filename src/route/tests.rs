@@ -17,6 +17,7 @@ fn credential() -> Arc<CredentialSpec> {
             client_identity: None,
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
+            response: ResponseSpec::oauth2(),
         }),
         request: TokenRequest {
             url: Arc::new("https://t.test/token".parse().unwrap()),
@@ -27,7 +28,6 @@ fn credential() -> Arc<CredentialSpec> {
             assertion: None,
             dpop: None,
         },
-        response: Arc::new(ResponseSpec::oauth2()),
         prefetch: false,
         revoke_on_shutdown: false,
     })

@@ -136,7 +136,7 @@ pub fn credential_identity(request: &TokenRequest, response: &ResponseSpec) -> I
 /// cached token, so 16 bytes rather than a 64-character hex string on the heap. A collision
 /// needs some 2^64 credentials.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Identity(u128);
+pub struct Identity([u8; 16]);
 
 impl Identity {
     /// The first 128 bits of `hasher`'s digest.
@@ -144,11 +144,11 @@ impl Identity {
         let digest = hasher.finalize();
         let mut first = [0u8; 16];
         first.copy_from_slice(&digest[..16]);
-        Self(u128::from_be_bytes(first))
+        Self(first)
     }
 
     pub fn to_bytes(self) -> [u8; 16] {
-        self.0.to_be_bytes()
+        self.0
     }
 
     /// A test's identity, told apart by `name`.
@@ -160,7 +160,7 @@ impl Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Identity({:032x})", self.0)
+        write!(f, "Identity({})", hex::encode(self.0))
     }
 }
 

@@ -132,7 +132,7 @@ impl TokenFetcher {
                 }
                 outcome => outcome?,
             }
-            let issued = parse_response(&credential.response, &body, requested_at)?;
+            let issued = parse_response(&credential.provider.response, &body, requested_at)?;
             if issued.dpop && request.dpop.is_none() {
                 return Err(FetchError::malformed(
                     "the token is DPoP-bound, but the provider does not have dpop = true",

@@ -16,7 +16,6 @@ pub(super) struct ProviderDraft {
     revoke_on_shutdown: bool,
     endpoint: Endpoint,
     scopes: Vec<String>,
-    response: Arc<ResponseSpec>,
 }
 
 /// The keys a provider and its credentials share (a credential's own win): its assertion
@@ -100,10 +99,10 @@ impl Validator {
                     .identity_ref(&path.key("client_identity"), raw.client_identity.as_deref()),
                 connect_timeout,
                 timeout,
+                response,
             }),
             endpoint,
             scopes: raw.scopes.clone().unwrap_or_default(),
-            response: Arc::new(response),
         })
     }
 
@@ -296,12 +295,11 @@ impl Validator {
         Some(Arc::new(CredentialSpec {
             name: name.into(),
             identity: with_client_identity(
-                credential_identity(&request, &provider.response),
+                credential_identity(&request, &provider.spec.response),
                 provider.spec.client_identity.as_deref(),
             ),
             provider: provider.spec.clone(),
             request,
-            response: provider.response.clone(),
             prefetch: raw.prefetch,
             revoke_on_shutdown: provider.revoke_on_shutdown,
         }))

@@ -63,6 +63,7 @@ fn credential(name: &str, identity: &str) -> Arc<CredentialSpec> {
             client_identity: None,
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
+            response: ResponseSpec::oauth2(),
         }),
         request: TokenRequest {
             url: Arc::new("https://auth.test/token".parse().unwrap()),
@@ -73,7 +74,6 @@ fn credential(name: &str, identity: &str) -> Arc<CredentialSpec> {
             assertion: None,
             dpop: None,
         },
-        response: Arc::new(ResponseSpec::oauth2()),
         prefetch: false,
         revoke_on_shutdown: false,
     })
