@@ -59,7 +59,10 @@ pub fn identity_clients(
     previous: Option<&HashMap<String, UpstreamClient>>,
 ) -> Result<HashMap<String, UpstreamClient>, TlsError> {
     let mut clients = HashMap::new();
-    for identity in routes.iter().filter_map(|route| route.client_identity.as_ref()) {
+    for identity in routes
+        .iter()
+        .filter_map(|route| route.options.client_identity.as_ref())
+    {
         if clients.contains_key(&identity.digest) {
             continue;
         }

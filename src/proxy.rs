@@ -103,6 +103,7 @@ impl Snapshot {
     /// The client for `route`: with its client certificate, if it has one.
     fn client_for(&self, route: &RouteSpec) -> &UpstreamClient {
         route
+            .options
             .client_identity
             .as_ref()
             .and_then(|identity| self.identity_clients.get(&identity.digest))
@@ -197,7 +198,7 @@ impl Proxy {
         let kept = keep_for_replay(
             &outgoing.headers,
             body,
-            route.replay_body_limit,
+            route.options.replay_body_limit,
             limits,
             &body_record,
         )
@@ -232,7 +233,7 @@ impl Proxy {
             response = attempt.send(full_body(bytes.clone()), &token).await?;
         }
         exchange.upstream_status = Some(response.status().as_u16());
-        if !route.purge_on_status.contains(response.status()) {
+        if !route.options.purge_on_status.contains(response.status()) {
             self.tokens.upstream_accepted(&credential);
             return Ok(response);
         }
@@ -249,7 +250,7 @@ impl Proxy {
         exchange.token = Some(fresh.token.clone());
         let replayed = attempt.send(full_body(bytes), &fresh).await?;
         exchange.upstream_status = Some(replayed.status().as_u16());
-        if route.purge_on_status.contains(replayed.status()) {
+        if route.options.purge_on_status.contains(replayed.status()) {
             self.tokens.purge_refused(&credential, &fresh).await;
         } else {
             self.tokens.upstream_accepted(&credential);
@@ -284,7 +285,7 @@ fn outgoing(guards: &RequestGuards, route: &RouteSpec, parts: http::request::Par
         strip.push(required);
     }
     clean_request_headers(&mut headers, &strip);
-    for (name, value) in &route.headers {
+    for (name, value) in &route.options.headers {
         headers.insert(name.clone(), value.clone());
     }
     Outgoing {
@@ -311,11 +312,11 @@ impl Attempt<'_> {
         *request.uri_mut() = outgoing.uri.clone();
         *request.headers_mut() = outgoing.headers.clone();
         self.authorize(request.headers_mut(), token)?;
-        let response = match tokio::time::timeout(route.timeout, self.client.request(request)).await {
+        let response = match tokio::time::timeout(route.options.timeout, self.client.request(request)).await {
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout {
                     upstream: route.upstream.to_string(),
-                    timeout: route.timeout,
+                    timeout: route.options.timeout,
                 })
             }
             Ok(Err(err)) => {
@@ -354,7 +355,7 @@ impl Attempt<'_> {
     fn authorize(&self, headers: &mut HeaderMap, token: &CachedToken) -> Result<(), ProxyError> {
         let invalid = |_| ProxyError::Internal("token is not a valid header value".into());
         let Some(key) = self.credential.request.dpop.as_ref().filter(|_| token.dpop) else {
-            return inject_token(headers, &self.route.inject, &token.token).map_err(invalid);
+            return inject_token(headers, &self.route.options.inject, &token.token).map_err(invalid);
         };
         let uri = &self.outgoing.uri;
         let htu = format!("{}{}", self.origin(), uri.path());

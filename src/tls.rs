@@ -29,6 +29,21 @@ pub struct ClientIdentity {
     pub digest: String,
 }
 
+/// Two identities are the same when their certificate chains and keys are.
+impl PartialEq for ClientIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest == other.digest
+    }
+}
+
+impl Eq for ClientIdentity {}
+
+impl std::hash::Hash for ClientIdentity {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.digest.hash(state);
+    }
+}
+
 impl fmt::Debug for ClientIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ClientIdentity({}, sha256:{})", self.name, &self.digest[..12])

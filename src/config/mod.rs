@@ -178,8 +178,8 @@ pub struct CredentialSpec {
 
 /// Which requests get which credential and where they go.
 ///
-/// One is held per merchant, so it is kept compact: what routes usually share (the upstream)
-/// is shared, what they rarely have is boxed, nothing has spare capacity.
+/// One is held per merchant, so it is kept compact: what routes usually share (the upstream,
+/// the options) is shared, what they rarely have is boxed, nothing has spare capacity.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
     /// N in `routes[N]`: see [`RouteSpec::label`].
@@ -192,9 +192,17 @@ pub struct RouteSpec {
     pub path_prefix: Option<Box<str>>,
     /// One per distinct upstream URL in the config.
     pub upstream: Arc<Upstream>,
+    pub credential: CredentialChoice,
+    /// One per distinct set of options in the config.
+    pub options: Arc<RouteOptions>,
+}
+
+/// What a route does with a request besides choosing its upstream and credential: usually the
+/// same for all of a provider's merchants.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RouteOptions {
     /// Mutual TLS to the upstream.
     pub client_identity: Option<Arc<ClientIdentity>>,
-    pub credential: CredentialChoice,
     pub inject: Inject,
     pub headers: Box<[(HeaderName, HeaderValue)]>,
     pub timeout: Duration,
@@ -213,7 +221,7 @@ impl RouteSpec {
 
 /// A set of 4xx statuses, as bits: no allocation per route, one shift per lookup. (Two `u64`s,
 /// not a `u128`, whose 16-byte alignment would pad every route.)
-#[derive(Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct ClientErrorSet([u64; 2]);
 
 impl ClientErrorSet {
@@ -275,7 +283,7 @@ pub struct HeaderChoice {
 }
 
 /// How the token goes into the forwarded request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Inject {
     /// `Authorization: Bearer <token>`
     Bearer,
@@ -286,7 +294,7 @@ pub enum Inject {
 }
 
 /// A token injected into a header of the route's choice.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HeaderInject {
     pub name: HeaderName,
     pub prefix: String,

@@ -43,10 +43,16 @@ fn defaults_and_normalisation() {
     let route = &config.routes[0];
     assert_eq!(route.path_prefix.as_deref(), Some("/acme"));
     assert_eq!(route.upstream.base_path, "/v1");
-    assert_eq!(route.inject, Inject::Bearer);
-    assert!(route.purge_on_status.contains(http::StatusCode::UNAUTHORIZED));
-    assert!(!route.purge_on_status.contains(http::StatusCode::FORBIDDEN));
-    assert_eq!(route.replay_body_limit, 1024 * 1024);
+    assert_eq!(route.options.inject, Inject::Bearer);
+    assert!(route
+        .options
+        .purge_on_status
+        .contains(http::StatusCode::UNAUTHORIZED));
+    assert!(!route
+        .options
+        .purge_on_status
+        .contains(http::StatusCode::FORBIDDEN));
+    assert_eq!(route.options.replay_body_limit, 1024 * 1024);
 }
 
 #[test]
@@ -220,4 +226,32 @@ fn purge_statuses_are_a_set_of_client_errors_only() {
     assert!(!set.contains(http::StatusCode::FORBIDDEN));
     assert!(!set.contains(http::StatusCode::INTERNAL_SERVER_ERROR));
     assert_eq!(format!("{set:?}"), "{401, 499}");
+}
+
+#[test]
+fn routes_share_one_upstream_and_one_set_of_options_per_distinct_value() {
+    let text = format!(
+        "{PAYU}
+[[routes]]
+path_prefix = \"/beta\"
+upstream = \"https://api.example/v1\"
+credential = \"acme\"
+
+[[routes]]
+path_prefix = \"/gamma\"
+upstream = \"https://other.example/v1\"
+credential = \"acme\"
+timeout = \"5s\"
+"
+    );
+    let config = load(&text).unwrap();
+    let [acme, beta, gamma] = &config.routes[..] else {
+        panic!("three routes")
+    };
+    assert!(Arc::ptr_eq(&acme.upstream, &beta.upstream));
+    assert!(Arc::ptr_eq(&acme.options, &beta.options));
+    assert!(!Arc::ptr_eq(&acme.upstream, &gamma.upstream));
+    assert!(!Arc::ptr_eq(&acme.options, &gamma.options));
+    assert_eq!(gamma.options.timeout, Duration::from_secs(5));
+    assert_eq!(beta.label(), "routes[1]");
 }

@@ -3,7 +3,8 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::{
-    ClientErrorSet, CredentialChoice, CredentialSpec, Inject, ProviderKind, ProviderSpec, RouteSpec, Upstream,
+    ClientErrorSet, CredentialChoice, CredentialSpec, Inject, ProviderKind, ProviderSpec, RouteOptions,
+    RouteSpec, Upstream,
 };
 use crate::token::dialect::{BodyEncoding, ResponseSpec, TokenRequest};
 
@@ -47,13 +48,15 @@ fn route(name: &str, host: Option<&str>, prefix: Option<&str>) -> Arc<RouteSpec>
             authority: "h.test".parse().unwrap(),
             base_path: String::new(),
         }),
-        client_identity: None,
         credential: CredentialChoice::Fixed(credential()),
-        inject: Inject::Bearer,
-        headers: Box::new([]),
-        timeout: Duration::from_secs(1),
-        purge_on_status,
-        replay_body_limit: 1024,
+        options: Arc::new(RouteOptions {
+            client_identity: None,
+            inject: Inject::Bearer,
+            headers: Box::new([]),
+            timeout: Duration::from_secs(1),
+            purge_on_status,
+            replay_body_limit: 1024,
+        }),
     })
 }
 

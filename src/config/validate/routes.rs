@@ -1,7 +1,7 @@
 //! Validation of `[[routes]]`: matching (prefix, host), upstream, credential choice, injection
 //! and static headers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::*;
 
@@ -21,8 +21,10 @@ impl Validator {
         let mut routes: Vec<Arc<RouteSpec>> = Vec::new();
         // (host, path_prefix) → the index in `routes` of the route that has them.
         let mut matching: HashMap<Matching, usize> = HashMap::new();
-        // One `Upstream` per distinct upstream URL: 10,000 merchants usually share a few.
+        // One `Upstream` per distinct upstream URL, one `RouteOptions` per distinct set:
+        // 10,000 merchants usually share a few.
         let mut upstreams: HashMap<String, Arc<Upstream>> = HashMap::new();
+        let mut options: HashSet<Arc<RouteOptions>> = HashSet::new();
         for (index, raw_route) in raw.iter().enumerate() {
             let route_path = path.index(index);
             let Some(mut route) = self.route(&route_path, raw_route, credentials) else {
@@ -45,6 +47,13 @@ impl Validator {
                 .entry(route.upstream.to_string())
                 .or_insert_with(|| route.upstream.clone())
                 .clone();
+            route.options = match options.get(&route.options) {
+                Some(same) => same.clone(),
+                None => {
+                    options.insert(route.options.clone());
+                    route.options
+                }
+            };
             routes.push(Arc::new(route));
         }
         routes
@@ -98,13 +107,15 @@ impl Validator {
             host: host.map(String::into_boxed_str),
             path_prefix: path_prefix.map(String::into_boxed_str),
             upstream: Arc::new(upstream?),
-            client_identity,
             credential: credential?,
-            inject: inject?,
-            headers: headers?.into_boxed_slice(),
-            timeout,
-            purge_on_status: purge_on_status?,
-            replay_body_limit: raw.replay_body_limit.unwrap_or(DEFAULT_REPLAY_BODY_LIMIT),
+            options: Arc::new(RouteOptions {
+                client_identity,
+                inject: inject?,
+                headers: headers?.into_boxed_slice(),
+                timeout,
+                purge_on_status: purge_on_status?,
+                replay_body_limit: raw.replay_body_limit.unwrap_or(DEFAULT_REPLAY_BODY_LIMIT),
+            }),
         })
     }
 
