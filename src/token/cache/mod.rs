@@ -143,7 +143,8 @@ impl TokenCache {
         self.earliest_look_ms.store(0, Ordering::Release); // new identities want a look
         let new = self.registry.load();
         let mut applied = Applied::default();
-        for (name, state) in &new.by_name {
+        for state in new.by_name.values() {
+            let name = &state.spec.name;
             match old.by_name.get(name) {
                 Some(before) if before.spec.identity == state.spec.identity => {
                     applied.kept.push(name.clone())
@@ -151,9 +152,9 @@ impl TokenCache {
                 _ => applied.changed.push(name.clone()),
             }
         }
-        for (name, state) in &old.by_name {
-            if !new.by_name.contains_key(name) {
-                applied.removed.push(name.clone());
+        for state in old.by_name.values() {
+            if !new.by_name.contains_key(&state.spec.name) {
+                applied.removed.push(state.spec.name.clone());
             }
             if !new.by_identity.contains_key(&state.spec.identity) {
                 self.drop_token(state, &*old.source).await;

@@ -246,3 +246,18 @@ async fn the_refresher_looks_only_at_tokens_come_due_and_lets_idle_ones_lapse() 
     assert_eq!(source.calls.load(Ordering::SeqCst), 4);
     assert!(state(&idle).fetch.not_due(clock.now()));
 }
+
+#[test]
+fn credentials_are_found_by_name_and_listed_in_name_order() {
+    let states = ["merchant-b", "merchant-c", "merchant-a"]
+        .map(|name| Arc::new(CredentialState::new(credential(name, name), Arc::default())));
+    let by_name = registry::ByName::new(states.to_vec());
+    assert_eq!(by_name.len(), 3);
+    let listed: Vec<&str> = by_name.values().map(|state| &*state.spec.name).collect();
+    assert_eq!(listed, ["merchant-a", "merchant-b", "merchant-c"]);
+    for name in listed {
+        assert_eq!(&*by_name.get(name).unwrap().spec.name, name);
+    }
+    assert!(by_name.get("merchant").is_none());
+    assert!(!by_name.contains_key("merchant-d"));
+}
