@@ -84,7 +84,7 @@ fn basic_client_auth_form_encodes_before_base64() {
         .replace("\"acme-secret\"", "\"s&cret\"");
     let config = load(&text).unwrap();
     let request = &config.credentials[0].request;
-    assert!(request.fields.iter().all(|(name, _)| name != "client_secret"));
+    assert!(request.fields.iter().all(|(name, _)| &**name != "client_secret"));
     // base64("id%3Ax:s%26cret")
     assert_eq!(
         request.authorization.as_ref().unwrap().expose(),
@@ -254,4 +254,21 @@ timeout = \"5s\"
     assert!(!Arc::ptr_eq(&acme.options, &gamma.options));
     assert_eq!(gamma.options.timeout, Duration::from_secs(5));
     assert_eq!(beta.label(), "routes[1]");
+}
+
+#[test]
+fn credentials_share_the_field_names_and_values_their_dialect_fixes() {
+    let text = format!("{PAYU}\n[credentials.beta]\nprovider = \"payu\"\n");
+    let config = load(&text).unwrap();
+    let [acme, beta] = &config.credentials[..] else {
+        panic!("two credentials")
+    };
+    let (acme_name, acme_value) = &acme.request.fields[0];
+    let (beta_name, beta_value) = &beta.request.fields[0];
+    assert_eq!(&**acme_name, "grant_type");
+    assert!(Arc::ptr_eq(acme_name, beta_name));
+    let (BodyValue::Text(acme_value), BodyValue::Text(beta_value)) = (acme_value, beta_value) else {
+        panic!("grant types are text")
+    };
+    assert!(Arc::ptr_eq(acme_value, beta_value));
 }

@@ -9,8 +9,8 @@
 pub mod nuapay;
 pub mod oauth2;
 
-use std::borrow::Cow;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -35,18 +35,25 @@ pub enum TimeUnit {
     Millis,
 }
 
-/// A token request body field's name: the dialects' own are static, `params` names are not.
-pub type FieldName = Cow<'static, str>;
+/// A token request body field's name. The dialects' own are [`shared`], so 10,000
+/// credentials do not hold 10,000 copies.
+pub type FieldName = Arc<str>;
 
-/// One field of a token request body.
+/// One field of a token request body: 24 bytes, three of them per credential.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BodyValue {
-    /// Static where the dialect fixes it (`client_credentials`), so 10,000 credentials do not
-    /// hold 10,000 copies.
-    Text(Cow<'static, str>),
+    /// [`shared`] where the dialect fixes it (`client_credentials`).
+    Text(Arc<str>),
     Secret(Secret),
-    List(Vec<String>),
+    List(Box<[String]>),
     Number(u64),
+}
+
+/// One `Arc` of each name or value a dialect fixes, for every credential that sends it.
+pub fn shared(text: &'static str) -> Arc<str> {
+    static SHARED: LazyLock<Mutex<HashMap<&'static str, Arc<str>>>> = LazyLock::new(Mutex::default);
+    let mut shared = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
+    shared.entry(text).or_insert_with(|| text.into()).clone()
 }
 
 /// Everything needed to ask one token endpoint for one credential's token.
@@ -115,9 +122,9 @@ fn form_text(value: &BodyValue) -> String {
 
 fn json_value(value: &BodyValue) -> Value {
     match value {
-        BodyValue::Text(text) => Value::from(text.as_ref()),
+        BodyValue::Text(text) => Value::from(&**text),
         BodyValue::Secret(secret) => Value::from(secret.expose()),
-        BodyValue::List(items) => Value::from(items.clone()),
+        BodyValue::List(items) => Value::from(items.to_vec()),
         BodyValue::Number(number) => Value::from(*number),
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use super::{BodyEncoding, BodyValue, ResponseSpec, TimeUnit, TokenChars, TokenRequest};
+use super::{shared, BodyEncoding, BodyValue, ResponseSpec, TimeUnit, TokenChars, TokenRequest};
 use crate::secret::Secret;
 
 /// The `expiresIn` Nuapay accepts: 10 seconds up to one year.
@@ -33,9 +33,9 @@ impl OrganisationToken {
         let mut url = self.base_url;
         let base_path = url.path().trim_end_matches('/').to_owned();
         url.set_path(&format!("{base_path}/organisations/{}/tokens", self.organisation));
-        let mut fields = vec![("scopes".into(), BodyValue::List(self.scopes))];
+        let mut fields = vec![(shared("scopes"), BodyValue::List(self.scopes.into()))];
         if let Some(expires_in) = self.expires_in {
-            fields.push(("expiresIn".into(), BodyValue::Number(expires_in.as_secs())));
+            fields.push((shared("expiresIn"), BodyValue::Number(expires_in.as_secs())));
         }
         TokenRequest {
             url: Arc::new(url),

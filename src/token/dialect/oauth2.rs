@@ -5,7 +5,7 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use super::{BodyEncoding, BodyValue, ResponseSpec, TokenChars, TokenRequest};
+use super::{shared, BodyEncoding, BodyValue, ResponseSpec, TokenChars, TokenRequest};
 use crate::secret::Secret;
 use std::sync::Arc;
 
@@ -67,7 +67,10 @@ impl OAuth2Client {
         let mut request = TokenRequest {
             url: self.url,
             encoding: self.encoding,
-            fields: vec![("grant_type".into(), BodyValue::Text("client_credentials".into()))],
+            fields: vec![(
+                shared("grant_type"),
+                BodyValue::Text(shared("client_credentials")),
+            )],
             authorization: None,
             secrets: Vec::new(),
             assertion: None,
@@ -77,7 +80,7 @@ impl OAuth2Client {
         if !self.scopes.is_empty() {
             request
                 .fields
-                .push(("scope".into(), BodyValue::Text(self.scopes.join(" ").into())));
+                .push((shared("scope"), BodyValue::Text(self.scopes.join(" ").into())));
         }
         for (name, value) in self.params {
             request.fields.push((name.into(), BodyValue::Text(value.into())));
@@ -97,10 +100,10 @@ impl ClientAuth {
                 request.secrets.push(secret.clone());
                 request
                     .fields
-                    .push(("client_id".into(), BodyValue::Text(client_id.into())));
+                    .push((shared("client_id"), BodyValue::Text(client_id.into())));
                 request
                     .fields
-                    .push(("client_secret".into(), BodyValue::Secret(secret)));
+                    .push((shared("client_secret"), BodyValue::Secret(secret)));
             }
             Self::Basic { secret } => {
                 let user = form_encode(&client_id);
@@ -122,18 +125,18 @@ impl ClientAuth {
                 request.secrets.push(secret);
                 request
                     .fields
-                    .push(("client_id".into(), BodyValue::Text(client_id.into())));
+                    .push((shared("client_id"), BodyValue::Text(client_id.into())));
             }
             Self::PrivateKeyJwt(assertion) => {
                 request.assertion = Some(Box::new(assertion));
                 request
                     .fields
-                    .push(("client_id".into(), BodyValue::Text(client_id.into())));
+                    .push((shared("client_id"), BodyValue::Text(client_id.into())));
             }
             Self::TlsClientAuth => {
                 request
                     .fields
-                    .push(("client_id".into(), BodyValue::Text(client_id.into())));
+                    .push((shared("client_id"), BodyValue::Text(client_id.into())));
             }
         }
     }

@@ -163,7 +163,7 @@ fn form_body_joins_lists_with_spaces_and_json_keeps_them() {
             ("client_secret".into(), BodyValue::Secret(Secret::new("s&cret"))),
             (
                 "scope".into(),
-                BodyValue::List(vec!["create_payment_links".into(), "read_payment_links".into()]),
+                BodyValue::List(["create_payment_links".into(), "read_payment_links".into()].into()),
             ),
         ],
         authorization: None,
@@ -179,7 +179,10 @@ fn form_body_joins_lists_with_spaces_and_json_keeps_them() {
     );
     request.encoding = BodyEncoding::Json;
     request.fields = vec![
-        ("scopes".into(), BodyValue::List(vec!["openbanking_pisp".into()])),
+        (
+            "scopes".into(),
+            BodyValue::List(["openbanking_pisp".into()].into()),
+        ),
         ("expiresIn".into(), BodyValue::Number(360)),
     ];
     let (content_type, body) = request.encode_body(SystemTime::now()).unwrap();
