@@ -46,16 +46,19 @@ impl fmt::Display for Secret {
 #[derive(Clone)]
 pub struct AccessToken {
     value: Arc<str>,
-    /// [`fingerprint`]'s 12 hex characters.
-    fingerprint: [u8; 12],
+    fingerprint: Fingerprint,
 }
 
 impl AccessToken {
     pub fn new(value: impl Into<Arc<str>>) -> Self {
         let value = value.into();
-        let mut fingerprint = [0; 12];
-        fingerprint.copy_from_slice(self::fingerprint(&value).as_bytes());
-        Self { value, fingerprint }
+        let digest = Sha256::digest(value.as_bytes());
+        let mut first = [0; 6];
+        first.copy_from_slice(&digest[..6]);
+        Self {
+            value,
+            fingerprint: Fingerprint(first),
+        }
     }
 
     /// The token itself; call only where it is injected into a request.
@@ -63,9 +66,18 @@ impl AccessToken {
         &self.value
     }
 
-    pub fn fingerprint(&self) -> &str {
-        // Hex digits: always UTF-8.
-        std::str::from_utf8(&self.fingerprint).unwrap_or_default()
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+}
+
+/// A token's [`fingerprint`], held as its 6 bytes and shown as its 12 hex characters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint([u8; 6]);
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
     }
 }
 
@@ -79,13 +91,13 @@ impl Eq for AccessToken {}
 
 impl fmt::Debug for AccessToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AccessToken(sha256:{})", self.fingerprint())
+        write!(f, "AccessToken(sha256:{})", self.fingerprint)
     }
 }
 
 impl fmt::Display for AccessToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.fingerprint())
+        write!(f, "sha256:{}", self.fingerprint)
     }
 }
 
@@ -144,5 +156,6 @@ mod tests {
     fn fingerprint_is_twelve_hex_chars_of_sha256() {
         // sha256("abc") = ba7816bf8f01cfea...
         assert_eq!(fingerprint("abc"), "ba7816bf8f01");
+        assert_eq!(AccessToken::new("abc").fingerprint().to_string(), "ba7816bf8f01");
     }
 }

@@ -3,6 +3,7 @@
 //! and the whole duration. The path is logged without its query (queries carry personal
 //! data); the token only as its fingerprint.
 
+use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
@@ -35,6 +36,18 @@ pub struct Exchange {
     pub error: Option<&'static str>,
     /// The request body's bytes (and fault), shared with the body as it streams.
     pub body: Arc<BodyRecord>,
+}
+
+/// The sent token's fingerprint in the access log, `-` when none was sent.
+struct TokenFingerprint<'a>(Option<&'a AccessToken>);
+
+impl fmt::Display for TokenFingerprint<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(token) => token.fingerprint().fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 impl Exchange {
@@ -70,7 +83,7 @@ impl Exchange {
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             bytes_in = self.body.bytes(),
             bytes_out,
-            token = self.token.as_ref().map_or("-", AccessToken::fingerprint),
+            token = %TokenFingerprint(self.token.as_ref()),
             replayed = self.replayed,
             error = self.error.unwrap_or("-"),
             "request"

@@ -125,7 +125,7 @@ impl TokenCache {
         Ok(CachedToken {
             token: issued.token,
             schedule,
-            obtained_at,
+            obtained_at_ms: crate::clock::unix_millis(obtained_at),
             token_id: issued.token_id.map(String::into_boxed_str),
             dpop: issued.dpop,
             generation: 0,
@@ -143,11 +143,7 @@ impl TokenCache {
         token.generation = status.successes;
         drop(status);
         self.look_again(state, Some(token.schedule.refresh_at));
-        let lifetime = token
-            .schedule
-            .expires_at
-            .duration_since(token.obtained_at)
-            .unwrap_or_default();
+        let lifetime = token.lifetime();
         tracing::info!(
             credential = %credential,
             token = %token.token,

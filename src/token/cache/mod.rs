@@ -56,14 +56,26 @@ pub use report::TokenSnapshot;
 pub struct CachedToken {
     pub token: AccessToken,
     pub schedule: Schedule,
-    /// When the provider issued it, on our clock (when we asked for it).
-    pub obtained_at: SystemTime,
+    /// When the provider issued it, on our clock (when we asked for it), in Unix ms: see
+    /// [`CachedToken::lifetime`].
+    pub obtained_at_ms: u64,
     /// The provider's id for the token, where it gives one (Nuapay), for revocation.
     pub token_id: Option<Box<str>>,
     /// Bound to the credential's DPoP key: sent as `Authorization: DPoP` with a proof.
     pub dpop: bool,
     /// This credential's successful fetches when it was stored: a later token has a higher one.
     pub generation: u64,
+}
+
+impl CachedToken {
+    /// From when it was issued until it expires.
+    pub fn lifetime(&self) -> Duration {
+        let obtained_at = crate::clock::from_unix_millis(self.obtained_at_ms);
+        self.schedule
+            .expires_at
+            .duration_since(obtained_at)
+            .unwrap_or_default()
+    }
 }
 
 /// Why the request path got no token.

@@ -78,11 +78,7 @@ impl TokenCache {
                 }
                 continue;
             };
-            let lifetime = cached
-                .schedule
-                .expires_at
-                .duration_since(cached.obtained_at)
-                .unwrap_or_default();
+            let lifetime = cached.lifetime();
             let keep_warm = state.spec.prefetch || state.fetch.recently_used(now, lifetime);
             if cached.schedule.freshness(now) == Freshness::Fresh {
                 self.look_again(state, Some(cached.schedule.refresh_at));

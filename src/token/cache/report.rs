@@ -95,7 +95,7 @@ impl TokenCache {
             expires_in_ms: cached
                 .as_ref()
                 .map(|c| signed_millis_until(c.schedule.expires_at, now)),
-            fingerprint: cached.as_ref().map(|c| c.token.fingerprint().to_owned()),
+            fingerprint: cached.as_ref().map(|c| c.token.fingerprint().to_string()),
             fetches: status.successes,
             attempts: status.attempts,
             last_error: status
