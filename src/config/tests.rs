@@ -272,3 +272,11 @@ fn credentials_share_the_field_names_and_values_their_dialect_fixes() {
     };
     assert!(Arc::ptr_eq(acme_value, beta_value));
 }
+
+#[test]
+fn a_deeply_nested_value_is_a_problem_not_a_crash() {
+    let depth = 5000;
+    let text = format!("{PAYU}\nx = {}{}\n", "[".repeat(depth), "]".repeat(depth));
+    let found = problems(&text);
+    assert!(found.iter().any(|p| p.contains("recursion limit")), "{found:?}");
+}

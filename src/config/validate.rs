@@ -48,20 +48,35 @@ const RESERVED_HEADERS: &[&str] = &[
     "content-length",
 ];
 
+/// The source map and the parsed raw config, parsed on a thread of its own: the TOML document
+/// (some 25 times the file) and the raw values fill that thread's pages, which go back whole
+/// when they are dropped instead of sharing pages with the validated config that stays. On
+/// this thread if no thread can be started.
+fn parse_apart(source: &str) -> (SourceMap, (Option<RawConfig>, Vec<Problem>)) {
+    let parse_here = || {
+        let map = SourceMap::new(source);
+        let parsed = parse(source, &map);
+        (map, parsed)
+    };
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("config-parse".into())
+            .stack_size(PARSE_STACK)
+            .spawn_scoped(scope, parse_here);
+        match thread {
+            Ok(thread) => thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Err(_) => parse_here(),
+        }
+    })
+}
+
+/// The main thread's usual stack: the parser recurses into nested tables and arrays.
+const PARSE_STACK: usize = 8 << 20;
+
 pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Problem>> {
-    // Parsed on a thread of its own: the TOML document (some 25 times the file) and the raw
-    // values fill that thread's pages, which go back whole when they are dropped instead of
-    // sharing pages with the validated config that stays.
-    let (map, (raw, shape_problems)) = std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let map = SourceMap::new(source);
-                let parsed = parse(source, &map);
-                (map, parsed)
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    });
+    let (map, (raw, shape_problems)) = parse_apart(source);
     let mut v = Validator {
         map,
         identities: BTreeMap::new(),
