@@ -26,7 +26,7 @@
 //! admin, reload), [`error`] (the sidecar's JSON errors), [`probe`] (the image's health check),
 //! [`dev`] (the self-contained demo and the test doubles it shares with the tests), [`allocator`]
 //! (the binary's mimalloc: no transparent huge pages, freed pages given back at once while loading
-//! and after a burst of token fetches).
+//! and after a burst of token fetches), [`sync`] (the one lock helper: a panic does not poison).
 
 pub mod admin;
 pub mod allocator;
@@ -43,5 +43,6 @@ pub mod reload;
 pub mod route;
 pub mod secret;
 pub mod server;
+pub mod sync;
 pub mod tls;
 pub mod token;

@@ -145,8 +145,6 @@ impl IssuedTokens {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Issued>> {
-        self.tokens
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.tokens)
     }
 }

@@ -27,6 +27,7 @@ use super::issued::{IssuedTokens, TokenForm};
 use crate::clock::unix_millis;
 use crate::error::{full_body, ProxyBody};
 use crate::server::Handler;
+use crate::sync::lock;
 
 /// The four token endpoint shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -539,8 +540,4 @@ pub(crate) fn json_response(status: StatusCode, value: Value) -> Response<ProxyB
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

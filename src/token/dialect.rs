@@ -10,7 +10,7 @@ pub mod nuapay;
 pub mod oauth2;
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -52,7 +52,7 @@ pub enum BodyValue {
 /// One `Arc` of each name or value a dialect fixes, for every credential that sends it.
 pub fn shared(text: &'static str) -> Arc<str> {
     static SHARED: LazyLock<Mutex<HashMap<&'static str, Arc<str>>>> = LazyLock::new(Mutex::default);
-    let mut shared = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut shared = crate::sync::lock(&SHARED);
     shared.entry(text).or_insert_with(|| text.into()).clone()
 }
 

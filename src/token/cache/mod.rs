@@ -29,7 +29,7 @@ mod report;
 mod tests;
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -46,6 +46,7 @@ use crate::metrics::Metrics;
 use crate::secret::AccessToken;
 use registry::{CredentialState, Registry};
 
+use crate::sync::lock;
 use backoff::doubling;
 pub use backoff::{backoff, retry_gap};
 pub use registry::Applied;
@@ -350,8 +351,4 @@ pub(super) fn satisfies(cached: &CachedToken, want: Want, now: SystemTime) -> bo
         Want::Fresh => cached.schedule.freshness(now) == Freshness::Fresh,
         Want::NewerThan(generation) => cached.generation > generation,
     }
-}
-
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
