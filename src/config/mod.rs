@@ -254,7 +254,7 @@ impl fmt::Debug for ClientErrorSet {
 }
 
 /// Where a route forwards to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Upstream {
     pub scheme: Scheme,
     pub authority: Authority,

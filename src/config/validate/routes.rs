@@ -23,7 +23,7 @@ impl Validator {
         let mut matching: HashMap<Matching, usize> = HashMap::new();
         // One `Upstream` per distinct upstream URL, one `RouteOptions` per distinct set:
         // 10,000 merchants usually share a few.
-        let mut upstreams: HashMap<String, Arc<Upstream>> = HashMap::new();
+        let mut upstreams: HashSet<Arc<Upstream>> = HashSet::new();
         let mut options: HashSet<Arc<RouteOptions>> = HashSet::new();
         for (index, raw_route) in raw.iter().enumerate() {
             let route_path = path.index(index);
@@ -43,17 +43,8 @@ impl Validator {
             }
             matching.insert(key, routes.len());
             route.index = index as u32;
-            route.upstream = upstreams
-                .entry(route.upstream.to_string())
-                .or_insert_with(|| route.upstream.clone())
-                .clone();
-            route.options = match options.get(&route.options) {
-                Some(same) => same.clone(),
-                None => {
-                    options.insert(route.options.clone());
-                    route.options
-                }
-            };
+            route.upstream = intern(&mut upstreams, route.upstream);
+            route.options = intern(&mut options, route.options);
             routes.push(Arc::new(route));
         }
         routes
@@ -370,6 +361,17 @@ impl Validator {
                 self.problem(path, format!("`{name}` is not a valid header name"));
                 None
             }
+        }
+    }
+}
+
+/// The `Arc` in `seen` equal to `value`, or `value`, now in `seen`.
+fn intern<T: Eq + std::hash::Hash>(seen: &mut HashSet<Arc<T>>, value: Arc<T>) -> Arc<T> {
+    match seen.get(&value) {
+        Some(same) => same.clone(),
+        None => {
+            seen.insert(value.clone());
+            value
         }
     }
 }
