@@ -47,8 +47,6 @@ pub struct Activity {
     idle_since_ms: AtomicU64,
     /// Bytes arrived while no request was in flight: the start of the next request (or garbage).
     unclaimed_bytes: AtomicBool,
-    /// Wakes the watchdog when a request finishes, so an idle deadline is counted from then.
-    finished: Notify,
 }
 
 impl Activity {
@@ -59,7 +57,6 @@ impl Activity {
             served: AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
             unclaimed_bytes: AtomicBool::new(false),
-            finished: Notify::new(),
         })
     }
 
@@ -77,6 +74,9 @@ impl Activity {
     }
 
     /// When the watchdog must next look, or `None` if the connection has been idle too long.
+    /// While a request is in flight that is no later than the idle deadline its end can start,
+    /// so finished requests need not wake the watchdog: it looks again then and counts from
+    /// when the connection became idle.
     fn next_check(&self, limits: &ConnectionLimits, at_cap: bool) -> Option<Instant> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return Some(Instant::now() + limits.idle_timeout.min(limits.header_read_timeout));
@@ -104,7 +104,6 @@ impl Drop for InFlight {
         let idle_ms = activity.started.elapsed().as_millis() as u64;
         activity.idle_since_ms.store(idle_ms, Ordering::Release);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
-        activity.finished.notify_one();
     }
 }
 
@@ -169,34 +168,34 @@ where
     let io = TokioIo::new(ConnIo::new(io, activity.clone()));
     let connection = shared.builder.serve_connection(io, service);
     tokio::pin!(connection);
-    let mut closing: Option<Instant> = None;
+    // One timer for the connection's life, moved as its deadline moves: requests do not touch
+    // it. Once the connection is closing, it is the end of the grace.
+    let mut closing = false;
+    let watchdog = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(watchdog);
     let result = loop {
-        let at_cap = (shared.at_cap)();
-        let check = match closing {
-            Some(deadline) => deadline,
-            None => match activity.next_check(&shared.limits, at_cap) {
-                Some(at) => at,
-                None => {
-                    tracing::debug!("closing a connection that made no progress");
-                    connection.as_mut().graceful_shutdown();
-                    let deadline = Instant::now() + CLOSE_GRACE;
-                    closing = Some(deadline);
-                    deadline
-                }
-            },
-        };
         tokio::select! {
             result = connection.as_mut() => break result,
-            _ = tokio::time::sleep_until(check) => {
-                if closing.is_some() {
+            _ = watchdog.as_mut() => {
+                if closing {
                     break Ok(()); // the grace ran out: drop the connection
                 }
+                let next = match activity.next_check(&shared.limits, (shared.at_cap)()) {
+                    Some(at) => at,
+                    None => {
+                        tracing::debug!("closing a connection that made no progress");
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                        Instant::now() + CLOSE_GRACE
+                    }
+                };
+                watchdog.as_mut().reset(next);
             }
-            _ = shared.pressure.notified(), if closing.is_none() => {}
-            _ = activity.finished.notified(), if closing.is_none() => {}
-            _ = shutdown.changed(), if closing.is_none() => {
+            _ = shared.pressure.notified(), if !closing => watchdog.as_mut().reset(Instant::now()),
+            _ = shutdown.changed(), if !closing => {
                 connection.as_mut().graceful_shutdown();
-                closing = Some(Instant::now() + super::SHUTDOWN_GRACE);
+                closing = true;
+                watchdog.as_mut().reset(Instant::now() + super::SHUTDOWN_GRACE);
             }
         }
     };
