@@ -128,7 +128,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Prepares a client's headers for the upstream: no hop-by-hop headers, no client credentials
-/// (`Authorization`), no `Host` (the client sets the upstream's), nothing in `strip`.
+/// (`Authorization`), no `Host` (the upstream gets its own), nothing in `strip`.
 pub fn clean_request_headers(headers: &mut HeaderMap, strip: &[&HeaderName]) {
     remove_hop_by_hop(headers);
     headers.remove(header::AUTHORIZATION);
@@ -183,11 +183,12 @@ mod tests {
     use super::*;
 
     fn upstream(base_path: &str) -> Upstream {
-        Upstream {
-            scheme: http::uri::Scheme::HTTPS,
-            authority: "h.test:8443".parse().unwrap(),
-            base_path: base_path.into(),
-        }
+        Upstream::new(
+            http::uri::Scheme::HTTPS,
+            "h.test:8443".parse().unwrap(),
+            base_path.into(),
+        )
+        .unwrap()
     }
 
     #[test]

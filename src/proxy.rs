@@ -273,8 +273,8 @@ fn check(guards: &RequestGuards, request: &Request<Incoming>) -> Result<Option<S
 }
 
 /// What goes upstream besides the body: the client's headers cleaned (hop-by-hop, its own
-/// credentials, the credential selector and the sidecar's gate header removed) plus the
-/// route's static headers. The token is added per attempt, in [`send`].
+/// credentials, the credential selector and the sidecar's gate header removed), the upstream's
+/// `Host`, and the route's static headers. The token is added per attempt, in [`send`].
 fn outgoing(guards: &RequestGuards, route: &RouteSpec, parts: http::request::Parts, uri: Uri) -> Outgoing {
     let mut headers = parts.headers;
     let mut strip: Vec<&HeaderName> = match &route.credential {
@@ -285,6 +285,7 @@ fn outgoing(guards: &RequestGuards, route: &RouteSpec, parts: http::request::Par
         strip.push(required);
     }
     clean_request_headers(&mut headers, &strip);
+    headers.insert(http::header::HOST, route.upstream.host.clone());
     for (name, value) in &route.options.headers {
         headers.insert(name.clone(), value.clone());
     }

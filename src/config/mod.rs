@@ -260,6 +260,25 @@ pub struct Upstream {
     pub authority: Authority,
     /// The upstream URL's path without trailing slash (`""` for none).
     pub base_path: String,
+    /// The `Host` an HTTP/1 request to it carries: its authority (the URL's, so without the
+    /// scheme's default port), made once rather than by the client per request.
+    pub host: HeaderValue,
+}
+
+impl Upstream {
+    pub fn new(
+        scheme: Scheme,
+        authority: Authority,
+        base_path: String,
+    ) -> Result<Self, http::header::InvalidHeaderValue> {
+        let host = HeaderValue::from_str(authority.as_str())?;
+        Ok(Self {
+            scheme,
+            authority,
+            base_path,
+            host,
+        })
+    }
 }
 
 impl fmt::Display for Upstream {

@@ -43,11 +43,9 @@ fn route(name: &str, host: Option<&str>, prefix: Option<&str>) -> Arc<RouteSpec>
         name: name.into(),
         host: host.map(Into::into),
         path_prefix: prefix.map(Into::into),
-        upstream: Arc::new(Upstream {
-            scheme: http::uri::Scheme::HTTPS,
-            authority: "h.test".parse().unwrap(),
-            base_path: String::new(),
-        }),
+        upstream: Arc::new(
+            Upstream::new(http::uri::Scheme::HTTPS, "h.test".parse().unwrap(), String::new()).unwrap(),
+        ),
         credential: CredentialChoice::Fixed(credential()),
         options: Arc::new(RouteOptions {
             client_identity: None,

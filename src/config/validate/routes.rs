@@ -166,20 +166,17 @@ impl Validator {
         let authority = url[url::Position::BeforeHost..url::Position::AfterPort]
             .parse()
             .ok();
-        let Some(authority) = authority else {
-            self.problem(path, "upstream host is not valid");
-            return None;
-        };
         let scheme = if url.scheme() == "https" {
             http::uri::Scheme::HTTPS
         } else {
             http::uri::Scheme::HTTP
         };
-        Some(Upstream {
-            scheme,
-            authority,
-            base_path: url.path().trim_end_matches('/').to_owned(),
-        })
+        let base_path = url.path().trim_end_matches('/').to_owned();
+        let upstream = authority.and_then(|authority| Upstream::new(scheme, authority, base_path).ok());
+        if upstream.is_none() {
+            self.problem(path, "upstream host is not valid");
+        }
+        upstream
     }
 
     pub(super) fn credential_choice(
