@@ -5,7 +5,7 @@
 
 pub mod target;
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use crate::config::RouteSpec;

@@ -109,7 +109,7 @@ pub(super) enum Want {
 
 pub struct TokenCache {
     /// Tokens by credential identity.
-    store: Cache<Identity, Arc<CachedToken>>,
+    store: Cache<Identity, Arc<CachedToken>, foldhash::fast::RandomState>,
     registry: ArcSwap<Registry>,
     fetch_permits: tokio::sync::Semaphore,
     background: refresher::BackgroundQueue,
@@ -130,7 +130,7 @@ impl TokenCache {
         metrics: Metrics,
     ) -> Arc<Self> {
         Arc::new(Self {
-            store: Cache::builder().build(),
+            store: Cache::builder().build_with_hasher(foldhash::fast::RandomState::default()),
             registry: ArcSwap::from_pointee(Registry::new(credentials, source, None)),
             fetch_permits: tokio::sync::Semaphore::new(settings.max_concurrent_fetches.max(1)),
             background: refresher::BackgroundQueue::default(),

@@ -1,7 +1,7 @@
 //! The configured credentials, by name and by identity, and what the cache knows of fetching
 //! each identity's tokens: replaced whole by a reload, keeping the state of unchanged identities.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -113,7 +113,7 @@ impl Registry {
         old: Option<&Registry>,
     ) -> Self {
         let mut by_name = Vec::with_capacity(credentials.len());
-        let mut by_identity: HashMap<Identity, Arc<CredentialState>> = HashMap::new();
+        let mut by_identity: HashMap<Identity, Arc<CredentialState>> = HashMap::default();
         for spec in credentials {
             let fetch = by_identity
                 .get(&spec.identity)
