@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
 use http::Uri;
 use hyper_rustls::HttpsConnector;
@@ -145,21 +146,30 @@ pub fn inject_token(
     inject: &Inject,
     token: &AccessToken,
 ) -> Result<(), InvalidHeaderValue> {
-    let (name, value) = match inject {
-        Inject::Bearer => (header::AUTHORIZATION, format!("Bearer {}", token.expose())),
+    let token = token.expose();
+    let (name, mut value) = match inject {
+        Inject::Bearer => (header::AUTHORIZATION, joined(&["Bearer ", token, ""])?),
         Inject::BasicUsername => (
             header::AUTHORIZATION,
-            format!("Basic {}", STANDARD.encode(format!("{}:", token.expose()))),
+            joined(&["Basic ", &STANDARD.encode(format!("{token}:")), ""])?,
         ),
         Inject::Header(header) => (
             header.name.clone(),
-            format!("{}{}{}", header.prefix, token.expose(), header.suffix),
+            joined(&[&header.prefix, token, &header.suffix])?,
         ),
     };
-    let mut value = HeaderValue::from_str(&value)?;
     value.set_sensitive(true);
     headers.insert(name, value);
     Ok(())
+}
+
+/// A header value of `parts` in a row, checked once and not copied again.
+fn joined(parts: &[&str; 3]) -> Result<HeaderValue, InvalidHeaderValue> {
+    let mut bytes = BytesMut::with_capacity(parts.iter().map(|part| part.len()).sum());
+    for part in parts {
+        bytes.extend_from_slice(part.as_bytes());
+    }
+    HeaderValue::from_maybe_shared(bytes.freeze())
 }
 
 /// Puts a DPoP-bound token in (`Authorization: DPoP`, RFC 9449 §7.1) with its `proof`, both
