@@ -18,10 +18,15 @@ sidecar holding them all spends idle (the refresher's rounds); throughput to
 the last of 10/1k/10k routes; `check` and start-up time of 10k routes; a cold
 burst of 1,000 concurrent requests over 100 cold credentials (token fetches counted).
 
+Instructions: the user-space instructions nginx and the sidecar spend per request of the
+plain-upstream job, each under valgrind's callgrind: a figure that does not move with the
+machine's noise, for comparing two commits or the two proxies' own code.
+
 Output: a Markdown table on stdout, and raw JSON plus the table in bench/results/.
 """
 import concurrent.futures
 import datetime
+import glob
 import http.client
 import json
 import os
@@ -298,6 +303,55 @@ def latency(work, rates, seconds):
     return rows
 
 
+def callgrind_instructions(work, command, port, path, env=None):
+    """User-space instructions per request of `command`, a proxy listening on `port`, under
+    callgrind: counted over a keep-alive load after a warm-up (token, connections), so start-up
+    and the warm-up are not in it. Unlike time, this does not move with the machine's noise."""
+    out = f"{work.dir}/callgrind-{port}"
+    child = subprocess.Popen(["taskset", "-c", PROXY_CORE, "valgrind", "--tool=callgrind",
+                              f"--callgrind-out-file={out}.%p", *command],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    work.children.append(child)
+    try:
+        wait_for(port, path, seconds=120)
+        url = f"http://127.0.0.1:{port}{path}"
+        wrk(url, 2, connections=8)
+        subprocess.run(["callgrind_control", "-z", str(child.pid)], check=True, capture_output=True)
+        run = wrk(url, 4, connections=8)
+        subprocess.run(["callgrind_control", "-d", str(child.pid)], check=True, capture_output=True)
+        total = 0
+        for dump in glob.glob(f"{out}.{child.pid}.*"):  # the dump after zeroing, per thread
+            with open(dump) as f:
+                total += int(re.search(r"^summary: *(\d+)", f.read(), re.M).group(1))
+        return {"requests": run["requests"], "instructions_per_request": total / run["requests"]}
+    finally:
+        child.kill()
+        child.wait()
+
+
+def instructions(work):
+    """nginx and the sidecar doing the plain-upstream job, each under callgrind."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        return {"skipped": "valgrind is not installed (bench/run.sh installs it)"}
+    port = free_port()
+    prefix = f"{work.dir}/nginx-callgrind"
+    os.makedirs(prefix)
+    conf = work.proxy_conf().replace(f"{work.dir}/proxy", prefix)
+    conf = conf.replace(f"listen 127.0.0.1:{work.nginx_plain};", f"listen 127.0.0.1:{port};")
+    conf = conf.replace(f"listen 127.0.0.1:{work.nginx_tls};", f"listen 127.0.0.1:{free_port()};")
+    with open(f"{prefix}/nginx.conf", "w") as f:
+        f.write(conf)
+    nginx = callgrind_instructions(work, [NGINX, "-p", prefix, "-c", f"{prefix}/nginx.conf",
+                                          "-g", "daemon off; master_process off;"], port, "/api/p")
+    sidecar_port, admin = free_port(), free_port()
+    config = f"{work.dir}/sidecar-callgrind.toml"
+    with open(config, "w") as f:
+        f.write(work.config().replace("LISTEN", f"127.0.0.1:{sidecar_port}").replace("ADMIN", f"127.0.0.1:{admin}"))
+    sidecar = callgrind_instructions(work, [BINARY, "run", "--config", config], sidecar_port, "/plain/p",
+                                     env=dict(os.environ, TOKEN_SIDECAR_LOG="warn"))
+    return {"nginx plain": nginx, "sidecar plain": sidecar}
+
+
 def latency_svg(rows, path):
     """Latency by percentile (log-spaced: 50, 90, 99, 99.9) at the highest rate, one line per job."""
     width, height, left, bottom = 640, 400, 60, 50
@@ -402,6 +456,8 @@ def table(r):
         throughput_table(r["throughput"], out)
     if "latency" in r:
         latency_table(r["latency"], out)
+    if "instructions" in r:
+        instructions_table(r["instructions"], out)
     if "memory" in r:
         memory_table(r["memory"], out)
     if "routing" in r:
@@ -447,6 +503,18 @@ def latency_table(rows, out):
                        f"{row['p99_ms']:.2f} | {row['p99.9_ms']:.2f} |")
 
 
+def instructions_table(rows, out):
+    if "skipped" in rows:
+        out.append(f"\ninstructions per request: skipped ({rows['skipped']})")
+        return
+    table_header(out, "job (under callgrind)", "requests", "user-space instructions per request", gap=True)
+    for name, row in rows.items():
+        out.append(f"| {name} | {row['requests']} | {row['instructions_per_request']:.0f} |")
+    ratio = rows["sidecar plain"]["instructions_per_request"] / rows["nginx plain"]["instructions_per_request"]
+    out.append(f"\nsidecar/nginx user-space instructions per request: **{ratio:.2f}×** (the kernel's half of the "
+               "CPU is not counted: see CPU-s per 10k above)")
+
+
 def memory_table(rows, out):
     table_header(out, "credentials", "RSS configured MB", "RSS all tokens cached MB", "idle CPU, % of a core", gap=True)
     for row in rows:
@@ -486,6 +554,7 @@ def main():
             "check": lambda: check_time(work),
             "cold_burst": lambda: cold_burst(work),
             "memory": lambda: memory(work, mode["creds"]),
+            "instructions": lambda: instructions(work),
         }
         wanted = sys.argv[2:] or list(sections)
         for name in wanted:

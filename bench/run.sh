@@ -12,8 +12,8 @@ MODE=${1:-quick}
 case "$MODE" in quick|full) ;; *) echo "usage: bench/run.sh [quick|full]" >&2; exit 2 ;; esac
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx && [ ! -x /usr/sbin/nginx ] || ! need wrk || ! need openssl || ! need taskset; then
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx-light wrk openssl util-linux >/dev/null
+if ! need nginx && [ ! -x /usr/sbin/nginx ] || ! need wrk || ! need openssl || ! need taskset || ! need valgrind; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx-light wrk openssl util-linux valgrind >/dev/null
 fi
 export PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
 # Open-loop latency with coordinated-omission correction: oha (not packaged in Debian).
