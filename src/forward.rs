@@ -20,7 +20,7 @@ use rustls::pki_types::CertificateDer;
 
 use crate::config::{Egress, Inject, RouteSpec, Upstream};
 use crate::error::ProxyBody;
-use crate::route::join_path;
+use crate::route::push_path;
 use crate::secret::AccessToken;
 use crate::tls::TlsError;
 use crate::token::dpop;
@@ -78,11 +78,13 @@ pub fn identity_clients(
 
 /// `upstream` + the path after the route's prefix + the original query.
 pub fn upstream_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-    let path = join_path(&upstream.base_path, rest);
-    let path_and_query = match query {
-        Some(query) => format!("{path}?{query}"),
-        None => path,
-    };
+    let mut path_and_query =
+        String::with_capacity(upstream.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
+    push_path(&mut path_and_query, &upstream.base_path, rest);
+    if let Some(query) = query {
+        path_and_query.push('?');
+        path_and_query.push_str(query);
+    }
     Uri::builder()
         .scheme(upstream.scheme.clone())
         .authority(upstream.authority.clone())
@@ -106,12 +108,8 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// Removes hop-by-hop headers, including any that `Connection` names. Only the names present
 /// are removed, and `Connection`'s own options (`close`, `keep-alive`) are no header to look for.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let present: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| HOP_BY_HOP.contains(name))
-        .cloned()
-        .collect();
-    if present.is_empty() {
+    let mut present = headers.keys().filter(|name| HOP_BY_HOP.contains(name)).count();
+    if present == 0 {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -123,8 +121,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .filter(|option| !option.eq_ignore_ascii_case("close") && !option.eq_ignore_ascii_case("keep-alive"))
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(&present) {
+    for name in &named {
         headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        if present == 0 {
+            break;
+        }
+        if headers.remove(name).is_some() {
+            present -= 1;
+        }
     }
 }
 

@@ -157,7 +157,7 @@ impl Proxy {
         let status = response.status().as_u16();
         self.metrics
             .request(exchange.route_label(), status, exchange.started.elapsed());
-        if !snapshot.access_log {
+        if !snapshot.access_log || !access_log::enabled() {
             return response;
         }
         let (parts, body) = response.into_parts();

@@ -116,12 +116,20 @@ pub fn strip_prefix<'p>(prefix: &str, path: &'p str) -> Option<&'p str> {
 
 /// The upstream path: its base path joined with what followed the route's prefix.
 pub fn join_path(base_path: &str, rest: &str) -> String {
-    let joined = format!("{base_path}{rest}");
-    if joined.is_empty() {
-        "/".to_owned()
-    } else {
-        joined
+    let mut joined = String::new();
+    push_path(&mut joined, base_path, rest);
+    joined
+}
+
+/// [`join_path`] onto the end of `out`, which may then take a query without growing again.
+pub fn push_path(out: &mut String, base_path: &str, rest: &str) {
+    if base_path.is_empty() && rest.is_empty() {
+        out.push('/');
+        return;
     }
+    out.reserve(base_path.len() + rest.len());
+    out.push_str(base_path);
+    out.push_str(rest);
 }
 
 #[cfg(test)]

@@ -91,6 +91,12 @@ impl Exchange {
     }
 }
 
+/// Whether the log's filter lets access events through: when it does not, a response's body
+/// is not wrapped to count for an event no one would see.
+pub fn enabled() -> bool {
+    tracing::enabled!(target: "token_sidecar::access", tracing::Level::INFO)
+}
+
 /// `body` as sent to the client, logging `exchange` once it is finished or dropped.
 pub fn logged(body: ProxyBody, exchange: Exchange, status: u16) -> ProxyBody {
     LoggedBody {
@@ -138,5 +144,20 @@ impl Body for LoggedBody {
 impl Drop for LoggedBody {
     fn drop(&mut self) {
         self.exchange.log(self.status, self.bytes_out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_events_count_as_enabled_only_where_the_filter_lets_them_through() {
+        let quiet = tracing_subscriber::fmt().with_env_filter("warn").finish();
+        tracing::subscriber::with_default(quiet, || assert!(!enabled()));
+        let loud = tracing_subscriber::fmt()
+            .with_env_filter("warn,token_sidecar::access=info")
+            .finish();
+        tracing::subscriber::with_default(loud, || assert!(enabled()));
     }
 }
