@@ -238,22 +238,36 @@ impl Proxy {
             return Ok(response);
         }
 
-        // The upstream refused the token: drop it (unless already replaced) and resend once.
-        let replay = self.tokens.purge_refused(&credential, &token).await;
+        // Boxed: rare, and its future (a purge, a fetch, a second send) is large.
+        Box::pin(self.replay_refused(&attempt, &token, response, replay_body, exchange)).await
+    }
+
+    /// The upstream refused the token: drop it (unless already replaced) and resend once with
+    /// a fresh one, when the body was kept.
+    async fn replay_refused(
+        &self,
+        attempt: &Attempt<'_>,
+        token: &CachedToken,
+        response: Response<ProxyBody>,
+        replay_body: Option<Bytes>,
+        exchange: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (route, credential) = (attempt.route, attempt.credential);
+        let replay = self.tokens.purge_refused(credential, token).await;
         let Some(bytes) = replay_body.filter(|_| replay) else {
             return Ok(response);
         };
         self.metrics.upstream_401_retry(&route.name);
-        let fresh = self.tokens.token(&credential).await?;
+        let fresh = self.tokens.token(credential).await?;
         tracing::info!(route = %route.name, credential = %credential.name, status = response.status().as_u16(), "upstream refused the token; resending once with a fresh one");
         exchange.replayed = true;
         exchange.token = Some(fresh.token.clone());
         let replayed = attempt.send(full_body(bytes), &fresh).await?;
         exchange.upstream_status = Some(replayed.status().as_u16());
         if route.options.purge_on_status.contains(replayed.status()) {
-            self.tokens.purge_refused(&credential, &fresh).await;
+            self.tokens.purge_refused(credential, &fresh).await;
         } else {
-            self.tokens.upstream_accepted(&credential);
+            self.tokens.upstream_accepted(credential);
         }
         Ok(replayed)
     }
@@ -301,7 +315,7 @@ struct Attempt<'a> {
     client: &'a UpstreamClient,
     route: &'a RouteSpec,
     outgoing: &'a Outgoing,
-    credential: &'a CredentialSpec,
+    credential: &'a Arc<CredentialSpec>,
     dpop_nonces: &'a Nonces,
 }
 

@@ -193,7 +193,7 @@ impl TokenCache {
             // A reload removed this credential while the request was on its way: it gets a
             // token of its own, which is not cached under an identity no one configures.
             let detached = CredentialState::new(spec.clone(), Arc::default());
-            return self.fetch_with_retries(&detached).await;
+            return Box::pin(self.fetch_with_retries(&detached)).await;
         };
         let credential = &spec.name;
         state
@@ -215,7 +215,9 @@ impl TokenCache {
             }
         }
         self.metrics.cache_lookup(credential, false);
-        self.fetch_exclusive(&state, Want::Usable, true).await
+        // Boxed: a fetch's future is large, and a request with a cached token (the most) would
+        // otherwise carry its space, and copy it about, too.
+        Box::pin(self.fetch_exclusive(&state, Want::Usable, true)).await
     }
 
     /// A token newer than the one cached now (the admin refresh). It joins a fetch already in
