@@ -251,3 +251,107 @@ async fn client_authorization_is_dropped_also_when_the_token_goes_in_another_hea
         "only the injected X-Auth-Token reached the upstream"
     );
 }
+
+/// A plain HTTP/1 upstream that counts the connections it accepted and has open. A request
+/// whose path ends in `/close` is answered with `Connection: close`, and the upstream closes
+/// that connection.
+struct CountingUpstream {
+    addr: std::net::SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn counting_upstream() -> CountingUpstream {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (counted, still_open) = (accepted.clone(), open.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            still_open.fetch_add(1, Ordering::SeqCst);
+            let still_open = still_open.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+                        let mut response =
+                            Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")));
+                        if request.uri().path().ends_with("/close") {
+                            response
+                                .headers_mut()
+                                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+                still_open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    CountingUpstream { addr, accepted, open }
+}
+
+impl CountingUpstream {
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn harness(&self) -> Harness {
+        let upstream = format!("http://{}", self.addr);
+        Harness::with_config(|s| single_route_config(s, &upstream, "allow_plaintext = true")).await
+    }
+}
+
+/// A client that keeps one connection (`keep_alive`), or opens one per request.
+fn http1_client(keep_alive: bool) -> reqwest::Client {
+    reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(usize::from(keep_alive))
+        .build()
+        .unwrap()
+}
+
+async fn get_ok(client: &reqwest::Client, h: &Harness, path: &str) {
+    let response = client.get(h.url(path)).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{path}");
+    assert_eq!(response.bytes().await.unwrap().as_ref(), b"ok");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_by_keep_alive_clients_and_by_a_connection_per_request() {
+    let upstream = counting_upstream().await;
+    let h = upstream.harness().await;
+    let one_connection = http1_client(true);
+    for _ in 0..20 {
+        get_ok(&one_connection, &h, "/api/payments").await;
+    }
+    assert_eq!(upstream.accepted(), 1);
+    let connection_per_request = http1_client(false);
+    for _ in 0..20 {
+        get_ok(&connection_per_request, &h, "/api/payments").await;
+    }
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "new client connections reuse the pooled upstream one"
+    );
+    get_ok(&connection_per_request, &h, "/api/close").await;
+    crate::support::binary::eventually("the upstream closes the connection", async || {
+        upstream.open() == 0
+    })
+    .await;
+    get_ok(&connection_per_request, &h, "/api/payments").await;
+    assert_eq!(
+        upstream.accepted(),
+        2,
+        "a connection the upstream closed is replaced"
+    );
+}
