@@ -9,7 +9,8 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::error::{error_response, full_body, json_response, ProxyBody, ProxyError, ERROR_HEADER};
+use crate::body::{full_body, json_response, ProxyBody};
+use crate::error::{error_response, ProxyError, ERROR_HEADER};
 use crate::metrics::Metrics;
 use crate::reload::{ReloadError, Reloader};
 use crate::token::cache::{TokenCache, TokenError};

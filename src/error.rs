@@ -4,20 +4,14 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::RETRY_AFTER;
 use http::{HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
 
+use crate::body::{json_response, BoxError, ProxyBody};
 use crate::proxy::client_body::BodyFault;
 use crate::route::TargetError;
 use crate::token::cache::TokenError;
 use crate::token::error::FetchError;
-
-/// Errors from any body we stream through.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body type of everything the sidecar sends and receives.
-pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 pub const ERROR_HEADER: &str = "x-token-sidecar-error";
 
@@ -152,16 +146,6 @@ impl std::fmt::Display for Chain<'_> {
     }
 }
 
-/// A JSON answer (with the trailing newline a terminal wants).
-pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
-    let mut response = Response::new(full_body(format!("{value}\n")));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
 /// A sidecar JSON error response.
 pub fn error_response(status: StatusCode, code: &'static str, message: &str) -> Response<ProxyBody> {
     let body = serde_json::json!({ "error": { "code": code, "message": message } });
@@ -172,15 +156,10 @@ pub fn error_response(status: StatusCode, code: &'static str, message: &str) -> 
     response
 }
 
-/// A complete in-memory body.
-pub fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
 #[cfg(test)]
 mod tests {
+    use http_body_util::BodyExt;
+
     use super::*;
 
     #[tokio::test]

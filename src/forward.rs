@@ -18,15 +18,13 @@ use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 
-use crate::config::{Egress, Inject, RouteSpec, Upstream};
-use crate::error::ProxyBody;
+use crate::body::ProxyBody;
+use crate::config::{Inject, RouteSpec, Upstream};
+use crate::egress::{Egress, EgressConnector};
 use crate::route::push_path;
 use crate::secret::AccessToken;
 use crate::tls::TlsError;
 use crate::token::dpop;
-use egress::EgressConnector;
-
-pub mod egress;
 
 pub type UpstreamClient = Client<HttpsConnector<EgressConnector>, ProxyBody>;
 

@@ -30,10 +30,12 @@
 
 pub mod admin;
 pub mod allocator;
+pub mod body;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dev;
+pub mod egress;
 pub mod error;
 pub mod forward;
 pub mod metrics;

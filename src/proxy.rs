@@ -16,8 +16,9 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use subtle::ConstantTimeEq;
 
+use crate::body::{full_body, ProxyBody};
 use crate::config::{CredentialChoice, CredentialSpec, HeaderChoice, RouteSpec, ServerSettings};
-use crate::error::{full_body, Chain, ProxyBody, ProxyError, ERROR_HEADER};
+use crate::error::{Chain, ProxyError, ERROR_HEADER};
 use crate::forward::{
     clean_request_headers, inject_dpop_token, inject_token, remove_hop_by_hop, upstream_uri, UpstreamClient,
 };

@@ -18,9 +18,9 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, AdminState};
+use crate::body::ProxyBody;
 use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::error::ProxyBody;
 use crate::forward;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, RequestGuards, Snapshot};

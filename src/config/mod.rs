@@ -18,10 +18,12 @@ use rustls::pki_types::CertificateDer;
 
 pub use locate::KeyPath;
 
-use crate::secret::{EncryptionKey, Secret};
+use crate::secret::Secret;
 use crate::tls::ClientIdentity;
-use crate::token::dialect::{Identity, ResponseSpec, TokenRequest};
-use crate::token::lifetime::RefreshPolicy;
+
+pub use crate::egress::Egress;
+pub use crate::token::shared::settings::SharedCacheSettings;
+pub use crate::token::spec::{CacheSettings, CredentialSpec, ProviderKind, ProviderSpec};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -69,111 +71,6 @@ pub struct ServerSettings {
     pub access_log: bool,
     /// Reload when the config file or a file it references changes.
     pub watch_config: bool,
-}
-
-/// Outbound connections through an HTTP CONNECT proxy (`[egress]`), e.g. for allow-listed
-/// source addresses.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Egress {
-    /// `http://host:port` of the proxy.
-    pub proxy: http::Uri,
-    /// `user:password` for `Proxy-Authorization: Basic`.
-    pub auth: Option<Secret>,
-    /// Lower-case hosts reached directly (loopback is not exempt unless listed).
-    pub no_proxy: Vec<String>,
-}
-
-impl Egress {
-    /// Whether connections to `host` go through the proxy.
-    pub fn proxies(&self, host: &str) -> bool {
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_ascii_lowercase();
-        !self.no_proxy.contains(&host)
-    }
-}
-
-/// One token cache for a fleet of sidecars, on Redis (`[cache.shared]`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SharedCacheSettings {
-    /// `redis://[user:password@]host:port[/db]` (a secret: it may hold a password).
-    pub redis_url: Secret,
-    /// 32-byte keys: the first encrypts, every one decrypts (older keys after a rotation).
-    pub encryption_keys: Vec<EncryptionKey>,
-    /// Every key the sidecar writes starts with this.
-    pub key_prefix: String,
-    /// How long a Redis command may take before the sidecar goes on without Redis.
-    pub timeout: Duration,
-    /// How long one sidecar may hold a credential's fleet-wide fetch lock.
-    pub lock_ttl: Duration,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct CacheSettings {
-    pub refresh: RefreshPolicy,
-    /// First pause after a failed token fetch; it doubles per consecutive failure.
-    pub failure_backoff: Duration,
-    pub max_failure_backoff: Duration,
-    /// How long a waiting request's fetch may keep retrying retryable failures.
-    pub retry_budget: Duration,
-    /// Token fetches in flight at once, across all credentials.
-    pub max_concurrent_fetches: usize,
-}
-
-impl Default for CacheSettings {
-    fn default() -> Self {
-        Self {
-            refresh: RefreshPolicy::default(),
-            failure_backoff: Duration::from_secs(1),
-            max_failure_backoff: Duration::from_secs(60),
-            retry_budget: Duration::from_secs(2),
-            max_concurrent_fetches: 8,
-        }
-    }
-}
-
-/// How to reach one token endpoint.
-#[derive(Debug, Clone)]
-pub struct ProviderSpec {
-    pub name: Arc<str>,
-    pub kind: ProviderKind,
-    /// Mutual TLS to the token endpoint.
-    pub client_identity: Option<Arc<ClientIdentity>>,
-    pub connect_timeout: Duration,
-    pub timeout: Duration,
-    /// How to read the token endpoint's answer.
-    pub response: ResponseSpec,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    OAuth2,
-    Nuapay,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::OAuth2 => "oauth2",
-            Self::Nuapay => "nuapay",
-        }
-    }
-}
-
-/// One merchant's identity at one provider: one cached token.
-#[derive(Debug, Clone)]
-pub struct CredentialSpec {
-    pub name: Arc<str>,
-    /// What the token depends on, hashed ([`crate::token::dialect::credential_identity`]): the
-    /// token cache's key.
-    pub identity: Identity,
-    pub provider: Arc<ProviderSpec>,
-    pub request: TokenRequest,
-    pub prefetch: bool,
-    /// Revoke this credential's token at shutdown (Nuapay long-lived tokens):
-    /// `POST {request.url}/{token id}/revoke`.
-    pub revoke_on_shutdown: bool,
 }
 
 /// Which requests get which credential and where they go.

@@ -1,30 +1,16 @@
 //! Raw config → validated [`Config`], collecting every problem with its line and key path.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
-use http::{HeaderName, HeaderValue};
-use rustls::pki_types::CertificateDer;
-
-use super::locate::{self, KeyPath, SourceMap};
-use super::raw::*;
-use super::*;
 use sha2::{Digest, Sha256};
 
-use crate::secret::{EncryptionKey, Secret};
+use super::locate::{self, KeyPath, SourceMap};
+use crate::config::raw::RawConfig;
+use crate::config::{Config, Problem};
 use crate::tls::ClientIdentity;
-use crate::token::assertion::{Assertion, SigningAlg};
-use crate::token::dialect::nuapay::{self, OrganisationToken};
-use crate::token::dialect::oauth2::{self, ClientAuth, OAuth2Client};
-use crate::token::dialect::{
-    credential_identity, BodyEncoding, ResponseSpec, TimeUnit, TokenChars, TokenRequest,
-};
-use crate::token::dpop::DpopKey;
+use crate::token::spec::CredentialSpec;
 
 mod providers;
 mod routes;

@@ -24,8 +24,8 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use super::issued::{IssuedTokens, TokenForm};
+use crate::body::{full_body, json_response, ProxyBody};
 use crate::clock::unix_millis;
-use crate::error::{full_body, ProxyBody};
 use crate::server::Handler;
 use crate::sync::lock;
 
@@ -178,14 +178,14 @@ impl MockProviders {
         let (parts, body) = request.into_parts();
         let body = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(_) => return json_response(StatusCode::BAD_REQUEST, json!({"error": "invalid_request"})),
+            Err(_) => return json_response(StatusCode::BAD_REQUEST, &json!({"error": "invalid_request"})),
         };
         let path = parts.uri.path().to_owned();
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         if parts.method != Method::POST {
             return json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
-                json!({"error": "method_not_allowed"}),
+                &json!({"error": "method_not_allowed"}),
             );
         }
         match segments.as_slice() {
@@ -210,7 +210,7 @@ impl MockProviders {
                 self.token(Shape::PayU, &parts.headers, body, Self::payu_token)
                     .await
             }
-            _ => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
+            _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"})),
         }
     }
 
@@ -313,7 +313,7 @@ impl MockProviders {
                 "links": [{"resourceType": "revoketoken", "uri": format!("/tokens/{}/revoke", issued.id)}],
             }
         });
-        json_response(StatusCode::CREATED, answer)
+        json_response(StatusCode::CREATED, &answer)
     }
 
     fn nuapay_revoke(&self, headers: &HeaderMap, org: &str, id: &str) -> Response<ProxyBody> {
@@ -326,7 +326,7 @@ impl MockProviders {
         lock(&self.revocations).push(id.to_owned());
         json_response(
             StatusCode::OK,
-            json!({"uri": format!("/organisations/{org}/tokens/{id}"), "data": {"id": id, "status": "REVOKED"}}),
+            &json!({"uri": format!("/organisations/{org}/tokens/{id}"), "data": {"id": id, "status": "REVOKED"}}),
         )
     }
 
@@ -335,7 +335,7 @@ impl MockProviders {
             return nuapay_error(StatusCode::UNAUTHORIZED, None);
         }
         let count = self.issued.revoke_subject(org);
-        json_response(StatusCode::OK, json!({"data": {"revokedTokensCount": count}}))
+        json_response(StatusCode::OK, &json!({"data": {"revokedTokensCount": count}}))
     }
 
     fn nuapay_key_ok(&self, headers: &HeaderMap) -> bool {
@@ -358,7 +358,7 @@ impl MockProviders {
             .issue(&format!("{client}-refresh"), lifetime * 2, TokenForm::Jwt);
         json_response(
             StatusCode::OK,
-            json!({"accessToken": token, "refreshToken": refresh}),
+            &json!({"accessToken": token, "refreshToken": refresh}),
         )
     }
 
@@ -371,7 +371,7 @@ impl MockProviders {
         let (token, _) = self.issued.issue(&client, lifetime, TokenForm::Jwt);
         json_response(
             StatusCode::OK,
-            json!({"token_type": "Bearer", "expires_in": lifetime.as_secs(), "access_token": token}),
+            &json!({"token_type": "Bearer", "expires_in": lifetime.as_secs(), "access_token": token}),
         )
     }
 
@@ -387,7 +387,7 @@ impl MockProviders {
         let (token, issued) = self.issued.issue(&client, lifetime, TokenForm::Opaque);
         json_response(
             StatusCode::OK,
-            json!({
+            &json!({
                 "access_token": token,
                 "token_type": "Bearer",
                 "expires_in": lifetime.as_secs(),
@@ -518,7 +518,7 @@ fn oauth_error(status: StatusCode, code: &str) -> Response<ProxyBody> {
         "invalid_scope" => "Missing or invalid scope",
         _ => "Missing or invalid grant_type",
     };
-    json_response(status, json!({"error": code, "error_description": description}))
+    json_response(status, &json!({"error": code, "error_description": description}))
 }
 
 fn nuapay_error(status: StatusCode, detail: Option<(&str, &str)>) -> Response<ProxyBody> {
@@ -530,14 +530,5 @@ fn nuapay_error(status: StatusCode, detail: Option<(&str, &str)>) -> Response<Pr
         }),
         None => json!({"returnCode": null, "returnDescription": null, "details": null}),
     };
-    json_response(status, body)
-}
-
-pub(crate) fn json_response(status: StatusCode, value: Value) -> Response<ProxyBody> {
-    let mut response = Response::new(full_body(value.to_string()));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+    json_response(status, &body)
 }

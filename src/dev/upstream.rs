@@ -18,8 +18,8 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::issued::{Issued, IssuedTokens, Refusal};
-use super::providers::json_response;
-use crate::error::{full_body, BoxError, ProxyBody};
+use crate::body::json_response;
+use crate::body::{full_body, BoxError, ProxyBody};
 use crate::server::Handler;
 
 /// Header the upstream also accepts a token in (for routes with `inject = { header = … }`).
@@ -100,7 +100,7 @@ impl EchoUpstream {
 pub fn unauthorized(refusal: Refusal) -> Response<ProxyBody> {
     let mut response = json_response(
         StatusCode::UNAUTHORIZED,
-        json!({"error": "invalid_token", "error_description": refusal.as_str()}),
+        &json!({"error": "invalid_token", "error_description": refusal.as_str()}),
     );
     response.headers_mut().insert(
         WWW_AUTHENTICATE,
@@ -137,7 +137,7 @@ async fn echo(request: Request<Incoming>, issued: Issued, scheme: &str) -> Respo
                     length += data.len() as u64;
                 }
             }
-            Err(_) => return json_response(StatusCode::BAD_REQUEST, json!({"error": "body read failed"})),
+            Err(_) => return json_response(StatusCode::BAD_REQUEST, &json!({"error": "body read failed"})),
         }
     }
     let headers: serde_json::Map<String, serde_json::Value> = parts
@@ -148,7 +148,7 @@ async fn echo(request: Request<Incoming>, issued: Issued, scheme: &str) -> Respo
         .collect();
     json_response(
         StatusCode::OK,
-        json!({
+        &json!({
             "method": parts.method.as_str(),
             "path": parts.uri.path(),
             "query": parts.uri.query(),

@@ -15,8 +15,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use super::client_body::BodyRecord;
+use crate::body::{BoxError, ProxyBody};
 use crate::config::RouteSpec;
-use crate::error::{BoxError, ProxyBody};
 use crate::secret::AccessToken;
 
 /// The metrics and log label for requests that matched no route.

@@ -28,7 +28,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::{ConnectionLimits, Handler};
-use crate::error::{BoxError, ProxyBody};
+use crate::body::{BoxError, ProxyBody};
 
 /// How long an idle connection is kept while the listener is at its connection cap.
 pub const IDLE_AT_CAP: Duration = Duration::from_secs(1);

@@ -12,8 +12,9 @@ use super::dialect::{parse_response, IssuedToken, MAX_RESPONSE_BYTES};
 use super::dpop::{self, Nonces};
 use super::error::{error_code_from_body, FetchError};
 use crate::clock::SharedClock;
-use crate::config::{CredentialSpec, Egress, ProviderSpec};
+use crate::egress::Egress;
 use crate::secret::Secret;
+use crate::token::spec::{CredentialSpec, ProviderSpec};
 use rustls::pki_types::CertificateDer;
 
 /// Fetches tokens for any configured credential.

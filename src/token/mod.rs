@@ -11,3 +11,4 @@ pub mod jwt;
 pub mod lifetime;
 pub mod shared;
 pub mod source;
+pub mod spec;

@@ -16,6 +16,7 @@
 
 pub mod link;
 pub mod sealed;
+pub mod settings;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -32,11 +33,12 @@ use super::error::FetchError;
 use super::lifetime::Freshness;
 use super::source::{RefusedToken, SourceFuture, TokenSource};
 use crate::clock::{from_unix_millis, unix_millis, SharedClock};
-use crate::config::{CacheSettings, CredentialSpec, SharedCacheSettings};
 use crate::metrics::Metrics;
 use crate::secret::AccessToken;
+use crate::token::spec::{CacheSettings, CredentialSpec};
 use link::Link;
 use sealed::{Sealer, SharedToken};
+use settings::SharedCacheSettings;
 
 /// How often a sidecar waiting for another's fetch looks for its outcome.
 const POLL: Duration = Duration::from_millis(50);

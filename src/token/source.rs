@@ -10,8 +10,8 @@ use tokio::sync::broadcast;
 use super::dialect::IssuedToken;
 use super::error::FetchError;
 use super::fetch::TokenFetcher;
-use crate::config::CredentialSpec;
 use crate::secret::AccessToken;
+use crate::token::spec::CredentialSpec;
 
 /// What a [`TokenSource`] call returns.
 pub type SourceFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, FetchError>> + Send + 'a>>;

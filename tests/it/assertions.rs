@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use token_sidecar::body::full_body;
 use token_sidecar::dev::certs::TestPki;
-use token_sidecar::error::full_body;
 use token_sidecar::server::Handler;
 
 use crate::support::{check_in, custom_config, repo_root, spawn_tls_server, Harness};

@@ -14,8 +14,8 @@ use hyper::body::Incoming;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use sha2::{Digest, Sha256};
+use token_sidecar::body::{full_body, ProxyBody};
 use token_sidecar::dev::certs::TestPki;
-use token_sidecar::error::{full_body, ProxyBody};
 use token_sidecar::server::Handler;
 
 use crate::support::{check_in, custom_config, spawn_tls_server, Harness};

@@ -10,9 +10,9 @@ use http::{Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use sha2::{Digest, Sha256};
+use token_sidecar::body::{full_body, BoxError};
 use token_sidecar::dev::certs::TestPki;
 use token_sidecar::dev::upstream::pattern;
-use token_sidecar::error::{full_body, BoxError};
 use token_sidecar::server::Handler;
 use tokio::sync::{mpsc, oneshot};
 

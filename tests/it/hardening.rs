@@ -7,10 +7,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use token_sidecar::body::full_body;
 use token_sidecar::clock::ManualClock;
 use token_sidecar::dev::certs::TestPki;
 use token_sidecar::dev::providers::{Failure, Shape};
-use token_sidecar::error::full_body;
 use token_sidecar::server::Handler;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

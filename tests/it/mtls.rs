@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use http::Response;
 use http_body_util::BodyExt;
+use token_sidecar::body::full_body;
 use token_sidecar::dev::certs::TestPki;
-use token_sidecar::error::full_body;
 use token_sidecar::server::Handler;
 
 use crate::support::{check_in, spawn_mtls_server, Harness, ANY_PORT};

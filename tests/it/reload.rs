@@ -188,7 +188,7 @@ async fn a_route_removed_during_a_slow_request_lets_it_finish() {
     let handler: token_sidecar::server::Handler = Arc::new(|_| {
         Box::pin(async {
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            http::Response::new(token_sidecar::error::full_body("slow answer"))
+            http::Response::new(token_sidecar::body::full_body("slow answer"))
         })
     });
     let slow = spawn_tls_server(&s.pki, handler).await;

@@ -1,7 +1,29 @@
 //! Validation of `[providers]` and `[credentials]`: each provider's settings, then each
 //! credential's token request, built by its dialect in [`crate::token::dialect`].
 
-use super::*;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::raw::{
+    RawBodyEncoding, RawClientAuth, RawClientKeys, RawCredential, RawProvider, RawProviderKind, RawSecret,
+    RawSigningAlg, RawTimeUnit, RawTokenChars,
+};
+use crate::config::validate::{suggest, Validator};
+use crate::config::KeyPath;
+use crate::secret::Secret;
+use crate::tls::ClientIdentity;
+use crate::token::assertion::{Assertion, SigningAlg};
+use crate::token::dialect::nuapay::OrganisationToken;
+use crate::token::dialect::oauth2::{ClientAuth, OAuth2Client};
+use crate::token::dialect::{
+    credential_identity, nuapay, oauth2, BodyEncoding, Identity, ResponseSpec, TimeUnit, TokenChars,
+    TokenRequest,
+};
+use crate::token::dpop::DpopKey;
+use crate::token::spec::{CredentialSpec, ProviderKind, ProviderSpec};
 
 /// Why a fleet needs its DPoP key in a file.
 const FLEET_DPOP_KEY: &str =
@@ -41,20 +63,25 @@ pub(super) struct DpopKeyDraft {
     from_file: bool,
 }
 
+/// A provider's endpoint, by dialect: what its credentials' token requests are built from.
 pub(super) enum Endpoint {
-    OAuth2 {
-        url: Arc<reqwest::Url>,
-        encoding: BodyEncoding,
-        client_auth: RawClientAuth,
-        client_id: Option<String>,
-        client_secret: Option<Secret>,
-        keys: Box<ClientDraft>,
-    },
-    Nuapay {
-        base_url: reqwest::Url,
-        api_key: Secret,
-        expires_in: Option<Duration>,
-    },
+    OAuth2(OAuth2Endpoint),
+    Nuapay(NuapayEndpoint),
+}
+
+pub(super) struct OAuth2Endpoint {
+    url: Arc<reqwest::Url>,
+    encoding: BodyEncoding,
+    client_auth: RawClientAuth,
+    client_id: Option<String>,
+    client_secret: Option<Secret>,
+    keys: Box<ClientDraft>,
+}
+
+pub(super) struct NuapayEndpoint {
+    base_url: reqwest::Url,
+    api_key: Secret,
+    expires_in: Option<Duration>,
 }
 
 impl Validator {
@@ -198,7 +225,7 @@ impl Validator {
             RawTimeUnit::S => TimeUnit::Seconds,
             RawTimeUnit::Ms => TimeUnit::Millis,
         };
-        let endpoint = Endpoint::OAuth2 {
+        let endpoint = Endpoint::OAuth2(OAuth2Endpoint {
             url: Arc::new(url?),
             encoding: match raw.body.unwrap_or(RawBodyEncoding::Form) {
                 RawBodyEncoding::Form => BodyEncoding::Form,
@@ -208,7 +235,7 @@ impl Validator {
             client_id: self.text(&path.key("client_id"), raw.client_id.as_ref()),
             client_secret,
             keys: Box::new(self.client_keys(path, &raw.client_keys(), ClientDraft::default())),
-        };
+        });
         let response = ResponseSpec {
             token: token??,
             expires_in: expires_in?,
@@ -249,11 +276,11 @@ impl Validator {
                 );
             }
         }
-        let endpoint = Endpoint::Nuapay {
+        let endpoint = Endpoint::Nuapay(NuapayEndpoint {
             base_url: base_url?,
             api_key: api_key?,
             expires_in: raw.expires_in,
-        };
+        });
         let response =
             ResponseSpec::nuapay(default_ttl.unwrap_or(raw.expires_in.unwrap_or(nuapay::DEFAULT_TTL)));
         Some((endpoint, response))
@@ -289,8 +316,8 @@ impl Validator {
         };
         let scopes = raw.scopes.clone().unwrap_or_else(|| provider.scopes.clone());
         let request = match &provider.endpoint {
-            Endpoint::OAuth2 { .. } => self.oauth2_request(path, raw, provider, scopes)?,
-            Endpoint::Nuapay { .. } => self.nuapay_request(path, raw, provider, scopes)?,
+            Endpoint::OAuth2(endpoint) => self.oauth2_request(path, raw, provider, endpoint, scopes)?,
+            Endpoint::Nuapay(endpoint) => self.nuapay_request(path, raw, endpoint, scopes)?,
         };
         Some(Arc::new(CredentialSpec {
             name: name.into(),
@@ -310,19 +337,17 @@ impl Validator {
         path: &KeyPath,
         raw: &RawCredential,
         provider: &ProviderDraft,
+        endpoint: &OAuth2Endpoint,
         scopes: Vec<String>,
     ) -> Option<TokenRequest> {
-        let Endpoint::OAuth2 {
+        let OAuth2Endpoint {
             url,
             encoding,
             client_auth,
             client_id,
             client_secret,
             keys,
-        } = &provider.endpoint
-        else {
-            return None;
-        };
+        } = endpoint;
         if raw.organisation.is_some() {
             self.problem(
                 &path.key("organisation"),
@@ -370,25 +395,17 @@ impl Validator {
             RawClientAuth::PrivateKeyJwt => {
                 ClientAuth::PrivateKeyJwt(self.private_key_assertion(path, &keys, &client_id, &audience)?)
             }
-            RawClientAuth::Body | RawClientAuth::Basic | RawClientAuth::ClientSecretJwt => {
-                let Some(secret) = client_secret else {
-                    self.problem(
-                        path,
-                        format!("needs client_id and client_secret, here or on provider `{provider_name}`"),
-                    );
-                    return None;
-                };
-                self.refuse_signing_keys(&keys, *client_auth);
-                match client_auth {
-                    RawClientAuth::Body => ClientAuth::Body { secret },
-                    RawClientAuth::Basic => ClientAuth::Basic { secret },
-                    _ => ClientAuth::ClientSecretJwt {
-                        secret,
-                        audience,
-                        kid: keys.kid.clone(),
-                    },
-                }
-            }
+            RawClientAuth::Body => ClientAuth::Body {
+                secret: self.client_secret(path, client_secret, &keys, provider, *client_auth)?,
+            },
+            RawClientAuth::Basic => ClientAuth::Basic {
+                secret: self.client_secret(path, client_secret, &keys, provider, *client_auth)?,
+            },
+            RawClientAuth::ClientSecretJwt => ClientAuth::ClientSecretJwt {
+                secret: self.client_secret(path, client_secret, &keys, provider, *client_auth)?,
+                audience,
+                kid: keys.kid.clone(),
+            },
         };
         let dpop = self.dpop(&keys).ok()?;
         let client = OAuth2Client {
@@ -401,6 +418,30 @@ impl Validator {
             dpop,
         };
         Some(client.token_request())
+    }
+
+    /// The client secret of a method that sends or signs with one: it must be there, and no
+    /// signing key may be configured beside it.
+    fn client_secret(
+        &mut self,
+        path: &KeyPath,
+        secret: Option<Secret>,
+        keys: &ClientDraft,
+        provider: &ProviderDraft,
+        client_auth: RawClientAuth,
+    ) -> Option<Secret> {
+        let Some(secret) = secret else {
+            self.problem(
+                path,
+                format!(
+                    "needs client_id and client_secret, here or on provider `{}`",
+                    provider.spec.name
+                ),
+            );
+            return None;
+        };
+        self.refuse_signing_keys(keys, client_auth);
+        Some(secret)
     }
 
     /// A provider's client keys, with a credential's own (`raw`) winning.
@@ -533,17 +574,14 @@ impl Validator {
         &mut self,
         path: &KeyPath,
         raw: &RawCredential,
-        provider: &ProviderDraft,
+        endpoint: &NuapayEndpoint,
         scopes: Vec<String>,
     ) -> Option<TokenRequest> {
-        let Endpoint::Nuapay {
+        let NuapayEndpoint {
             base_url,
             api_key,
             expires_in,
-        } = &provider.endpoint
-        else {
-            return None;
-        };
+        } = endpoint;
         for (key, present) in [
             ("client_id", raw.client_id.is_some()),
             ("client_secret", raw.client_secret.is_some()),

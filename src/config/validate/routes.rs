@@ -1,9 +1,19 @@
 //! Validation of `[[routes]]`: matching (prefix, host), upstream, credential choice, injection
 //! and static headers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::*;
+use http::{HeaderName, HeaderValue};
+
+use crate::config::raw::{RawInject, RawRoute};
+use crate::config::validate::{suggest, Validator, RESERVED_HEADERS};
+use crate::config::{
+    ClientErrorSet, CredentialChoice, HeaderChoice, HeaderInject, Inject, KeyPath, RouteOptions, RouteSpec,
+    Upstream,
+};
+use crate::token::spec::CredentialSpec;
 
 const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_REPLAY_BODY_LIMIT: u64 = 1024 * 1024;

@@ -1,7 +1,22 @@
 //! Validation of the process-wide tables: `[server]`, `[tls]`, `[cache]` (and `[cache.shared]`),
 //! `[egress]` and `[identities]`.
 
-use super::*;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use rustls::pki_types::CertificateDer;
+
+use crate::config::raw::{RawCache, RawEgress, RawIdentity, RawSecret, RawServer, RawSharedCache, RawTls};
+use crate::config::validate::{suggest, Validator, RESERVED_HEADERS};
+use crate::config::{Egress, KeyPath, ServerSettings};
+use crate::secret::EncryptionKey;
+use crate::tls::ClientIdentity;
+use crate::token::lifetime::RefreshPolicy;
+use crate::token::shared::settings::SharedCacheSettings;
+use crate::token::spec::CacheSettings;
 
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
 const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;

@@ -1,7 +1,15 @@
 //! Validation of single values every table uses: URLs, durations, secrets and the files they
 //! are read from.
 
-use super::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::raw::RawSecret;
+use crate::config::validate::Validator;
+use crate::config::KeyPath;
+use crate::secret::Secret;
 
 impl Validator {
     /// A URL that must be present; `https` unless `allow_plaintext`.

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::config::CacheSettings;
 use crate::token::error::FetchError;
+use crate::token::spec::CacheSettings;
 
 /// First gap between retries of one fetch; doubles per retry.
 const FIRST_RETRY_GAP: Duration = Duration::from_millis(100);

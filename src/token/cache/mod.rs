@@ -41,9 +41,9 @@ use super::error::FetchError;
 use super::lifetime::{Freshness, Schedule};
 use super::source::TokenSource;
 use crate::clock::{unix_millis, SharedClock};
-use crate::config::{CacheSettings, CredentialSpec};
 use crate::metrics::Metrics;
 use crate::secret::AccessToken;
+use crate::token::spec::{CacheSettings, CredentialSpec};
 use registry::{CredentialState, Registry};
 
 use crate::sync::lock;

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 use super::super::error::FetchError;
 use super::super::source::TokenSource;
 use crate::clock::from_unix_millis;
-use crate::config::CredentialSpec;
 use crate::token::dialect::Identity;
+use crate::token::spec::CredentialSpec;
 
 /// The refresher keeps a credential warm if it was used within this long at least.
 const RECENT_USE_MIN: Duration = Duration::from_secs(60);

@@ -4,9 +4,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
 use crate::clock::{Clock, ManualClock};
-use crate::config::{ProviderKind, ProviderSpec};
 use crate::token::dialect::{BodyEncoding, IssuedToken, ResponseSpec, TokenRequest};
 use crate::token::source::SourceFuture;
+use crate::token::spec::{ProviderKind, ProviderSpec};
 
 /// Counts its calls; each answers after `delay` (tokio time) with a token of `lifetime`.
 struct CountingSource {

@@ -364,7 +364,7 @@ pub async fn spawn_token_endpoint(
         before();
         let (status, body) = answers(n);
         Box::pin(async move {
-            let mut response = http::Response::new(token_sidecar::error::full_body(body));
+            let mut response = http::Response::new(token_sidecar::body::full_body(body));
             *response.status_mut() = http::StatusCode::from_u16(status).expect("status");
             response
                 .headers_mut()

@@ -1,7 +1,8 @@
-//! Outbound connections through the egress proxy (`[egress]`): a connector that opens an HTTP
-//! `CONNECT` tunnel (hyper-util's `Tunnel`, with `Proxy-Authorization: Basic` up front) for
-//! every host not in `no_proxy`, and connects directly to the rest. TLS runs end to end inside
-//! the tunnel, on top of this connector.
+//! Outbound connections through the egress proxy (`[egress]`): its settings, and a connector
+//! that opens an HTTP `CONNECT` tunnel (hyper-util's `Tunnel`, with `Proxy-Authorization: Basic`
+//! up front) for every host not in `no_proxy`, and connects directly to the rest. TLS runs end
+//! to end inside the tunnel, on top of this connector. The token endpoint clients (reqwest)
+//! take the same settings.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,8 +18,31 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use crate::config::Egress;
-use crate::error::BoxError;
+use crate::body::BoxError;
+use crate::secret::Secret;
+
+/// Outbound connections through an HTTP CONNECT proxy (`[egress]`), e.g. for allow-listed
+/// source addresses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Egress {
+    /// `http://host:port` of the proxy.
+    pub proxy: http::Uri,
+    /// `user:password` for `Proxy-Authorization: Basic`.
+    pub auth: Option<Secret>,
+    /// Lower-case hosts reached directly (loopback is not exempt unless listed).
+    pub no_proxy: Vec<String>,
+}
+
+impl Egress {
+    /// Whether connections to `host` go through the proxy.
+    pub fn proxies(&self, host: &str) -> bool {
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        !self.no_proxy.contains(&host)
+    }
+}
 
 /// Direct, or through the proxy, per destination host.
 #[derive(Clone)]
