@@ -16,7 +16,7 @@ use token_sidecar::route::Router;
 use token_sidecar::secret::AccessToken;
 use token_sidecar::token::cache::TokenCache;
 use token_sidecar::token::dialect::IssuedToken;
-use token_sidecar::token::source::{SourceFuture, TokenSource};
+use token_sidecar::token::source::{FetchContext, SourceFuture, TokenSource};
 
 /// A config with `routes` routes `/m{i}`, each with its own credential.
 fn config(routes: usize) -> Config {
@@ -71,7 +71,11 @@ fn headers(c: &mut Criterion) {
 struct FixedSource;
 
 impl TokenSource for FixedSource {
-    fn fetch<'a>(&'a self, _: &'a token_sidecar::config::CredentialSpec) -> SourceFuture<'a, IssuedToken> {
+    fn fetch<'a>(
+        &'a self,
+        _: &'a token_sidecar::config::CredentialSpec,
+        _: FetchContext,
+    ) -> SourceFuture<'a, IssuedToken> {
         Box::pin(async {
             Ok(IssuedToken {
                 token: AccessToken::new("bench-token"),
@@ -108,9 +112,16 @@ fn cache_lookup(c: &mut Criterion) {
         )
     });
     let credential = config.credentials[999].clone();
-    runtime.block_on(cache.token(&credential)).expect("warm");
+    let (credentials, wait) = (cache.credentials(), Duration::from_secs(30));
+    runtime
+        .block_on(cache.token(&credentials, &credential, wait))
+        .expect("warm");
     c.bench_function("warm token lookup among 1,000 credentials", |b| {
-        b.iter(|| runtime.block_on(cache.token(black_box(&credential))).is_ok())
+        b.iter(|| {
+            runtime
+                .block_on(cache.token(&credentials, black_box(&credential), wait))
+                .is_ok()
+        })
     });
 }
 

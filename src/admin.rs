@@ -1,37 +1,67 @@
 //! The admin listener: liveness, readiness, Prometheus metrics and token administration.
 //! `/tokens` shows fingerprints, never tokens. `POST`s carrying an `Origin` header (a web page
-//! in a local browser) are refused.
+//! in a local browser) are refused, and so is any request for a host name that is neither a
+//! loopback name nor in `server.allowed_hosts` (a page that rebinds its own name to 127.0.0.1
+//! sends that name); IP addresses pass, so a scraper that calls the pod by its IP is served.
 
 use std::sync::Arc;
 
 use http::header::{CONTENT_TYPE, ORIGIN};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::body::{full_body, json_response, ProxyBody};
+use crate::config::ServerSettings;
 use crate::error::{error_response, ProxyError, ERROR_HEADER};
 use crate::metrics::Metrics;
 use crate::reload::{ReloadError, Reloader};
+use crate::route::{is_loopback_host, request_host};
 use crate::token::cache::{TokenCache, TokenError};
 
 pub struct AdminState {
     tokens: Arc<TokenCache>,
     metrics: Metrics,
     reloader: Arc<Reloader>,
+    /// `server.allowed_hosts` at start-up (the admin listener is restart-only).
+    allowed_hosts: Vec<String>,
 }
 
 impl AdminState {
-    pub fn new(tokens: Arc<TokenCache>, metrics: Metrics, reloader: Arc<Reloader>) -> Self {
+    pub fn new(
+        tokens: Arc<TokenCache>,
+        metrics: Metrics,
+        reloader: Arc<Reloader>,
+        settings: &ServerSettings,
+    ) -> Self {
         Self {
             tokens,
             metrics,
             reloader,
+            allowed_hosts: settings.allowed_hosts.clone(),
         }
+    }
+
+    /// Whether a request for `host` may be served: see the module doc.
+    fn serves(&self, host: &str) -> bool {
+        let address = host.trim_start_matches('[').trim_end_matches(']');
+        is_loopback_host(host)
+            || address.parse::<std::net::IpAddr>().is_ok()
+            || self.allowed_hosts.iter().any(|allowed| allowed == host)
     }
 }
 
-pub async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(state: Arc<AdminState>, request: Request<ProxyBody>) -> Response<ProxyBody> {
+    match request_host(&request) {
+        Ok(Some(host)) if !state.serves(&host) => {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "the admin listener serves loopback names, addresses and server.allowed_hosts only",
+            )
+        }
+        Ok(_) => {}
+        Err(err) => return ProxyError::from(err).into_response(),
+    }
     if request.method() == Method::POST && request.headers().contains_key(ORIGIN) {
         return error_response(
             StatusCode::FORBIDDEN,
@@ -121,7 +151,7 @@ async fn reload(state: &AdminState) -> Response<ProxyBody> {
         Err(err) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             "reload_failed",
-            &crate::error::Chain(&err).to_string(),
+            &crate::failure::Chain(&err).to_string(),
         ),
     }
 }

@@ -4,46 +4,42 @@
 
 use std::time::Duration;
 
-use http::header::RETRY_AFTER;
-use http::{HeaderValue, Response, StatusCode};
+use http::header::{InvalidHeaderValue, RETRY_AFTER};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::body::{json_response, BoxError, ProxyBody};
+use crate::failure::Transport;
 use crate::proxy::client_body::BodyFault;
 use crate::route::TargetError;
 use crate::token::cache::TokenError;
-use crate::token::error::FetchError;
 
 pub const ERROR_HEADER: &str = "x-token-sidecar-error";
 
 /// Everything that stops a request from reaching (or coming back from) its upstream. The
 /// `Display` text is what the client reads: the sidecar's own words, never a library's; the
-/// `source` chain, for the log, keeps the rest.
+/// `source` chain, for the log, keeps the rest. [`ProxyError::class`] is the one place that
+/// decides the status and code.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches this request")]
     NoRoute,
     #[error(transparent)]
     BadTarget(#[from] TargetError),
-    #[error("{0}")]
-    UnknownCredential(String),
+    #[error("header {header} {}", if *.missing { "is missing; it must name one of this route's credentials" } else { "names none of this route's credentials" })]
+    UnknownCredential { header: HeaderName, missing: bool },
     #[error(
         "CONNECT is not supported: HTTPS cannot be injected; send plain http:// requests to the sidecar"
     )]
     ConnectNotSupported,
     #[error("TRACE is not supported: it would reflect the injected credentials back")]
     TraceNotAllowed,
-    #[error("no usable token for credential `{credential}` from {endpoint}: {cause}")]
-    TokenUnavailable {
-        credential: String,
-        endpoint: String,
-        #[source]
-        cause: FetchError,
-        retry_after: Duration,
-    },
+    /// No usable token: the cache's own error, with its credential, endpoint and back-off.
+    #[error(transparent)]
+    Token(#[from] TokenError),
     #[error("upstream {upstream} unreachable: {reason}")]
     UpstreamUnreachable {
         upstream: String,
-        reason: &'static str,
+        reason: Transport,
         #[source]
         source: Option<BoxError>,
     },
@@ -52,97 +48,101 @@ pub enum ProxyError {
     #[error(transparent)]
     Body(#[from] BodyFault),
     #[error("missing or wrong {0} header")]
-    Forbidden(String),
+    Forbidden(HeaderName),
     #[error("request headers are larger than the {limit} bytes allowed")]
     HeadersTooLarge { limit: usize },
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(#[from] InternalError),
+}
+
+/// A failure of the sidecar's own making: a bug, or a value it cannot put on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum InternalError {
+    #[error("cannot build the upstream URI")]
+    UpstreamUri(#[source] http::Error),
+    #[error("the token is not a valid header value")]
+    TokenHeader(#[source] InvalidHeaderValue),
+    #[error("the DPoP proof could not be signed")]
+    DpopProof(#[source] jsonwebtoken::errors::Error),
+}
+
+/// What the client is told of an error: its status, and the contract's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorClass {
+    pub status: StatusCode,
+    pub code: &'static str,
+}
+
+impl ErrorClass {
+    const fn new(status: StatusCode, code: &'static str) -> Self {
+        Self { status, code }
+    }
 }
 
 impl ProxyError {
-    pub fn status(&self) -> StatusCode {
+    pub fn class(&self) -> ErrorClass {
         match self {
-            Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::BadTarget(_) | Self::UnknownCredential(_) => StatusCode::BAD_REQUEST,
-            Self::ConnectNotSupported | Self::TraceNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Body(BodyFault::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Body(BodyFault::Stalled { .. }) => StatusCode::REQUEST_TIMEOUT,
-            Self::Body(BodyFault::Broken) => StatusCode::BAD_REQUEST,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::NoRoute => ErrorClass::new(StatusCode::NOT_FOUND, "no_route"),
+            Self::BadTarget(_) | Self::Body(BodyFault::Broken) => {
+                ErrorClass::new(StatusCode::BAD_REQUEST, "bad_request")
+            }
+            Self::UnknownCredential { .. } => ErrorClass::new(StatusCode::BAD_REQUEST, "unknown_credential"),
+            Self::ConnectNotSupported | Self::TraceNotAllowed => {
+                ErrorClass::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
+            Self::Token(TokenError::Unavailable { .. }) => {
+                ErrorClass::new(StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")
+            }
+            Self::UpstreamUnreachable { .. } => {
+                ErrorClass::new(StatusCode::BAD_GATEWAY, "upstream_unreachable")
+            }
+            Self::UpstreamTimeout { .. } => ErrorClass::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            Self::Body(BodyFault::TooLarge { .. }) => {
+                ErrorClass::new(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large")
+            }
+            Self::Body(BodyFault::Stalled { .. } | BodyFault::TooSlow { .. }) => {
+                ErrorClass::new(StatusCode::REQUEST_TIMEOUT, "request_timeout")
+            }
+            Self::Forbidden(_) => ErrorClass::new(StatusCode::FORBIDDEN, "forbidden"),
+            Self::HeadersTooLarge { .. } => {
+                ErrorClass::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request_too_large")
+            }
+            Self::Token(TokenError::UnknownCredential(_)) | Self::Internal(_) => {
+                ErrorClass::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+            }
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    /// When the client may try again: a token's back-off, in whole seconds (at least one).
+    fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::NoRoute => "no_route",
-            Self::BadTarget(_) | Self::Body(BodyFault::Broken) => "bad_request",
-            Self::UnknownCredential(_) => "unknown_credential",
-            Self::ConnectNotSupported | Self::TraceNotAllowed => "method_not_allowed",
-            Self::TokenUnavailable { .. } => "token_unavailable",
-            Self::UpstreamUnreachable { .. } => "upstream_unreachable",
-            Self::UpstreamTimeout { .. } => "upstream_timeout",
-            Self::Body(BodyFault::Stalled { .. }) => "request_timeout",
-            Self::Forbidden(_) => "forbidden",
-            Self::Body(BodyFault::TooLarge { .. }) | Self::HeadersTooLarge { .. } => "request_too_large",
-            Self::Internal(_) => "internal_error",
+            Self::Token(TokenError::Unavailable { retry_after, .. }) => {
+                Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
+            }
+            Self::Token(TokenError::UnknownCredential(_))
+            | Self::NoRoute
+            | Self::BadTarget(_)
+            | Self::UnknownCredential { .. }
+            | Self::ConnectNotSupported
+            | Self::TraceNotAllowed
+            | Self::UpstreamUnreachable { .. }
+            | Self::UpstreamTimeout { .. }
+            | Self::Body(_)
+            | Self::Forbidden(_)
+            | Self::HeadersTooLarge { .. }
+            | Self::Internal(_) => None,
         }
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {
-        let retry_after = match &self {
-            Self::TokenUnavailable { retry_after, .. } => {
-                Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
-            }
-            _ => None,
-        };
-        let mut response = error_response(self.status(), self.code(), &self.to_string());
-        if let Some(seconds) = retry_after {
+        let class = self.class();
+        let mut response = error_response(class.status, class.code, &self.to_string());
+        if let Some(seconds) = self.retry_after() {
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
-    }
-}
-
-impl From<TokenError> for ProxyError {
-    fn from(err: TokenError) -> Self {
-        match err {
-            TokenError::Unavailable {
-                credential,
-                endpoint,
-                cause,
-                retry_after,
-            } => Self::TokenUnavailable {
-                credential: credential.to_string(),
-                endpoint: endpoint.to_string(),
-                cause,
-                retry_after,
-            },
-            TokenError::UnknownCredential(name) => {
-                Self::Internal(format!("route names unknown credential `{name}`"))
-            }
-        }
-    }
-}
-
-/// The error and its sources, `: `-separated, for one log line.
-pub struct Chain<'e>(pub &'e (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
     }
 }
 
@@ -161,6 +161,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
+    use crate::token::error::FetchError;
 
     #[tokio::test]
     async fn errors_are_json_with_the_code_header() {
@@ -175,7 +176,7 @@ mod tests {
 
     #[test]
     fn token_unavailable_carries_retry_after_in_whole_seconds() {
-        let response = ProxyError::TokenUnavailable {
+        let response = ProxyError::from(TokenError::Unavailable {
             credential: "acme".into(),
             endpoint: "auth.example:443".into(),
             cause: FetchError::Status {
@@ -183,7 +184,7 @@ mod tests {
                 retry_after: None,
             },
             retry_after: Duration::from_millis(1500),
-        }
+        })
         .into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[RETRY_AFTER], "2");

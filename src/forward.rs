@@ -7,26 +7,34 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
-use http::Uri;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceExt;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 
-use crate::body::ProxyBody;
-use crate::config::{Inject, RouteSpec, Upstream};
+use crate::body::{boxed, BoxError, ProxyBody};
+use crate::config::{Inject, RouteSpec, Upstream, HOP_BY_HOP};
 use crate::egress::{Egress, EgressConnector};
 use crate::route::push_path;
 use crate::secret::AccessToken;
 use crate::tls::TlsError;
 use crate::token::dpop;
 
+/// hyper's pooled client over rustls, through the egress proxy where there is one.
 pub type UpstreamClient = Client<HttpsConnector<EgressConnector>, ProxyBody>;
+
+/// Where a request goes: the pooled client in production, boxed as a tower service so that
+/// the request path can be driven in-process by a `service_fn` stand-in (`proxy/tests.rs`).
+pub type UpstreamService = BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, BoxError>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -48,30 +56,75 @@ pub fn upstream_client(tls: rustls::ClientConfig, egress: Option<&Egress>) -> Up
         .build(https)
 }
 
-/// One pooled client per client identity the routes present (mutual TLS), keyed by the
-/// identity's digest; `previous` clients (and their connections) are kept for identities that
-/// did not change.
-pub fn identity_clients(
-    routes: &[Arc<RouteSpec>],
-    roots: &[CertificateDer<'static>],
-    egress: Option<&Egress>,
-    previous: Option<&HashMap<String, UpstreamClient>>,
-) -> Result<HashMap<String, UpstreamClient>, TlsError> {
-    let mut clients = HashMap::new();
-    for identity in routes
-        .iter()
-        .filter_map(|route| route.options.client_identity.as_ref())
-    {
-        if clients.contains_key(&identity.digest) {
-            continue;
-        }
-        let client = match previous.and_then(|previous| previous.get(&identity.digest)) {
-            Some(kept) => kept.clone(),
-            None => upstream_client(crate::tls::client_config(roots, Some(identity))?, egress),
+/// `client` as an [`UpstreamService`]: its response bodies boxed, its errors too.
+pub fn upstream_service(client: UpstreamClient) -> UpstreamService {
+    BoxCloneSyncService::new(
+        client
+            .map_response(|response: Response<Incoming>| response.map(boxed))
+            .map_err(BoxError::from),
+    )
+}
+
+/// The upstream services of one configuration: the shared one, and one per client identity
+/// the routes present (mutual TLS), keyed by the identity's digest.
+#[derive(Clone)]
+pub struct Upstreams {
+    shared: UpstreamService,
+    by_identity: HashMap<String, UpstreamService>,
+}
+
+impl Upstreams {
+    /// The services `routes` need; `previous`'s are kept (with their pooled connections) when
+    /// given — it is, unless the trusted roots or the way out changed — for the shared client
+    /// and every identity that did not change.
+    pub fn build(
+        routes: &[Arc<RouteSpec>],
+        roots: &[CertificateDer<'static>],
+        egress: Option<&Egress>,
+        previous: Option<&Upstreams>,
+    ) -> Result<Self, TlsError> {
+        let shared = match previous {
+            Some(previous) => previous.shared.clone(),
+            None => upstream_service(upstream_client(crate::tls::client_config(roots, None)?, egress)),
         };
-        clients.insert(identity.digest.clone(), client);
+        let mut by_identity = HashMap::new();
+        for identity in routes
+            .iter()
+            .filter_map(|route| route.options.client_identity.as_ref())
+        {
+            if by_identity.contains_key(&identity.digest) {
+                continue;
+            }
+            let kept = previous.and_then(|previous| previous.by_identity.get(&identity.digest));
+            let service = match kept {
+                Some(kept) => kept.clone(),
+                None => upstream_service(upstream_client(
+                    crate::tls::client_config(roots, Some(identity))?,
+                    egress,
+                )),
+            };
+            by_identity.insert(identity.digest.clone(), service);
+        }
+        Ok(Self { shared, by_identity })
     }
-    Ok(clients)
+
+    /// Every route sent to `service` (tests).
+    pub fn single(service: UpstreamService) -> Self {
+        Self {
+            shared: service,
+            by_identity: HashMap::new(),
+        }
+    }
+
+    /// The service for `route`: with its client certificate, if it has one.
+    pub fn for_route(&self, route: &RouteSpec) -> &UpstreamService {
+        route
+            .options
+            .client_identity
+            .as_ref()
+            .and_then(|identity| self.by_identity.get(&identity.digest))
+            .unwrap_or(&self.shared)
+    }
 }
 
 /// `upstream` + the path after the route's prefix + the original query.
@@ -89,19 +142,6 @@ pub fn upstream_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Res
         .path_and_query(path_and_query)
         .build()
 }
-
-/// Headers that describe one hop, not the message (RFC 9110 §7.6.1), and proxy credentials.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
 
 /// Removes hop-by-hop headers, including any that `Connection` names. Only the names present
 /// are removed, and `Connection`'s own options (`close`, `keep-alive`) are no header to look for.

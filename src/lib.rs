@@ -16,17 +16,22 @@
 //! What a token request looks like is each provider's dialect, [`token::dialect`]: its `oauth2`
 //! module (with the `client_auth` methods, [`token::assertion`] for signed ones) and `nuapay`.
 //!
-//! Each request reads one [`proxy::Snapshot`] of the configuration; [`reload`] validates a
-//! changed config file and swaps in a new snapshot, credentials and clients (tokens are keyed by
-//! credential identity, so unchanged credentials keep theirs). [`proxy::access_log`] writes one
-//! event per request.
+//! Each request reads one [`proxy::Snapshot`] of the configuration: its routes, its
+//! [`token::cache::Credentials`] and its upstream clients. [`running`] builds what a
+//! configuration needs — the same way at start-up and on every [`reload`], which then swaps the
+//! cache's credentials and the snapshot in one step (tokens are keyed by credential identity, so
+//! unchanged credentials keep theirs). [`proxy::access_log`] writes one event per request.
 //!
 //! Around it: [`config`] (TOML → validated types), [`server`] (listeners, signals, shutdown; one
 //! connection's watchdog in `server::connection`), [`admin`] (health, readiness, metrics, token
-//! admin, reload), [`error`] (the sidecar's JSON errors), [`probe`] (the image's health check),
-//! [`dev`] (the self-contained demo and the test doubles it shares with the tests), [`allocator`]
-//! (the binary's mimalloc: no transparent huge pages, freed pages given back at once while loading
-//! and after a burst of token fetches), [`sync`] (the one lock helper: a panic does not poison).
+//! admin, reload), [`error`] (the sidecar's JSON errors, one [`error::ProxyError::class`]),
+//! [`probe`] (the image's health check), [`dev`] (the self-contained demo and the test doubles it
+//! shares with the tests). On the ground floor, importing nothing of ours: [`body`] (the one
+//! boxed body type), [`failure`] (error chains and the one transport-failure classifier),
+//! [`egress`] (the CONNECT proxy), [`tls`], [`secret`], [`clock`], [`metrics`], [`allocator`]
+//! (the binary's mimalloc: no transparent huge pages, freed pages given back at once while
+//! loading and after a burst of token fetches) and [`sync`] (the one lock helper: a panic does
+//! not poison).
 
 pub mod admin;
 pub mod allocator;
@@ -37,12 +42,14 @@ pub mod config;
 pub mod dev;
 pub mod egress;
 pub mod error;
+pub mod failure;
 pub mod forward;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod route;
+pub mod running;
 pub mod secret;
 pub mod server;
 pub mod sync;

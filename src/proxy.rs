@@ -5,32 +5,36 @@
 pub mod access_log;
 pub mod client_body;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use subtle::ConstantTimeEq;
+use tower::Service;
 
 use crate::body::{full_body, ProxyBody};
 use crate::config::{CredentialChoice, CredentialSpec, HeaderChoice, RouteSpec, ServerSettings};
-use crate::error::{Chain, ProxyError, ERROR_HEADER};
+use crate::error::{InternalError, ProxyError, ERROR_HEADER};
+use crate::failure::{Chain, Transport};
 use crate::forward::{
-    clean_request_headers, inject_dpop_token, inject_token, remove_hop_by_hop, upstream_uri, UpstreamClient,
+    clean_request_headers, inject_dpop_token, inject_token, remove_hop_by_hop, upstream_uri, UpstreamService,
+    Upstreams,
 };
-use arc_swap::ArcSwap;
-
 use crate::metrics::Metrics;
 use crate::route::{check_path, request_host, Router};
 use crate::secret::Secret;
-use crate::token::cache::{CachedToken, TokenCache};
+use crate::token::cache::{CachedToken, Credentials, TokenCache};
 use crate::token::dpop::{self, Nonces};
 use access_log::Exchange;
 use client_body::{BodyFault, BodyLimits, BodyRecord, ClientBody};
+
+#[cfg(test)]
+mod tests;
 
 /// Checks every request meets before it is routed: size of its head, the shared-secret header,
 /// the declared body size; and the limits its body is read under.
@@ -49,6 +53,7 @@ impl RequestGuards {
             body: BodyLimits {
                 max_bytes: settings.max_request_body,
                 idle_timeout: settings.body_read_timeout,
+                total_timeout: settings.request_body_timeout,
             },
         }
     }
@@ -74,7 +79,7 @@ impl RequestGuards {
                 .map(|v| v.as_bytes())
                 .unwrap_or_default();
             if !bool::from(presented.ct_eq(expected.expose().as_bytes())) {
-                return Err(ProxyError::Forbidden(name.to_string()));
+                return Err(ProxyError::Forbidden(name.clone()));
             }
         }
         if let (Some(limit), Some(declared)) = (self.body.max_bytes, declared_length(request.headers())) {
@@ -87,29 +92,19 @@ impl RequestGuards {
 }
 
 /// The configuration a request is served with, read once per request and replaced whole by a
-/// reload: a request in flight finishes on the snapshot it started with.
+/// reload: a request in flight finishes on the snapshot it started with — its routes, its
+/// credentials (and their fetches in flight), its upstream clients.
+#[derive(Clone)]
 pub struct Snapshot {
     pub guards: RequestGuards,
     pub router: Router,
-    /// The pooled client to the upstreams (rebuilt by a reload only when the trusted roots
-    /// change, so pooled connections survive reloads).
-    pub client: UpstreamClient,
-    /// Clients presenting a client certificate (mutual TLS), by the identity's digest.
-    pub identity_clients: HashMap<String, UpstreamClient>,
+    /// The credentials the routes name, as the token cache knows them.
+    pub credentials: Credentials,
+    /// The upstream clients (rebuilt by a reload only where their settings changed, so pooled
+    /// connections survive reloads).
+    pub upstreams: Upstreams,
     /// One `token_sidecar::access` event per request.
     pub access_log: bool,
-}
-
-impl Snapshot {
-    /// The client for `route`: with its client certificate, if it has one.
-    fn client_for(&self, route: &RouteSpec) -> &UpstreamClient {
-        route
-            .options
-            .client_identity
-            .as_ref()
-            .and_then(|identity| self.identity_clients.get(&identity.digest))
-            .unwrap_or(&self.client)
-    }
 }
 
 pub struct Proxy {
@@ -141,18 +136,19 @@ impl Proxy {
     }
 
     /// Handles one request from the application; never fails, errors are JSON answers.
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(self: Arc<Self>, request: Request<ProxyBody>) -> Response<ProxyBody> {
         let snapshot = self.snapshot.load_full();
         let mut exchange = Exchange::new(&request);
         let result = self.route_and_forward(&snapshot, request, &mut exchange).await;
         let response = result.unwrap_or_else(|err| {
             let route = &**exchange.route_label();
-            if err.status().is_server_error() {
-                tracing::warn!(route, method = %exchange.method, code = err.code(), error = %Chain(&err), "request failed");
+            let class = err.class();
+            if class.status.is_server_error() {
+                tracing::warn!(route, method = %exchange.method, code = class.code, error = %Chain(&err), "request failed");
             } else {
-                tracing::info!(route, method = %exchange.method, code = err.code(), error = %Chain(&err), "request refused");
+                tracing::info!(route, method = %exchange.method, code = class.code, error = %Chain(&err), "request refused");
             }
-            exchange.error = Some(err.code());
+            exchange.error = Some(class.code);
             err.into_response()
         });
         let status = response.status().as_u16();
@@ -168,7 +164,7 @@ impl Proxy {
     async fn route_and_forward(
         &self,
         snapshot: &Snapshot,
-        request: Request<Incoming>,
+        request: Request<ProxyBody>,
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let host = check(&snapshot.guards, &request)?;
@@ -178,7 +174,7 @@ impl Proxy {
         let route = matched.route.clone();
         exchange.route = Some(route.clone());
         let uri = upstream_uri(&route.upstream, matched.rest, request.uri().query())
-            .map_err(|err| ProxyError::Internal(format!("cannot build upstream URI: {err}")))?;
+            .map_err(InternalError::UpstreamUri)?;
         self.forward(snapshot, &route, uri, request, exchange).await
     }
 
@@ -187,7 +183,7 @@ impl Proxy {
         snapshot: &Snapshot,
         route: &RouteSpec,
         uri: Uri,
-        request: Request<Incoming>,
+        request: Request<ProxyBody>,
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let credential = select_credential(route, request.headers())?.clone();
@@ -208,10 +204,14 @@ impl Proxy {
             KeptBody::Kept(bytes) => (full_body(bytes.clone()), Some(bytes)),
             KeptBody::Streaming(body) => (body, None),
         };
-        let token = self.tokens.token(&credential).await?;
+        let wait = route.options.timeout;
+        let token = self
+            .tokens
+            .token(&snapshot.credentials, &credential, wait)
+            .await?;
         exchange.token = Some(token.token.clone());
         let attempt = Attempt {
-            client: snapshot.client_for(route),
+            upstream: snapshot.upstreams.for_route(route),
             route,
             outgoing: &outgoing,
             credential: &credential,
@@ -235,12 +235,18 @@ impl Proxy {
         }
         exchange.upstream_status = Some(response.status().as_u16());
         if !route.options.purge_on_status.contains(response.status()) {
-            self.tokens.upstream_accepted(&credential);
+            self.tokens.upstream_accepted(&snapshot.credentials, &credential);
             return Ok(response);
         }
 
         // Boxed: rare, and its future (a purge, a fetch, a second send) is large.
-        Box::pin(self.replay_refused(&attempt, &token, response, replay_body, exchange)).await
+        let refused = Refused {
+            credentials: &snapshot.credentials,
+            token: &token,
+            response,
+            replay_body,
+        };
+        Box::pin(self.replay_refused(&attempt, refused, exchange)).await
     }
 
     /// The upstream refused the token: drop it (unless already replaced) and resend once with
@@ -248,34 +254,47 @@ impl Proxy {
     async fn replay_refused(
         &self,
         attempt: &Attempt<'_>,
-        token: &CachedToken,
-        response: Response<ProxyBody>,
-        replay_body: Option<Bytes>,
+        refused: Refused<'_>,
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let (route, credential) = (attempt.route, attempt.credential);
-        let replay = self.tokens.purge_refused(credential, token).await;
-        let Some(bytes) = replay_body.filter(|_| replay) else {
-            return Ok(response);
+        let (route, credential, credentials) = (attempt.route, attempt.credential, refused.credentials);
+        let replay = self
+            .tokens
+            .purge_refused(credentials, credential, refused.token)
+            .await;
+        let Some(bytes) = refused.replay_body.filter(|_| replay) else {
+            return Ok(refused.response);
         };
         self.metrics.upstream_401_retry(&route.name);
-        let fresh = self.tokens.token(credential).await?;
-        tracing::info!(route = %route.name, credential = %credential.name, status = response.status().as_u16(), "upstream refused the token; resending once with a fresh one");
+        let fresh = self
+            .tokens
+            .token(credentials, credential, route.options.timeout)
+            .await?;
+        let status = refused.response.status().as_u16();
+        tracing::info!(route = %route.name, credential = %credential.name, status, "upstream refused the token; resending once with a fresh one");
         exchange.replayed = true;
         exchange.token = Some(fresh.token.clone());
         let replayed = attempt.send(full_body(bytes), &fresh).await?;
         exchange.upstream_status = Some(replayed.status().as_u16());
         if route.options.purge_on_status.contains(replayed.status()) {
-            self.tokens.purge_refused(credential, &fresh).await;
+            self.tokens.purge_refused(credentials, credential, &fresh).await;
         } else {
-            self.tokens.upstream_accepted(credential);
+            self.tokens.upstream_accepted(credentials, credential);
         }
         Ok(replayed)
     }
 }
 
+/// An upstream's refusal of a token, and what a replay needs.
+struct Refused<'a> {
+    credentials: &'a Credentials,
+    token: &'a CachedToken,
+    response: Response<ProxyBody>,
+    replay_body: Option<Bytes>,
+}
+
 /// What every request must pass before routing; gives the host it is for.
-fn check(guards: &RequestGuards, request: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
+fn check(guards: &RequestGuards, request: &Request<ProxyBody>) -> Result<Option<String>, ProxyError> {
     match *request.method() {
         Method::CONNECT => return Err(ProxyError::ConnectNotSupported),
         Method::TRACE => return Err(ProxyError::TraceNotAllowed),
@@ -313,7 +332,7 @@ fn outgoing(guards: &RequestGuards, route: &RouteSpec, parts: http::request::Par
 
 /// One request to the upstream, as many times as it is sent.
 struct Attempt<'a> {
-    client: &'a UpstreamClient,
+    upstream: &'a UpstreamService,
     route: &'a RouteSpec,
     outgoing: &'a Outgoing,
     credential: &'a Arc<CredentialSpec>,
@@ -328,7 +347,9 @@ impl Attempt<'_> {
         *request.uri_mut() = outgoing.uri.clone();
         *request.headers_mut() = outgoing.headers.clone();
         self.authorize(request.headers_mut(), token)?;
-        let response = match tokio::time::timeout(route.options.timeout, self.client.request(request)).await {
+        // hyper's client and the tests' `service_fn`s are always ready: no `poll_ready` wait.
+        let sent = self.upstream.clone().call(request);
+        let response = match tokio::time::timeout(route.options.timeout, sent).await {
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout {
                     upstream: route.upstream.to_string(),
@@ -338,8 +359,8 @@ impl Attempt<'_> {
             Ok(Err(err)) => {
                 return Err(ProxyError::UpstreamUnreachable {
                     upstream: route.upstream.to_string(),
-                    reason: upstream_failure(&err),
-                    source: Some(err.into()),
+                    reason: Transport::of(&*err),
+                    source: Some(err),
                 })
             }
             Ok(Ok(response)) => response,
@@ -348,7 +369,7 @@ impl Attempt<'_> {
             // Upgrade is never forwarded, so a 101 is unsolicited: the connection is unusable.
             return Err(ProxyError::UpstreamUnreachable {
                 upstream: route.upstream.to_string(),
-                reason: "it switched protocols (101) though no upgrade was asked for",
+                reason: Transport::UnsolicitedUpgrade,
                 source: None,
             });
         }
@@ -360,16 +381,13 @@ impl Attempt<'_> {
         }
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.remove(ERROR_HEADER); // only the sidecar's own errors carry it
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(Into::into).boxed_unsync(),
-        ))
+        Ok(Response::from_parts(parts, body))
     }
 
     /// Puts the token in, as the route asks; a DPoP-bound one as `Authorization: DPoP` with a
     /// fresh proof for this request (and the upstream's latest nonce).
     fn authorize(&self, headers: &mut HeaderMap, token: &CachedToken) -> Result<(), ProxyError> {
-        let invalid = |_| ProxyError::Internal("token is not a valid header value".into());
+        let invalid = |err| ProxyError::from(InternalError::TokenHeader(err));
         let Some(key) = self.credential.request.dpop.as_ref().filter(|_| token.dpop) else {
             return inject_token(headers, &self.route.options.inject, &token.token).map_err(invalid);
         };
@@ -384,7 +402,7 @@ impl Attempt<'_> {
                 nonce.as_deref(),
                 Some(token.token.expose()),
             )
-            .map_err(|err| ProxyError::Internal(format!("the DPoP proof could not be signed: {err}")))?;
+            .map_err(InternalError::DpopProof)?;
         inject_dpop_token(headers, &token.token, &proof).map_err(invalid)
     }
 
@@ -422,7 +440,7 @@ enum KeptBody {
 /// Either way the body is read under `limits`, and its bytes and failure recorded in `record`.
 async fn keep_for_replay(
     headers: &HeaderMap,
-    body: Incoming,
+    body: ProxyBody,
     replay_limit: u64,
     limits: BodyLimits,
     record: &Arc<BodyRecord>,
@@ -453,66 +471,20 @@ fn select_credential<'r>(
         CredentialChoice::Fixed(credential) => Ok(credential),
         CredentialChoice::FromHeader(choice) => {
             let HeaderChoice { header, allowed } = &**choice;
-            let Some(value) = headers.get(header) else {
-                return Err(ProxyError::UnknownCredential(format!(
-                    "header {header} is missing; it must name one of this route's credentials"
-                )));
+            let refused = |missing| ProxyError::UnknownCredential {
+                header: header.clone(),
+                missing,
             };
+            let value = headers.get(header).ok_or_else(|| refused(true))?;
             let value = value.to_str().unwrap_or_default();
             allowed
                 .iter()
                 .find(|credential| &*credential.name == value)
-                .ok_or_else(|| {
-                    ProxyError::UnknownCredential(format!(
-                        "header {header} names none of this route's credentials"
-                    ))
-                })
+                .ok_or_else(|| refused(false))
         }
     }
 }
 
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-/// The client's words for why an upstream could not be reached; the chain goes to the log.
-fn upstream_failure(err: &hyper_util::client::legacy::Error) -> &'static str {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(cause) = source {
-        let io = cause.downcast_ref::<std::io::Error>();
-        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
-            return match tls {
-                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
-                    "its TLS certificate is not from a trusted issuer"
-                }
-                rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
-                | rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext {
-                    ..
-                }) => "its TLS certificate is not valid for its name",
-                rustls::Error::InvalidCertificate(_) => "its TLS certificate was refused",
-                _ => "the TLS handshake failed",
-            };
-        }
-        if let Some(io) = io {
-            match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => return "connection refused",
-                std::io::ErrorKind::TimedOut => return "connecting timed out",
-                std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::ConnectionAborted
-                | std::io::ErrorKind::BrokenPipe
-                | std::io::ErrorKind::UnexpectedEof => return "the connection was closed",
-                _ => {}
-            }
-        }
-        // An `io::Error`'s `source()` skips the error it wraps (rustls' among them).
-        source = match io.and_then(|io| io.get_ref()) {
-            Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
-            None => cause.source(),
-        };
-    }
-    if err.is_connect() {
-        "connecting failed"
-    } else {
-        "the connection failed before a response arrived"
-    }
 }

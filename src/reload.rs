@@ -1,7 +1,8 @@
-//! Reload: re-read the config file, validate it exactly as `check` does, and swap in what
-//! changed — the request snapshot (routes, guards), the credentials (an unchanged identity keeps
-//! its token), the clients (rebuilt only when their settings changed). Invalid → nothing
-//! changes. Triggered by `SIGHUP`, `POST /config/reload`, and [`watch`]ed file changes.
+//! Reload: re-read the config file, validate it exactly as `check` does, build it as start-up
+//! does ([`Loaded::build`], keeping the clients whose settings did not change), and swap it in
+//! — the credentials (an unchanged identity keeps its token) and the request snapshot holding
+//! them in one step, the removed identities' tokens dropped after. Invalid → nothing changes.
+//! Triggered by `SIGHUP`, `POST /config/reload`, and [`watch`]ed file changes.
 
 pub mod watch;
 
@@ -10,15 +11,11 @@ use std::sync::Arc;
 
 use crate::clock::SharedClock;
 use crate::config::{Config, ConfigError};
-use crate::forward;
+use crate::failure::Chain;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, RequestGuards, Snapshot};
-use crate::route::Router;
-use crate::tls;
+use crate::proxy::Proxy;
+use crate::running::{BuildError, Loaded};
 use crate::token::cache::TokenCache;
-use crate::token::fetch::TokenFetcher;
-use crate::token::shared::SharedTier;
-use crate::token::source::TokenSource;
 
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -27,10 +24,8 @@ pub enum ReloadError {
     NoFile,
     #[error("the config has problems; the old one keeps serving")]
     Invalid(#[source] ConfigError),
-    #[error("the new TLS settings cannot be used; the old config keeps serving")]
-    Tls(#[source] tls::TlsError),
-    #[error("the token endpoint client cannot be built; the old config keeps serving")]
-    TokenClient(#[source] crate::token::fetch::ClientError),
+    #[error("the new config cannot be put to work; the old one keeps serving")]
+    Build(#[source] BuildError),
 }
 
 impl ReloadError {
@@ -38,7 +33,7 @@ impl ReloadError {
     pub fn problems(&self) -> Vec<String> {
         match self {
             Self::Invalid(err) => err.to_string().lines().map(str::to_owned).collect(),
-            Self::NoFile | Self::Tls(_) | Self::TokenClient(_) => vec![],
+            Self::NoFile | Self::Build(_) => vec![],
         }
     }
 }
@@ -50,16 +45,6 @@ pub struct Reloaded {
     pub credentials: usize,
     /// The loaded config's version (see [`Config::version`]).
     pub version: String,
-}
-
-/// The running configuration, and what was built from it that a reload may reuse.
-pub struct Loaded {
-    pub config: Config,
-    pub tls: rustls::ClientConfig,
-    /// The token endpoint clients, one per provider.
-    pub fetcher: Arc<TokenFetcher>,
-    /// The fleet's shared tier in front of them, with `[cache.shared]`.
-    pub shared: Option<Arc<SharedTier>>,
 }
 
 /// Reloads the sidecar's configuration; one reload at a time.
@@ -116,7 +101,7 @@ impl Reloader {
             }
             Err(err) => {
                 self.metrics.config_reload("error");
-                tracing::warn!(error = %crate::error::Chain(err), "configuration not reloaded");
+                tracing::warn!(error = %Chain(err), "configuration not reloaded");
             }
         }
         outcome
@@ -127,70 +112,27 @@ impl Reloader {
         let mut current = self.current.lock().await;
         let config = Config::load(path).map_err(ReloadError::Invalid)?;
         warn_about_restart_only_changes(&current.config, &config);
-
-        // Either changes every client: the roots they trust, the way out they take.
-        let tls_changed =
-            config.extra_roots != current.config.extra_roots || config.egress != current.config.egress;
-        let tls = if tls_changed {
-            tls::client_config(&config.extra_roots, None).map_err(ReloadError::Tls)?
-        } else {
-            current.tls.clone()
-        };
-        let fetcher = TokenFetcher::rebuilt(
-            &config.providers,
-            &config.extra_roots,
-            config.egress.as_ref(),
-            self.clock.clone(),
-            (!tls_changed).then_some(&*current.fetcher),
-        )
-        .map(Arc::new)
-        .map_err(ReloadError::TokenClient)?;
-        let running = self.proxy.current();
-        let (client, previous) = if tls_changed {
-            (
-                forward::upstream_client(tls.clone(), config.egress.as_ref()),
-                None,
-            )
-        } else {
-            (running.client.clone(), Some(&running.identity_clients))
-        };
-        let identity_clients = forward::identity_clients(
-            &config.routes,
-            &config.extra_roots,
-            config.egress.as_ref(),
-            previous,
-        )
-        .map_err(ReloadError::Tls)?;
-
-        let shared = current
-            .shared
-            .as_ref()
-            .map(|shared| Arc::new(shared.with_inner(fetcher.clone(), config.cache)));
-        let source: Arc<dyn TokenSource> = match &shared {
-            Some(shared) => shared.clone(),
-            None => fetcher.clone(),
-        };
-        let applied = self.tokens.apply(&config.credentials, source, config.cache).await;
-        self.proxy.swap(Snapshot {
-            guards: RequestGuards::from_settings(&config.server),
-            router: Router::new(&config.routes, &config.server.allowed_hosts),
-            client,
-            identity_clients,
-            access_log: config.server.access_log,
-        });
+        let loaded =
+            Loaded::build(config, Some(&current), &self.clock, &self.metrics).map_err(ReloadError::Build)?;
+        let credentials = self.tokens.prepare(&loaded.config.credentials, loaded.source());
+        // One step for requests: nothing between the cache's credentials and the snapshot that
+        // holds them (a request on the old snapshot keeps the old credentials, and shares
+        // their fetches).
+        let replaced = self.tokens.install(&credentials, loaded.config.cache);
+        self.proxy.swap(loaded.snapshot(credentials));
+        let applied = replaced.applied();
         tracing::info!(kept = ?applied.kept, changed = ?applied.changed, removed = ?applied.removed, "credentials after the reload");
+        // Revoking can take a while, and requests no longer wait for it.
+        let tokens = self.tokens.clone();
+        tokio::spawn(async move { tokens.retire(replaced).await });
+        let config = &loaded.config;
         self.metrics.config_loaded(&config.version);
         let reloaded = Reloaded {
             routes: config.routes.len(),
             credentials: config.credentials.len(),
             version: config.version.clone(),
         };
-        *current = Loaded {
-            config,
-            tls,
-            fetcher,
-            shared,
-        };
+        *current = loaded;
         Ok(reloaded)
     }
 }

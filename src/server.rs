@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,17 +19,12 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::{self, AdminState};
 use crate::body::ProxyBody;
 use crate::clock::SharedClock;
-use crate::config::Config;
-use crate::forward;
+use crate::config::{Config, ServerSettings};
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, RequestGuards, Snapshot};
-use crate::reload::{self, Loaded, Reloader};
-use crate::route::Router;
-use crate::tls;
+use crate::proxy::Proxy;
+use crate::reload::{self, Reloader};
+use crate::running::{BuildError, Loaded};
 use crate::token::cache::TokenCache;
-use crate::token::fetch::TokenFetcher;
-use crate::token::shared::SharedTier;
-use crate::token::source::TokenSource;
 
 mod connection;
 
@@ -76,11 +70,7 @@ impl Default for ConnectionLimits {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
-    #[error("cannot build the token endpoint client")]
-    TokenClient(#[source] crate::token::fetch::ClientError),
-    #[error("cannot set up the shared cache")]
-    SharedCache(#[source] redis::RedisError),
+    Build(#[from] BuildError),
     #[error("cannot catch shutdown signals")]
     Signals(#[source] std::io::Error),
     #[error("cannot listen on {addr}")]
@@ -91,8 +81,9 @@ pub enum StartError {
     },
 }
 
-/// A request handler: what a listener calls for each request.
-pub type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxedResponse + Send + Sync>;
+/// A request handler: what a listener calls for each request (its body boxed at the
+/// connection's edge, so that handlers can be driven in-process).
+pub type Handler = Arc<dyn Fn(Request<ProxyBody>) -> BoxedResponse + Send + Sync>;
 pub type BoxedResponse = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
 
 /// A started sidecar.
@@ -131,65 +122,22 @@ pub async fn start_from(
     path: Option<PathBuf>,
     clock: SharedClock,
 ) -> Result<RunningSidecar, StartError> {
-    let tls = tls::client_config(&config.extra_roots, None)?;
     let metrics = Metrics::new();
-    let fetcher = TokenFetcher::new(
-        &config.providers,
-        &config.extra_roots,
-        config.egress.as_ref(),
-        clock.clone(),
-    )
-    .map_err(StartError::TokenClient)?;
-    let fetcher = Arc::new(fetcher);
-    let shared = match &config.shared {
-        Some(settings) => Some(Arc::new(
-            SharedTier::new(
-                settings,
-                config.cache,
-                fetcher.clone(),
-                clock.clone(),
-                metrics.clone(),
-            )
-            .map_err(StartError::SharedCache)?,
-        )),
-        None => None,
-    };
-    let source: Arc<dyn TokenSource> = match &shared {
-        Some(shared) => shared.clone(),
-        None => fetcher.clone(),
-    };
+    let loaded = Loaded::build(config, None, &clock, &metrics)?;
+    let (settings, routes) = (loaded.config.server.clone(), loaded.config.routes.len());
+    let watching = path.is_some() && settings.watch_config;
     let tokens = TokenCache::new(
-        &config.credentials,
-        source,
-        config.cache,
+        &loaded.config.credentials,
+        loaded.source(),
+        loaded.config.cache,
         clock.clone(),
         metrics.clone(),
     );
     let proxy = Arc::new(Proxy::new(
-        Snapshot {
-            guards: RequestGuards::from_settings(&config.server),
-            router: Router::new(&config.routes, &config.server.allowed_hosts),
-            client: forward::upstream_client(tls.clone(), config.egress.as_ref()),
-            identity_clients: forward::identity_clients(
-                &config.routes,
-                &config.extra_roots,
-                config.egress.as_ref(),
-                None,
-            )?,
-            access_log: config.server.access_log,
-        },
+        loaded.snapshot(tokens.credentials()),
         tokens.clone(),
         metrics.clone(),
     ));
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let (server, routes) = (config.server.clone(), config.routes.len());
-    let watching = path.is_some() && config.server.watch_config;
-    let loaded = Loaded {
-        config,
-        tls,
-        fetcher,
-        shared,
-    };
     let reloader = Arc::new(Reloader::new(
         path,
         loaded,
@@ -199,44 +147,38 @@ pub async fn start_from(
         clock,
     ));
 
-    let listener = bind(server.listen).await?;
-    let proxy_addr = local_addr(&listener, server.listen);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let proxy_handler: Handler = Arc::new(move |request| Box::pin(proxy.clone().handle(request)));
+    let proxy_addr = listen(
+        &settings,
+        settings.listen,
+        proxy_handler,
+        Some(&metrics),
+        &shutdown_rx,
+        &mut tasks,
+    )
+    .await?;
     if !proxy_addr.ip().is_loopback() {
         tracing::warn!(%proxy_addr, "listening beyond loopback (allow_non_loopback): anyone who reaches this address acts as your merchants");
     }
-    let limits = ConnectionLimits::from_settings(&server);
-    let proxy_handler: Handler = Arc::new(move |request| Box::pin(proxy.clone().handle(request)));
-    let serving = serve(
-        listener,
-        None,
-        proxy_handler,
-        shutdown_rx.clone(),
-        limits,
-        Some(metrics.clone()),
-    );
-    let mut tasks = vec![tokio::spawn(serving)];
-
-    let mut admin_addr = None;
-    if let Some(addr) = server.admin_listen {
-        let listener = bind(addr).await?;
-        admin_addr = Some(local_addr(&listener, addr));
-        let state = Arc::new(AdminState::new(tokens.clone(), metrics.clone(), reloader.clone()));
-        let admin_handler: Handler = Arc::new(move |request| Box::pin(admin::handle(state.clone(), request)));
-        tasks.push(tokio::spawn(serve(
-            listener,
-            None,
-            admin_handler,
-            shutdown_rx.clone(),
-            limits,
-            None,
-        )));
-    }
+    let admin_addr = match settings.admin_listen {
+        Some(addr) => {
+            let state = Arc::new(AdminState::new(
+                tokens.clone(),
+                metrics.clone(),
+                reloader.clone(),
+                &settings,
+            ));
+            let admin_handler: Handler =
+                Arc::new(move |request| Box::pin(admin::handle(state.clone(), request)));
+            Some(listen(&settings, addr, admin_handler, None, &shutdown_rx, &mut tasks).await?)
+        }
+        None => None,
+    };
     tasks.push(tokio::spawn(tokens.clone().run_refresher(shutdown_rx.clone())));
     if watching {
-        tasks.push(tokio::spawn(reload::watch::run(
-            reloader.clone(),
-            shutdown_rx.clone(),
-        )));
+        tasks.push(tokio::spawn(reload::watch::run(reloader.clone(), shutdown_rx)));
     }
     tokens.prefetch();
     tracing::info!(%proxy_addr, admin_addr = ?admin_addr, routes, "token-sidecar listening");
@@ -249,6 +191,30 @@ pub async fn start_from(
         shutdown,
         tasks,
     })
+}
+
+/// Binds `addr` and serves `handler` there on a task of its own; the address bound.
+async fn listen(
+    settings: &ServerSettings,
+    addr: SocketAddr,
+    handler: Handler,
+    metrics: Option<&Metrics>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<SocketAddr, StartError> {
+    let listener = bind(addr).await?;
+    let bound = local_addr(&listener, addr);
+    let limits = ConnectionLimits::from_settings(settings);
+    let serving = serve(
+        listener,
+        None,
+        handler,
+        shutdown.clone(),
+        limits,
+        metrics.cloned(),
+    );
+    tasks.push(tokio::spawn(serving));
+    Ok(bound)
 }
 
 /// Serves the config read from `path` until SIGINT or SIGTERM, then shuts down gracefully;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header;
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue};
 use rustls::pki_types::CertificateDer;
@@ -65,6 +66,9 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     /// A request body that sends nothing for this long is abandoned (408).
     pub body_read_timeout: Duration,
+    /// A request body not finished this long after it started is abandoned (408), however
+    /// steadily it trickles.
+    pub request_body_timeout: Duration,
     /// Non-loopback host names that routes without `host` also serve (lower-case).
     pub allowed_hosts: Vec<String>,
     /// One `token_sidecar::access` event per proxied request.
@@ -215,6 +219,25 @@ pub struct HeaderInject {
     pub name: HeaderName,
     pub prefix: String,
     pub suffix: String,
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1), and proxy credentials.
+pub const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Headers a route may not set or inject: the sidecar owns them (the hop-by-hop ones, the
+/// upstream's `Host`, the body's framing).
+pub fn is_reserved_header(name: &HeaderName) -> bool {
+    name == http::header::HOST || name == http::header::CONTENT_LENGTH || HOP_BY_HOP.contains(name)
 }
 
 /// Why a configuration could not be used.

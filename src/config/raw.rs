@@ -47,6 +47,8 @@ pub struct RawServer {
     pub idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub body_read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub request_body_timeout: Option<Duration>,
     pub allowed_hosts: Option<Vec<String>>,
     pub access_log: Option<bool>,
     pub watch_config: Option<bool>,
@@ -79,6 +81,8 @@ pub struct RawCache {
     pub failure_backoff: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub max_failure_backoff: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_probe_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub retry_budget: Option<Duration>,
     pub max_concurrent_fetches: Option<usize>,

@@ -19,21 +19,6 @@ mod values;
 
 use providers::ProviderDraft;
 
-/// Headers a route may not set or inject: the sidecar owns them.
-const RESERVED_HEADERS: &[&str] = &[
-    "host",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-];
-
 /// The source map and the parsed raw config, parsed on a thread of its own: the TOML document
 /// (some 25 times the file) and the raw values fill that thread's pages, which go back whole
 /// when they are dropped instead of sharing pages with the validated config that stays. On

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+
 use serde_json::{json, Value};
 
 use super::issued::{IssuedTokens, TokenForm};
@@ -174,7 +174,7 @@ impl MockProviders {
         lock(&self.steering).latency = latency;
     }
 
-    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(self: Arc<Self>, request: Request<ProxyBody>) -> Response<ProxyBody> {
         let (parts, body) = request.into_parts();
         let body = match body.collect().await {
             Ok(collected) => collected.to_bytes(),

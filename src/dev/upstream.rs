@@ -13,7 +13,7 @@ use futures_util::stream;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -70,7 +70,7 @@ impl EchoUpstream {
         checked
     }
 
-    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(self: Arc<Self>, request: Request<ProxyBody>) -> Response<ProxyBody> {
         let (issued, scheme) = match self.authorize(request.headers()) {
             Ok(accepted) => accepted,
             Err(refusal) => return unauthorized(refusal),
@@ -125,7 +125,7 @@ pub fn presented_token(headers: &HeaderMap) -> Option<(String, &'static str)> {
     Some((value.rsplit(' ').next()?.to_owned(), "header"))
 }
 
-async fn echo(request: Request<Incoming>, issued: Issued, scheme: &str) -> Response<ProxyBody> {
+async fn echo(request: Request<ProxyBody>, issued: Issued, scheme: &str) -> Response<ProxyBody> {
     let (parts, mut body) = request.into_parts();
     let mut hasher = Sha256::new();
     let mut length = 0u64;

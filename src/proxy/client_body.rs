@@ -1,7 +1,8 @@
 //! The application's request body on its way upstream: cut off at `max_request_body`,
-//! abandoned when the client stops sending for `body_read_timeout`, and — whatever fails —
-//! the failure recorded as the client's, so it is answered as such (413, 408, 400) and not
-//! blamed on the upstream.
+//! abandoned when the client stops sending for `body_read_timeout` or has not finished within
+//! `request_body_timeout` (a body trickled a byte at a time never stops sending), and —
+//! whatever fails — the failure recorded as the client's, so it is answered as such (413, 408,
+//! 400) and not blamed on the upstream.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,10 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::BoxError;
+use crate::body::{BoxError, ProxyBody};
 
 /// Why a client's request body could not be passed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +24,8 @@ pub enum BodyFault {
     TooLarge { limit: u64 },
     #[error("the client sent nothing of the request body for {after:?}")]
     Stalled { after: Duration },
+    #[error("the client did not finish sending the request body within {within:?}")]
+    TooSlow { within: Duration },
     #[error("the request body was cut off or badly framed")]
     Broken,
 }
@@ -48,6 +50,7 @@ impl BodyRecord {
             BodyFault::TooLarge { .. } => 1,
             BodyFault::Stalled { .. } => 2,
             BodyFault::Broken => 3,
+            BodyFault::TooSlow { .. } => 4,
         };
         let _ = self
             .fault
@@ -64,6 +67,9 @@ impl BodyRecord {
                 after: limits.idle_timeout,
             }),
             3 => Some(BodyFault::Broken),
+            4 => Some(BodyFault::TooSlow {
+                within: limits.total_timeout,
+            }),
             _ => None,
         }
     }
@@ -73,14 +79,19 @@ impl BodyRecord {
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimits {
     pub max_bytes: Option<u64>,
+    /// The longest the client may send nothing.
     pub idle_timeout: Duration,
+    /// The longest the whole body may take, from the request's arrival.
+    pub total_timeout: Duration,
 }
 
 /// A client's request body under [`BodyLimits`].
 pub struct ClientBody {
-    inner: Incoming,
+    inner: ProxyBody,
     read: u64,
     limits: BodyLimits,
+    /// When the whole body must have arrived.
+    finish_by: Instant,
     /// Armed when the client is waited on; `None` until the first wait (no timer for bodies
     /// that arrive at once).
     deadline: Option<Pin<Box<Sleep>>>,
@@ -89,11 +100,13 @@ pub struct ClientBody {
 }
 
 impl ClientBody {
-    pub fn new(inner: Incoming, limits: BodyLimits, record: Arc<BodyRecord>) -> Self {
+    /// `inner` read under `limits`, its whole deadline counted from now.
+    pub fn new(inner: ProxyBody, limits: BodyLimits, record: Arc<BodyRecord>) -> Self {
         Self {
             inner,
             read: 0,
             limits,
+            finish_by: Instant::now() + limits.total_timeout,
             deadline: None,
             waiting: false,
             record,
@@ -105,10 +118,10 @@ impl ClientBody {
         Poll::Ready(Some(Err(Box::new(fault))))
     }
 
-    /// Starts the idle clock when the client is first waited on after sending something, and
-    /// says whether it ran out.
-    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
-        let idle_until = Instant::now() + self.limits.idle_timeout;
+    /// Starts the idle clock when the client is first waited on after sending something (never
+    /// past the body's whole deadline), and says which limit ran out, if one did.
+    fn waited_out(&mut self, cx: &mut Context<'_>) -> Option<BodyFault> {
+        let idle_until = (Instant::now() + self.limits.idle_timeout).min(self.finish_by);
         let deadline = self
             .deadline
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(idle_until)));
@@ -116,7 +129,18 @@ impl ClientBody {
             deadline.as_mut().reset(idle_until);
             self.waiting = true;
         }
-        deadline.as_mut().poll(cx).is_ready()
+        if deadline.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        Some(if Instant::now() >= self.finish_by {
+            BodyFault::TooSlow {
+                within: self.limits.total_timeout,
+            }
+        } else {
+            BodyFault::Stalled {
+                after: self.limits.idle_timeout,
+            }
+        })
     }
 }
 
@@ -146,11 +170,10 @@ impl Body for ClientBody {
                 this.fail(BodyFault::Broken)
             }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending if this.stalled(cx) => {
-                let after = this.limits.idle_timeout;
-                this.fail(BodyFault::Stalled { after })
-            }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match this.waited_out(cx) {
+                Some(fault) => this.fail(fault),
+                None => Poll::Pending,
+            },
         }
     }
 

@@ -3,35 +3,11 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::{
-    ClientErrorSet, CredentialChoice, CredentialSpec, Inject, ProviderKind, ProviderSpec, RouteOptions,
-    RouteSpec, Upstream,
+    ClientErrorSet, CredentialChoice, CredentialSpec, Inject, RouteOptions, RouteSpec, Upstream,
 };
-use crate::token::dialect::{BodyEncoding, ResponseSpec, TokenRequest};
 
 fn credential() -> Arc<CredentialSpec> {
-    Arc::new(CredentialSpec {
-        name: "c".into(),
-        identity: crate::token::dialect::Identity::named("c-identity"),
-        provider: Arc::new(ProviderSpec {
-            name: "p".into(),
-            kind: ProviderKind::OAuth2,
-            client_identity: None,
-            connect_timeout: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            response: ResponseSpec::oauth2(),
-        }),
-        request: TokenRequest {
-            url: Arc::new("https://t.test/token".parse().unwrap()),
-            encoding: BodyEncoding::Form,
-            fields: vec![],
-            authorization: None,
-            secrets: vec![],
-            assertion: None,
-            dpop: None,
-        },
-        prefetch: false,
-        revoke_on_shutdown: false,
-    })
+    CredentialSpec::for_test("c", "c-identity")
 }
 
 /// A route the tests tell apart by `name`.

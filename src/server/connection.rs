@@ -28,7 +28,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::{ConnectionLimits, Handler};
-use crate::body::{BoxError, ProxyBody};
+use crate::body::{boxed, BoxError, ProxyBody};
 
 /// How long an idle connection is kept while the listener is at its connection cap.
 pub const IDLE_AT_CAP: Duration = Duration::from_secs(1);
@@ -155,7 +155,8 @@ where
     let tracker = activity.clone();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let in_flight = tracker.request_started();
-        let response = handler(request);
+        // The body is boxed here, once: everything behind the edge takes a `ProxyBody`.
+        let response = handler(request.map(boxed));
         async move {
             let (parts, inner) = response.await.into_parts();
             let body = TrackedBody {

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::failure::Transport;
+
 /// A failed token fetch. Every variant's text is safe to log and to show in `/tokens`: it
 /// carries the endpoint's status and a short reason, never a body, a secret or a token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,8 +25,15 @@ pub enum FetchError {
     Malformed { reason: &'static str },
     #[error("token endpoint timed out")]
     Timeout,
+    /// The connection failed: our words for why (the library's are in the log only).
     #[error("token endpoint unreachable: {reason}")]
-    Unreachable { reason: String },
+    Unreachable { reason: Transport },
+    /// The request could not be made here (the configuration cannot express it).
+    #[error("the token request could not be made: {reason}")]
+    Unsendable { reason: &'static str },
+    /// The fetch's task ended before the fetch did (it panicked): nothing was asked or learnt.
+    #[error("the token fetch stopped before it finished")]
+    Aborted,
     /// Another sidecar of the fleet failed and the fleet backs off (`[cache.shared]`); the
     /// message is that failure's (safe) text.
     #[error("{message} (the fleet backs off)")]
@@ -52,6 +61,8 @@ impl FetchError {
             Self::Malformed { .. } => "malformed",
             Self::Timeout => "timeout",
             Self::Unreachable { .. } => "unreachable",
+            Self::Unsendable { .. } => "unsendable",
+            Self::Aborted => "aborted",
             Self::FleetBackoff { .. } => "fleet_backoff",
         }
     }
@@ -62,7 +73,12 @@ impl FetchError {
             Self::RateLimited { retry_after }
             | Self::Status { retry_after, .. }
             | Self::FleetBackoff { retry_after, .. } => *retry_after,
-            Self::Rejected { .. } | Self::Malformed { .. } | Self::Timeout | Self::Unreachable { .. } => None,
+            Self::Rejected { .. }
+            | Self::Malformed { .. }
+            | Self::Timeout
+            | Self::Unreachable { .. }
+            | Self::Unsendable { .. }
+            | Self::Aborted => None,
         }
     }
 }

@@ -13,6 +13,7 @@ use super::dpop::{self, Nonces};
 use super::error::{error_code_from_body, FetchError};
 use crate::clock::SharedClock;
 use crate::egress::Egress;
+use crate::failure::{Chain, Transport};
 use crate::secret::Secret;
 use crate::token::spec::{CredentialSpec, ProviderSpec};
 use rustls::pki_types::CertificateDer;
@@ -145,11 +146,11 @@ impl TokenFetcher {
 
     /// Revokes a Nuapay token: `POST {token url}/{token_id}/revoke` with the API key.
     pub async fn revoke(&self, credential: &CredentialSpec, token_id: &str) -> Result<(), FetchError> {
-        let url = super::dialect::nuapay::revoke_url(&credential.request.url, token_id).ok_or_else(|| {
-            FetchError::Unreachable {
-                reason: "token URL cannot take a path".into(),
-            }
-        })?;
+        let url = super::dialect::nuapay::revoke_url(&credential.request.url, token_id).ok_or(
+            FetchError::Unsendable {
+                reason: "the token URL cannot take a revocation path",
+            },
+        )?;
         let response = self
             .post(credential, url)?
             .send()
@@ -170,14 +171,14 @@ impl TokenFetcher {
             .clients
             .get(&credential.provider.name)
             .map(|provider| &provider.client)
-            .ok_or_else(|| FetchError::Unreachable {
-                reason: "its provider was removed by a reload".into(),
+            .ok_or(FetchError::Unsendable {
+                reason: "its provider was removed by a reload",
             })?;
         let mut builder = client.post(url).header(ACCEPT, "application/json");
         if let Some(authorization) = &credential.request.authorization {
             let mut value =
-                HeaderValue::from_str(authorization.expose()).map_err(|_| FetchError::Unreachable {
-                    reason: "client credentials are not header-safe".into(),
+                HeaderValue::from_str(authorization.expose()).map_err(|_| FetchError::Unsendable {
+                    reason: "the client credentials are not header-safe",
                 })?;
             value.set_sensitive(true);
             builder = builder.header(AUTHORIZATION, value);
@@ -258,19 +259,14 @@ pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
     Some(Duration::from_secs(seconds.min(3600)))
 }
 
+/// A failed exchange with the endpoint, classified as the upstream path classifies its own
+/// ([`Transport::of`]); the library's words go to the log, never into the error.
 fn transport_error(err: reqwest::Error) -> FetchError {
     if err.is_timeout() {
         return FetchError::Timeout;
     }
-    // The innermost cause names the real problem (refused, unknown issuer, …) and holds no secret.
-    let mut cause: &dyn std::error::Error = &err;
-    while let Some(source) = cause.source() {
-        cause = source;
+    tracing::debug!(error = %Chain(&err), "token endpoint request failed");
+    FetchError::Unreachable {
+        reason: Transport::of(&err),
     }
-    let reason = if err.is_connect() {
-        format!("connect failed: {cause}")
-    } else {
-        format!("request failed: {cause}")
-    };
-    FetchError::Unreachable { reason }
 }

@@ -31,7 +31,7 @@ use tokio::sync::broadcast;
 use super::dialect::{IssuedToken, Secrets};
 use super::error::FetchError;
 use super::lifetime::Freshness;
-use super::source::{RefusedToken, SourceFuture, TokenSource};
+use super::source::{FetchContext, RefusedToken, SourceFuture, TokenSource};
 use crate::clock::{from_unix_millis, unix_millis, SharedClock};
 use crate::metrics::Metrics;
 use crate::secret::AccessToken;
@@ -121,12 +121,16 @@ impl SharedTier {
         }
     }
 
-    async fn fetch_shared(&self, credential: &CredentialSpec) -> Result<IssuedToken, FetchError> {
+    async fn fetch_shared(
+        &self,
+        credential: &CredentialSpec,
+        context: FetchContext,
+    ) -> Result<IssuedToken, FetchError> {
         let Some(mut connection) = self.link.connection().await else {
             self.metrics.shared_cache("fallback");
-            return self.inner.fetch(credential).await;
+            return self.inner.fetch(credential, context).await;
         };
-        match self.through_redis(&mut connection, credential).await {
+        match self.through_redis(&mut connection, credential, context).await {
             Ok(outcome) => {
                 self.link.succeeded();
                 outcome
@@ -134,7 +138,7 @@ impl SharedTier {
             Err(err) => {
                 self.link.failed(&err);
                 self.metrics.shared_cache("fallback");
-                self.inner.fetch(credential).await
+                self.inner.fetch(credential, context).await
             }
         }
     }
@@ -143,6 +147,7 @@ impl SharedTier {
         &self,
         redis: &mut ConnectionManager,
         credential: &CredentialSpec,
+        context: FetchContext,
     ) -> Result<Result<IssuedToken, FetchError>, redis::RedisError> {
         let keys = Keys::new(&self.prefix, credential);
         if let Some(token) = self.fresh_token(redis, &keys).await? {
@@ -177,7 +182,7 @@ impl SharedTier {
                 self.metrics.shared_cache("hit");
                 return Ok(Ok(token));
             }
-            let outcome = self.inner.fetch(credential).await;
+            let outcome = self.inner.fetch(credential, context).await;
             // Storing and releasing are best effort: if Redis fails now, the fleet misses this
             // outcome (and the lock expires), but the token in hand is not fetched again.
             if let Err(err) = self.record(redis, &keys, &outcome).await {
@@ -187,7 +192,7 @@ impl SharedTier {
             return Ok(outcome);
         }
         self.metrics.shared_cache("lock_wait");
-        self.wait_for_holder(redis, &keys, credential).await
+        self.wait_for_holder(redis, &keys, credential, context).await
     }
 
     /// Lets go of the credential's lock if this sidecar still holds it (best effort: else it
@@ -210,6 +215,7 @@ impl SharedTier {
         redis: &mut ConnectionManager,
         keys: &Keys,
         credential: &CredentialSpec,
+        context: FetchContext,
     ) -> Result<Result<IssuedToken, FetchError>, redis::RedisError> {
         let deadline = tokio::time::Instant::now() + self.lock_ttl;
         while tokio::time::Instant::now() < deadline {
@@ -230,7 +236,7 @@ impl SharedTier {
         if tokio::time::Instant::now() >= deadline {
             self.metrics.shared_cache("lock_timeout");
         }
-        Ok(self.inner.fetch(credential).await)
+        Ok(self.inner.fetch(credential, context).await)
     }
 
     /// The stored token, if it opens and is still fresh by the refresh policy (one due for
@@ -335,7 +341,7 @@ impl SharedTier {
             }
             Err(error) => {
                 let failures: u32 = redis.incr(&keys.failures, 1).await?;
-                let wait = super::cache::backoff(&self.cache, failures, error);
+                let wait = super::cache::backoff(&self.cache, failures, error).wait;
                 let failure = SharedFailure {
                     message: error.to_string(),
                     rejected: match error {
@@ -385,8 +391,12 @@ impl SharedTier {
 }
 
 impl TokenSource for SharedTier {
-    fn fetch<'a>(&'a self, credential: &'a CredentialSpec) -> SourceFuture<'a, IssuedToken> {
-        Box::pin(self.fetch_shared(credential))
+    fn fetch<'a>(
+        &'a self,
+        credential: &'a CredentialSpec,
+        context: FetchContext,
+    ) -> SourceFuture<'a, IssuedToken> {
+        Box::pin(self.fetch_shared(credential, context))
     }
 
     fn revoke<'a>(&'a self, credential: &'a CredentialSpec, token_id: &'a str) -> SourceFuture<'a, ()> {

@@ -13,6 +13,26 @@ use super::fetch::TokenFetcher;
 use crate::secret::AccessToken;
 use crate::token::spec::CredentialSpec;
 
+/// Why a token is being fetched, for a source that keeps a back-off of its own (the fleet's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchContext {
+    /// An admin's forced refresh: no back-off holds it.
+    pub forced: bool,
+    /// A request has no usable token and waits: a back-off the provider did not ask for
+    /// yields to a probe after `max_probe_interval`.
+    pub waiting: bool,
+}
+
+impl FetchContext {
+    /// The context of a fetch for a caller that wants `want` (and respects the back-off).
+    pub(crate) fn of(want: super::cache::Want, respect_backoff: bool) -> Self {
+        Self {
+            forced: !respect_backoff,
+            waiting: want == super::cache::Want::Usable,
+        }
+    }
+}
+
 /// What a [`TokenSource`] call returns.
 pub type SourceFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, FetchError>> + Send + 'a>>;
 
@@ -20,7 +40,11 @@ pub type SourceFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, FetchError>
 /// credential identity, and does the retrying and the back-off itself.
 pub trait TokenSource: Send + Sync {
     /// One attempt at a token for `credential`.
-    fn fetch<'a>(&'a self, credential: &'a CredentialSpec) -> SourceFuture<'a, IssuedToken>;
+    fn fetch<'a>(
+        &'a self,
+        credential: &'a CredentialSpec,
+        context: FetchContext,
+    ) -> SourceFuture<'a, IssuedToken>;
 
     /// Revokes the token the provider knows as `token_id` (Nuapay long-lived tokens).
     fn revoke<'a>(&'a self, credential: &'a CredentialSpec, token_id: &'a str) -> SourceFuture<'a, ()>;
@@ -51,7 +75,7 @@ pub struct RefusedToken {
 }
 
 impl TokenSource for TokenFetcher {
-    fn fetch<'a>(&'a self, credential: &'a CredentialSpec) -> SourceFuture<'a, IssuedToken> {
+    fn fetch<'a>(&'a self, credential: &'a CredentialSpec, _: FetchContext) -> SourceFuture<'a, IssuedToken> {
         Box::pin(TokenFetcher::fetch(self, credential))
     }
 

@@ -58,6 +58,9 @@ pub struct CacheSettings {
     /// First pause after a failed token fetch; it doubles per consecutive failure.
     pub failure_backoff: Duration,
     pub max_failure_backoff: Duration,
+    /// While requests wait for a failing credential's token, the longest between two probes
+    /// of its endpoint (unless the provider said when to come back).
+    pub max_probe_interval: Duration,
     /// How long a waiting request's fetch may keep retrying retryable failures.
     pub retry_budget: Duration,
     /// Token fetches in flight at once, across all credentials.
@@ -70,8 +73,41 @@ impl Default for CacheSettings {
             refresh: RefreshPolicy::default(),
             failure_backoff: Duration::from_secs(1),
             max_failure_backoff: Duration::from_secs(60),
+            max_probe_interval: Duration::from_secs(5),
             retry_budget: Duration::from_secs(2),
             max_concurrent_fetches: 8,
         }
+    }
+}
+
+#[cfg(test)]
+impl CredentialSpec {
+    /// A credential the tests tell apart by `name` and `identity`, at an endpoint no test
+    /// reaches (a stand-in source answers instead).
+    pub fn for_test(name: &str, identity: &str) -> Arc<Self> {
+        use super::dialect::{BodyEncoding, TokenRequest};
+        Arc::new(Self {
+            name: name.into(),
+            identity: Identity::named(identity),
+            provider: Arc::new(ProviderSpec {
+                name: "p".into(),
+                kind: ProviderKind::OAuth2,
+                client_identity: None,
+                connect_timeout: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                response: ResponseSpec::oauth2(),
+            }),
+            request: TokenRequest {
+                url: Arc::new("https://auth.test/token".parse().expect("a URL")),
+                encoding: BodyEncoding::Form,
+                fields: vec![],
+                authorization: None,
+                secrets: vec![],
+                assertion: None,
+                dpop: None,
+            },
+            prefetch: false,
+            revoke_on_shutdown: false,
+        })
     }
 }

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use sha2::{Digest, Sha256};
@@ -102,7 +102,7 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<ProxyBody> {
 
 /// A token endpoint that issues DPoP-bound tokens only to valid proofs carrying its nonce.
 fn dpop_token_endpoint(seen: Shared) -> Handler {
-    Arc::new(move |request: Request<Incoming>| {
+    Arc::new(move |request: Request<ProxyBody>| {
         let seen = seen.clone();
         Box::pin(async move {
             let mut seen = seen.lock().unwrap();
@@ -151,7 +151,7 @@ fn dpop_token_endpoint(seen: Shared) -> Handler {
 /// An upstream that accepts a DPoP-bound token only with a proof by the key it is bound to,
 /// for this very request, hashing this token, carrying its nonce.
 fn dpop_upstream(seen: Shared) -> Handler {
-    Arc::new(move |request: Request<Incoming>| {
+    Arc::new(move |request: Request<ProxyBody>| {
         let seen = seen.clone();
         Box::pin(async move {
             let method = request.method().to_string();
@@ -298,7 +298,7 @@ async fn a_dpop_key_file_is_the_key_tokens_are_bound_to() {
 async fn a_bearer_answer_to_a_dpop_request_is_sent_as_bearer() {
     // RFC 9449 §5: a server without DPoP ignores the proof and issues a Bearer token.
     let pki = TestPki::new().unwrap();
-    let token: Handler = Arc::new(|request: Request<Incoming>| {
+    let token: Handler = Arc::new(|request: Request<ProxyBody>| {
         let proved = request.headers().contains_key("dpop");
         Box::pin(async move {
             assert!(proved, "the token request carried a proof");
@@ -308,7 +308,7 @@ async fn a_bearer_answer_to_a_dpop_request_is_sent_as_bearer() {
             )
         })
     });
-    let upstream: Handler = Arc::new(|request: Request<Incoming>| {
+    let upstream: Handler = Arc::new(|request: Request<ProxyBody>| {
         let authorization = format!(
             "{:?} {}",
             request.headers().get("authorization"),

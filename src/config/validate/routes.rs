@@ -8,10 +8,10 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 
 use crate::config::raw::{RawInject, RawRoute};
-use crate::config::validate::{suggest, Validator, RESERVED_HEADERS};
+use crate::config::validate::{suggest, Validator};
 use crate::config::{
-    ClientErrorSet, CredentialChoice, HeaderChoice, HeaderInject, Inject, KeyPath, RouteOptions, RouteSpec,
-    Upstream,
+    is_reserved_header, ClientErrorSet, CredentialChoice, HeaderChoice, HeaderInject, Inject, KeyPath,
+    RouteOptions, RouteSpec, Upstream,
 };
 use crate::token::spec::CredentialSpec;
 
@@ -306,7 +306,7 @@ impl Validator {
             Some(RawInject::BasicUsername) => Some(Inject::BasicUsername),
             Some(RawInject::Header { header, format }) => {
                 let name = self.header_name(&path.key("header"), header)?;
-                if RESERVED_HEADERS.contains(&name.as_str()) {
+                if is_reserved_header(&name) {
                     self.problem(&path.key("header"), format!("`{name}` is managed by the sidecar"));
                     return None;
                 }
@@ -345,7 +345,7 @@ impl Validator {
                 ok = false;
                 continue;
             };
-            if RESERVED_HEADERS.contains(&header.as_str()) || header == http::header::AUTHORIZATION {
+            if is_reserved_header(&header) || header == http::header::AUTHORIZATION {
                 self.problem(&key_path, format!("`{header}` is managed by the sidecar"));
                 ok = false;
                 continue;

@@ -10,8 +10,8 @@ use base64::Engine;
 use rustls::pki_types::CertificateDer;
 
 use crate::config::raw::{RawCache, RawEgress, RawIdentity, RawSecret, RawServer, RawSharedCache, RawTls};
-use crate::config::validate::{suggest, Validator, RESERVED_HEADERS};
-use crate::config::{Egress, KeyPath, ServerSettings};
+use crate::config::validate::{suggest, Validator};
+use crate::config::{is_reserved_header, Egress, KeyPath, ServerSettings};
 use crate::secret::EncryptionKey;
 use crate::tls::ClientIdentity;
 use crate::token::lifetime::RefreshPolicy;
@@ -24,6 +24,7 @@ const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Validator {
     pub(super) fn server(&mut self, path: &KeyPath, raw: &RawServer) -> Option<ServerSettings> {
@@ -39,7 +40,7 @@ impl Validator {
             Some(required) => {
                 let key = path.key("require_header");
                 let name = self.header_name(&key.key("name"), &required.name)?;
-                if RESERVED_HEADERS.contains(&name.as_str()) || name == http::header::AUTHORIZATION {
+                if is_reserved_header(&name) || name == http::header::AUTHORIZATION {
                     self.problem(
                         &key.key("name"),
                         format!("`{name}` cannot be the required header"),
@@ -83,6 +84,11 @@ impl Validator {
                 &path.key("body_read_timeout"),
                 raw.body_read_timeout,
                 DEFAULT_BODY_READ_TIMEOUT,
+            ),
+            request_body_timeout: self.nonzero(
+                &path.key("request_body_timeout"),
+                raw.request_body_timeout,
+                DEFAULT_REQUEST_BODY_TIMEOUT,
             ),
             allowed_hosts: self.allowed_hosts(&path.key("allowed_hosts"), raw.allowed_hosts.as_deref()),
             access_log: raw.access_log.unwrap_or(true),
@@ -377,6 +383,11 @@ impl Validator {
                 "max_failure_backoff",
                 raw.max_failure_backoff,
                 defaults.max_failure_backoff,
+            ),
+            max_probe_interval: duration(
+                "max_probe_interval",
+                raw.max_probe_interval,
+                defaults.max_probe_interval,
             ),
             retry_budget: raw.retry_budget.unwrap_or(defaults.retry_budget),
             max_concurrent_fetches: raw

@@ -12,15 +12,36 @@ const FIRST_RETRY_GAP: Duration = Duration::from_millis(100);
 /// Attempts in one retry burst.
 pub(super) const MAX_ATTEMPTS: u32 = 4;
 
-/// Back-off after `failures` consecutive failures: doubling from `failure_backoff` up to
-/// `max_failure_backoff`; rejected credentials wait the maximum (retrying soon cannot help);
-/// a `Retry-After` longer than that is honoured.
-pub fn backoff(settings: &CacheSettings, failures: u32, error: &FetchError) -> Duration {
-    let base = match error {
-        FetchError::Rejected { .. } => settings.max_failure_backoff,
-        _ => doubling(settings, failures),
+/// How long a failing credential is left alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// Until the next background attempt (refresh-ahead, prefetch, the fleet's record).
+    pub wait: Duration,
+    /// Until a request that has no usable token may probe the endpoint again: no later than
+    /// `max_probe_interval` after the failure, unless the provider said when to come back (or
+    /// refused the credentials), so that recovery is seen within seconds however long the
+    /// outage made the back-off.
+    pub probe: Duration,
+}
+
+/// Back-off after `failures` consecutive failures: the provider's `Retry-After` when it gives
+/// one; else doubling from `failure_backoff` up to `max_failure_backoff`, with probes for
+/// waiting requests every `max_probe_interval` at most; rejected credentials wait the maximum
+/// (retrying soon cannot help), or a `Retry-After` longer than that.
+pub fn backoff(settings: &CacheSettings, failures: u32, error: &FetchError) -> Backoff {
+    let asked = error.retry_after().filter(|asked| !asked.is_zero());
+    let (wait, probe) = match (error, asked) {
+        (FetchError::Rejected { .. }, _) => {
+            let wait = settings.max_failure_backoff.max(asked.unwrap_or_default());
+            (wait, wait)
+        }
+        (_, Some(asked)) => (asked, asked),
+        (_, None) => {
+            let wait = doubling(settings, failures);
+            (wait, wait.min(settings.max_probe_interval))
+        }
     };
-    base.max(error.retry_after().unwrap_or_default())
+    Backoff { wait, probe }
 }
 
 /// `failure_backoff` doubled per repetition after the first, up to `max_failure_backoff`.
@@ -37,14 +58,17 @@ pub fn retry_gap(error: &FetchError, attempt: u32) -> Option<Duration> {
     let doubling = FIRST_RETRY_GAP.saturating_mul(1u32 << attempt.saturating_sub(1).min(10));
     let jittered = doubling.mul_f64(rand::thread_rng().gen_range(0.8..1.2));
     match error {
-        FetchError::Rejected { .. } => None,
+        FetchError::Rejected { .. } | FetchError::Unsendable { .. } => None,
         FetchError::Status { status, .. } if *status < 500 => None,
         // The fleet already waits; its time left is the answer.
         FetchError::FleetBackoff { .. } => None,
         FetchError::RateLimited { retry_after } | FetchError::Status { retry_after, .. } => {
             Some(retry_after.unwrap_or(jittered).max(jittered))
         }
-        FetchError::Malformed { .. } | FetchError::Timeout | FetchError::Unreachable { .. } => Some(jittered),
+        FetchError::Malformed { .. }
+        | FetchError::Timeout
+        | FetchError::Unreachable { .. }
+        | FetchError::Aborted => Some(jittered),
     }
 }
 
@@ -62,8 +86,33 @@ mod tests {
             status: 503,
             retry_after: None,
         };
-        let waits: Vec<u64> = (1..=8).map(|n| backoff(&settings(), n, &err).as_secs()).collect();
+        let waits: Vec<u64> = (1..=8)
+            .map(|n| backoff(&settings(), n, &err).wait.as_secs())
+            .collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
+    }
+
+    #[test]
+    fn waiting_requests_probe_within_the_probe_interval_however_long_the_backoff() {
+        let err = FetchError::Status {
+            status: 503,
+            retry_after: None,
+        };
+        let probes: Vec<u64> = (1..=8)
+            .map(|n| backoff(&settings(), n, &err).probe.as_secs())
+            .collect();
+        assert_eq!(probes, [1, 2, 4, 5, 5, 5, 5, 5]);
+    }
+
+    #[test]
+    fn the_providers_retry_after_is_the_wait_even_when_shorter_than_the_doubling() {
+        let err = FetchError::Status {
+            status: 503,
+            retry_after: Some(Duration::from_secs(2)),
+        };
+        let at_the_tenth = backoff(&settings(), 10, &err);
+        assert_eq!(at_the_tenth.wait, Duration::from_secs(2));
+        assert_eq!(at_the_tenth.probe, Duration::from_secs(2));
     }
 
     #[test]
@@ -72,7 +121,11 @@ mod tests {
             status: 401,
             reason: None,
         };
-        assert_eq!(backoff(&settings(), 1, &err), Duration::from_secs(60));
+        let backoff = backoff(&settings(), 1, &err);
+        assert_eq!(
+            (backoff.wait, backoff.probe),
+            (Duration::from_secs(60), Duration::from_secs(60))
+        );
     }
 
     #[test]
@@ -117,14 +170,14 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_honoured_when_longer() {
+    fn retry_after_is_honoured_and_zero_means_the_doubling() {
         let err = FetchError::RateLimited {
             retry_after: Some(Duration::from_secs(120)),
         };
-        assert_eq!(backoff(&settings(), 1, &err), Duration::from_secs(120));
+        assert_eq!(backoff(&settings(), 1, &err).wait, Duration::from_secs(120));
         let err = FetchError::RateLimited {
             retry_after: Some(Duration::from_secs(0)),
         };
-        assert_eq!(backoff(&settings(), 3, &err), Duration::from_secs(4));
+        assert_eq!(backoff(&settings(), 3, &err).wait, Duration::from_secs(4));
     }
 }

@@ -1,65 +1,120 @@
-//! One fetch in flight per identity: callers queue on moka's per-key lock and each re-checks
-//! the entry and the back-off first; the retry burst; the "may it be sent now?" check on
-//! arrival; success and failure bookkeeping.
+//! One fetch in flight per identity, on a task of its own: callers join the identity's
+//! *flight* (or start one, after re-checking the cache and the back-off), and the flight
+//! finishes, storing its token, whoever stops waiting for it. Also the retry burst, the "may it
+//! be sent now?" check on arrival, and success and failure bookkeeping.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use moka::ops::compute::{CompResult, Op};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use rand::Rng;
 
-use super::backoff::{backoff, retry_gap, MAX_ATTEMPTS};
-use super::registry::CredentialState;
+use super::backoff::{backoff, retry_gap, Backoff, MAX_ATTEMPTS};
+use super::registry::{CredentialState, FetchStatus};
 use super::{lock, satisfies, CachedToken, TokenCache, TokenError, Want};
 use crate::token::dialect::IssuedToken;
 use crate::token::error::FetchError;
 use crate::token::lifetime::Freshness;
+use crate::token::source::FetchContext;
+use crate::token::spec::{CacheSettings, CredentialSpec};
+
+/// A fetch in flight, as its waiters hold it: each awaits a clone, and the fetch runs on its
+/// own task whether or not anyone still does.
+pub(super) type Flight = Shared<BoxFuture<'static, Result<Arc<CachedToken>, TokenError>>>;
 
 impl TokenCache {
-    /// Runs at most one fetch per credential at a time: callers queue on moka's per-key lock,
-    /// and each re-checks the entry (and the back-off) before fetching.
+    /// A token that satisfies `want`: the cached one, else the outcome of the credential's
+    /// flight, joined or started (after the back-off is checked, unless `!respect_backoff`).
     pub(super) async fn fetch_exclusive(
-        &self,
+        self: &Arc<Self>,
         state: &Arc<CredentialState>,
         want: Want,
         respect_backoff: bool,
     ) -> Result<Arc<CachedToken>, TokenError> {
-        let outcome = self
-            .store
-            .entry(state.spec.identity)
-            .and_try_compute_with(|current| async move {
-                let now = self.clock.now();
-                if let Some(entry) = &current {
-                    if satisfies(entry.value(), want, now) {
-                        return Ok(Op::Nop);
-                    }
+        loop {
+            let seen = lock(&state.fetch.status).successes;
+            if let Some(cached) = self.store.get(&state.spec.identity).await {
+                if satisfies(&cached, want, self.clock.now()) {
+                    return Ok(cached);
                 }
-                if respect_backoff {
-                    self.check_backoff(state, now)?;
-                }
-                self.fetch_with_retries(state).await.map(Op::Put)
-            })
-            .await?;
-        match outcome {
-            CompResult::Inserted(entry) | CompResult::ReplacedWith(entry) | CompResult::Unchanged(entry) => {
-                Ok(entry.into_value())
             }
-            CompResult::StillNone(_) | CompResult::Removed(_) => Err(self.unavailable(
-                state,
-                FetchError::malformed("no token after fetch"),
-                self.settings.load().failure_backoff,
-            )),
+            // `None`: a fetch finished since we looked, and its token may be what we need.
+            if let Some(flight) = self.join_or_start(state, seen, want, respect_backoff)? {
+                return flight.await;
+            }
         }
     }
 
-    fn check_backoff(&self, state: &CredentialState, now: SystemTime) -> Result<(), TokenError> {
-        let status = lock(&state.fetch.status);
-        match (status.retry_not_before, &status.last_error) {
+    /// The credential's flight: the one in the air, or a new one — unless a fetch succeeded
+    /// since `seen` successes (`None`), or the credential backs off.
+    fn join_or_start(
+        self: &Arc<Self>,
+        state: &Arc<CredentialState>,
+        seen: u64,
+        want: Want,
+        respect_backoff: bool,
+    ) -> Result<Option<Flight>, TokenError> {
+        let mut status = lock(&state.fetch.status);
+        if let Some(flight) = &status.flight {
+            return Ok(Some(flight.clone()));
+        }
+        if status.successes != seen {
+            return Ok(None);
+        }
+        if respect_backoff {
+            self.check_backoff(state, &status, want, self.clock.now())?;
+        }
+        let flight = self.start_flight(state, FetchContext::of(want, respect_backoff));
+        status.flight = Some(flight.clone());
+        Ok(Some(flight))
+    }
+
+    /// Spawns the fetch of `state`'s token: it runs to its end under its own deadline, stores
+    /// the token, and then leaves the credential's flight slot free.
+    fn start_flight(self: &Arc<Self>, state: &Arc<CredentialState>, context: FetchContext) -> Flight {
+        let (cache, flying) = (self.clone(), state.clone());
+        let deadline = flight_deadline(&state.spec, &self.settings.load());
+        let task = tokio::spawn(async move {
+            let _landed = Landing(flying.clone());
+            let outcome =
+                match tokio::time::timeout(deadline, cache.fetch_with_retries(&flying, context)).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(cache.failed(&flying, FetchError::Timeout, 1)),
+                };
+            if let Ok(token) = &outcome {
+                cache.store.insert(flying.spec.identity, token.clone()).await;
+            }
+            outcome
+        });
+        let (cache, state) = (self.clone(), state.clone());
+        async move {
+            match task.await {
+                Ok(outcome) => outcome,
+                // Only a panic ends the task early (it is never aborted).
+                Err(_) => Err(cache.unavailable(&state, FetchError::Aborted, Duration::from_secs(1))),
+            }
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// The credential's back-off, as it applies to a caller wanting `want`: a request with no
+    /// usable token may probe sooner than a background fetch (see [`super::Backoff`]).
+    fn check_backoff(
+        &self,
+        state: &CredentialState,
+        status: &FetchStatus,
+        want: Want,
+        now: SystemTime,
+    ) -> Result<(), TokenError> {
+        let until = match want {
+            Want::Usable => status.probe_not_before,
+            Want::Fresh | Want::NewerThan(_) => status.retry_not_before,
+        };
+        match (until, &status.last_error) {
             (Some(until), Some(error)) if until > now => {
                 let wait = until.duration_since(now).unwrap_or_default();
-                let error = FetchError::clone(error);
-                drop(status);
-                Err(self.unavailable(state, error, wait))
+                Err(self.unavailable(state, FetchError::clone(error), wait))
             }
             _ => Ok(()),
         }
@@ -71,6 +126,7 @@ impl TokenCache {
     pub(super) async fn fetch_with_retries(
         &self,
         state: &CredentialState,
+        context: FetchContext,
     ) -> Result<Arc<CachedToken>, TokenError> {
         let deadline = tokio::time::Instant::now() + self.settings.load().retry_budget;
         let credential = &state.spec.name;
@@ -82,7 +138,7 @@ impl TokenCache {
                 let _permit = self.fetch_permits.acquire().await;
                 lock(&state.fetch.status).attempts += 1;
                 let source = self.registry.load().source.clone();
-                source.fetch(&state.spec).await
+                source.fetch(&state.spec, context).await
             };
             let error = match result.and_then(|issued| self.usable_on_arrival(issued)) {
                 Ok(token) => return Ok(self.record_success(state, token)),
@@ -94,9 +150,7 @@ impl TokenCache {
             let retry =
                 gap.filter(|gap| attempt < max_attempts && tokio::time::Instant::now() + *gap < deadline);
             let Some(gap) = retry else {
-                let wait = self.record_failure(state, &error, self.clock.now());
-                tracing::warn!(credential = %credential, error = %error, attempts = attempt, retry_in_ms = wait.as_millis() as u64, "token fetch failed");
-                return Err(self.unavailable(state, error, wait));
+                return Err(self.failed(state, error, attempt));
             };
             tracing::info!(credential = %credential, error = %error, attempt, retry_in_ms = gap.as_millis() as u64, "token fetch failed; retrying");
             tokio::time::sleep(gap).await;
@@ -139,6 +193,7 @@ impl TokenCache {
         status.successes += 1;
         status.consecutive_failures = 0;
         status.retry_not_before = None;
+        status.probe_not_before = None;
         status.last_error = None;
         token.generation = status.successes;
         drop(status);
@@ -153,12 +208,20 @@ impl TokenCache {
         Arc::new(token)
     }
 
+    /// A fetch that gave up after `attempts`: recorded, logged, and the error its waiters get.
+    fn failed(&self, state: &CredentialState, error: FetchError, attempts: u32) -> TokenError {
+        let wait = self.record_failure(state, &error, self.clock.now());
+        tracing::warn!(credential = %state.spec.name, error = %error, attempts, retry_in_ms = wait.as_millis() as u64, "token fetch failed");
+        self.unavailable(state, error, wait)
+    }
+
     /// Records a failure and returns how long the credential now backs off.
     fn record_failure(&self, state: &CredentialState, error: &FetchError, now: SystemTime) -> Duration {
         let mut status = lock(&state.fetch.status);
         status.consecutive_failures = status.consecutive_failures.saturating_add(1);
-        let wait = backoff(&self.settings.load(), status.consecutive_failures, error);
+        let Backoff { wait, probe } = backoff(&self.settings.load(), status.consecutive_failures, error);
         status.retry_not_before = Some(now + wait);
+        status.probe_not_before = Some(now + probe);
         status.last_error = Some(Box::new(error.clone()));
         self.look_again(state, Some(now + wait));
         wait
@@ -176,5 +239,20 @@ impl TokenCache {
             cause,
             retry_after,
         }
+    }
+}
+
+/// How long a flight may take in all: a safety net behind the provider's `timeout` on each
+/// attempt and `retry_budget` on the retries (a fleet's lock wait comes on top of one attempt).
+fn flight_deadline(spec: &CredentialSpec, settings: &CacheSettings) -> Duration {
+    settings.retry_budget + spec.provider.timeout.saturating_mul(MAX_ATTEMPTS + 1)
+}
+
+/// Frees the credential's flight slot when its flight's task ends, however it ends.
+struct Landing(Arc<CredentialState>);
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        lock(&self.0.fetch.status).flight = None;
     }
 }

@@ -8,9 +8,9 @@
 //!
 //! - A request with a fresh token uses it and does not wait.
 //! - A request whose token is due for refresh uses it and starts one background refresh.
-//! - A request with no usable token waits on the credential's one fetch: fetches run inside
-//!   moka's per-key `and_try_compute_with`, so concurrent waiters are serialised and each later
-//!   one finds the token the first one fetched.
+//! - A request with no usable token waits on the credential's one fetch, a *flight*: it runs on
+//!   a task of its own, so it finishes (and its token is cached) whoever stops waiting for it;
+//!   every waiter still there gets its outcome, and later ones find its token.
 //! - A fetch retries retryable failures (5xx, 429, timeouts, connection errors, malformed
 //!   answers) with growing, jittered gaps within `retry_budget`; rejected credentials are not
 //!   retried. Then the credential backs off (exponentially, or as `Retry-After` says): requests
@@ -19,6 +19,11 @@
 //! - A refresher task refreshes the tokens of recently used credentials when they come due, so
 //!   steady traffic never meets an empty cache; at most `max_concurrent_fetches` fetches run at
 //!   once across all credentials, background ones (prefetch, refresh-ahead) at most half of them.
+//! - A reload swaps the credentials in one step for requests: each request reads the
+//!   [`Credentials`] of its snapshot, so one that started before a reload still shares its
+//!   credential's flight; the tokens of removed identities are dropped (and revoked where asked)
+//!   after the swap, and whatever a request on an old snapshot fetched later is swept once no
+//!   snapshot holds those credentials.
 
 mod backoff;
 mod flight;
@@ -44,12 +49,12 @@ use crate::clock::{unix_millis, SharedClock};
 use crate::metrics::Metrics;
 use crate::secret::AccessToken;
 use crate::token::spec::{CacheSettings, CredentialSpec};
-use registry::{CredentialState, Registry};
+use registry::{CredentialState, Registry, Retired};
 
 use crate::sync::lock;
 use backoff::doubling;
-pub use backoff::{backoff, retry_gap};
-pub use registry::Applied;
+pub use backoff::{backoff, retry_gap, Backoff};
+pub use registry::{Applied, Credentials, Replaced};
 pub use report::TokenSnapshot;
 
 /// A token in the cache, with its refresh schedule.
@@ -95,9 +100,12 @@ pub enum TokenError {
     UnknownCredential(String),
 }
 
+/// The `Retry-After` of a request that waited its whole timeout for a fetch still running.
+const WAITED_OUT_RETRY: Duration = Duration::from_secs(1);
+
 /// What a caller needs from the cache entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Want {
+pub(crate) enum Want {
     /// Any token that may still be sent.
     Usable,
     /// A token not yet due for refresh (background refresh).
@@ -110,12 +118,17 @@ pub(super) enum Want {
 pub struct TokenCache {
     /// Tokens by credential identity.
     store: Cache<Identity, Arc<CachedToken>, foldhash::fast::RandomState>,
+    /// The credentials in use: what the refresher and the admin listener see. Requests read
+    /// the [`Credentials`] of their snapshot instead.
     registry: ArcSwap<Registry>,
     fetch_permits: tokio::sync::Semaphore,
     background: refresher::BackgroundQueue,
     /// The earliest of the identities' next looks (Unix ms): a refresher tick before it has
     /// nothing to do, however many credentials there are.
     earliest_look_ms: std::sync::atomic::AtomicU64,
+    /// Identities a reload removed, whose credentials old snapshots may still hold: swept once
+    /// none does (see [`Self::sweep_retired`]).
+    retired: std::sync::Mutex<Vec<Retired>>,
     settings: ArcSwap<CacheSettings>,
     clock: SharedClock,
     metrics: Metrics,
@@ -135,65 +148,92 @@ impl TokenCache {
             fetch_permits: tokio::sync::Semaphore::new(settings.max_concurrent_fetches.max(1)),
             background: refresher::BackgroundQueue::default(),
             earliest_look_ms: std::sync::atomic::AtomicU64::new(0),
+            retired: std::sync::Mutex::default(),
             settings: ArcSwap::from_pointee(settings),
             clock,
             metrics,
         })
     }
 
-    /// Swaps in a reloaded configuration's credentials: an unchanged identity keeps its token
-    /// and fetch state, a changed or removed one loses its token (revoked first when its
-    /// provider asks for that). Requests in flight finish with the credentials they started with.
-    pub async fn apply(
-        &self,
-        credentials: &[Arc<CredentialSpec>],
-        source: Arc<dyn TokenSource>,
-        settings: CacheSettings,
-    ) -> Applied {
-        let new = Registry::new(credentials, source, Some(&self.registry.load()));
-        let old = self.registry.swap(Arc::new(new));
-        self.settings.store(Arc::new(settings));
-        self.earliest_look_ms.store(0, Ordering::Release); // new identities want a look
-        let new = self.registry.load();
-        let mut applied = Applied::default();
-        for state in new.by_name.values() {
-            let name = &state.spec.name;
-            match old.by_name.get(name) {
-                Some(before) if before.spec.identity == state.spec.identity => {
-                    applied.kept.push(name.clone())
-                }
-                _ => applied.changed.push(name.clone()),
-            }
-        }
-        for state in old.by_name.values() {
-            if !new.by_name.contains_key(&state.spec.name) {
-                applied.removed.push(state.spec.name.clone());
-            }
-            if !new.by_identity.contains_key(&state.spec.identity) {
-                self.drop_token(state, &*old.source).await;
-            }
-        }
-        applied
+    /// The credentials in use, for a request snapshot.
+    pub fn credentials(&self) -> Credentials {
+        Credentials::new(self.registry.load_full())
     }
 
-    /// Forgets `state`'s token, revoking it first where its provider asks for that.
-    async fn drop_token(&self, state: &CredentialState, source: &dyn TokenSource) {
-        let identity = &state.spec.identity;
+    /// The credentials of a reloaded configuration, fetched from `source`: every identity that
+    /// did not change keeps its fetch state (and so its token). Nothing is in use yet.
+    pub fn prepare(&self, credentials: &[Arc<CredentialSpec>], source: Arc<dyn TokenSource>) -> Credentials {
+        let registry = Registry::new(credentials, source, Some(&self.registry.load()));
+        Credentials::new(Arc::new(registry))
+    }
+
+    /// Puts `credentials` (from [`Self::prepare`]) in use for the refresher and the admin
+    /// listener; the caller swaps the request snapshot holding them right after, with nothing
+    /// in between. The tokens of removed identities are left for [`Self::retire`].
+    pub fn install(&self, credentials: &Credentials, settings: CacheSettings) -> Replaced {
+        let old = self.registry.swap(credentials.registry().clone());
+        self.settings.store(Arc::new(settings));
+        self.earliest_look_ms.store(0, Ordering::Release); // new identities want a look
+        Replaced::new(old, credentials.registry().clone())
+    }
+
+    /// Drops the tokens of the identities `replaced` removed, revoking them first where their
+    /// provider asks for that and no other sidecar still serves them; remembers them so that
+    /// what a request on an old snapshot fetches later is swept too.
+    pub async fn retire(&self, replaced: Replaced) {
+        let (old, new) = replaced.into_parts();
+        for state in old.by_identity.values() {
+            if new.by_identity.contains_key(&state.spec.identity) {
+                continue;
+            }
+            self.drop_token(&state.spec, &*old.source).await;
+            lock(&self.retired).push(Retired::new(state, old.source.clone()));
+        }
+    }
+
+    /// Forgets `spec`'s token, revoking it first where its provider asks for that.
+    async fn drop_token(&self, spec: &CredentialSpec, source: &dyn TokenSource) {
+        let identity = &spec.identity;
         if let Some(cached) = self.store.get(identity).await {
-            if state.spec.revoke_on_shutdown {
-                revoke(source, state, &cached).await;
+            if spec.revoke_on_shutdown {
+                revoke(source, spec, &cached).await;
             }
         }
         self.store.invalidate(identity).await;
     }
 
-    /// A token that may be sent now for `spec` (as the request's configuration defines it).
-    pub async fn token(self: &Arc<Self>, spec: &Arc<CredentialSpec>) -> Result<Arc<CachedToken>, TokenError> {
-        let Some(state) = self.registered(spec) else {
-            // A reload removed this credential while the request was on its way: it gets a
-            // token of its own, which is not cached under an identity no one configures.
-            let detached = CredentialState::new(spec.clone(), Arc::default());
-            return Box::pin(self.fetch_with_retries(&detached)).await;
+    /// Drops what requests on old snapshots fetched for removed identities, once no snapshot
+    /// holds them any more (and no later reload brought the identity back).
+    pub(super) async fn sweep_retired(&self) {
+        let gone: Vec<Retired> = {
+            let mut retired = lock(&self.retired);
+            if retired.is_empty() {
+                return;
+            }
+            let (gone, held) = std::mem::take(&mut *retired)
+                .into_iter()
+                .partition(Retired::unheld);
+            *retired = held;
+            gone
+        };
+        let current = self.registry.load_full();
+        for retired in gone {
+            if !current.by_identity.contains_key(&retired.spec.identity) {
+                self.drop_token(&retired.spec, &*retired.source).await;
+            }
+        }
+    }
+
+    /// A token that may be sent now for `spec`, as the request's `credentials` define it,
+    /// waiting at most `wait` for a fetch.
+    pub async fn token(
+        self: &Arc<Self>,
+        credentials: &Credentials,
+        spec: &Arc<CredentialSpec>,
+        wait: Duration,
+    ) -> Result<Arc<CachedToken>, TokenError> {
+        let Some(state) = credentials.state(spec) else {
+            return Err(TokenError::UnknownCredential(spec.name.to_string()));
         };
         let credential = &spec.name;
         state
@@ -208,16 +248,20 @@ impl TokenCache {
                 }
                 Freshness::RefreshDue => {
                     self.metrics.cache_lookup(credential, true);
-                    self.refresh_in_background(&state);
+                    self.refresh_in_background(state);
                     return Ok(cached);
                 }
                 Freshness::Unusable => {}
             }
         }
         self.metrics.cache_lookup(credential, false);
-        // Boxed: a fetch's future is large, and a request with a cached token (the most) would
-        // otherwise carry its space, and copy it about, too.
-        Box::pin(self.fetch_exclusive(&state, Want::Usable, true)).await
+        // Boxed: waiting on a flight is rare, and a request with a cached token (the most)
+        // would otherwise carry its space, and copy it about, too.
+        let flight = Box::pin(self.fetch_exclusive(state, Want::Usable, true));
+        match tokio::time::timeout(wait, flight).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(self.unavailable(state, FetchError::Timeout, WAITED_OUT_RETRY)),
+        }
     }
 
     /// A token newer than the one cached now (the admin refresh). It joins a fetch already in
@@ -241,11 +285,16 @@ impl TokenCache {
     /// already replaced it, and says whether a replay may fetch a fresh one. When freshly
     /// fetched tokens are refused too, refusals are passed back for a back-off period instead
     /// (the upstream, not the token, is the problem).
-    pub async fn purge_refused(&self, spec: &Arc<CredentialSpec>, used: &CachedToken) -> bool {
-        let Some(state) = self.registered(spec) else {
+    pub async fn purge_refused(
+        &self,
+        credentials: &Credentials,
+        spec: &Arc<CredentialSpec>,
+        used: &CachedToken,
+    ) -> bool {
+        let Some(state) = credentials.state(spec) else {
             return false;
         };
-        if !self.may_purge(&state, used) {
+        if !self.may_purge(state, used) {
             return false;
         }
         self.store
@@ -257,15 +306,13 @@ impl TokenCache {
                 }
             })
             .await;
-        self.look_again(&state, Some(self.clock.now()));
+        self.look_again(state, Some(self.clock.now()));
         // The fleet's copy too, so that the other sidecars stop sending it.
-        let source = self.registry.load().source.clone();
-        if let Err(err) = source.purge(spec, &used.token).await {
+        if let Err(err) = credentials.source().purge(spec, &used.token).await {
             tracing::debug!(error = %err, "could not purge the refused token from the shared tier");
         }
         true
     }
-
     fn may_purge(&self, state: &CredentialState, used: &CachedToken) -> bool {
         let now = self.clock.now();
         let mut refusals = lock(&state.fetch.status);
@@ -286,8 +333,8 @@ impl TokenCache {
     }
 
     /// The upstream accepted a token of `credential`: refusals start counting afresh.
-    pub fn upstream_accepted(&self, spec: &CredentialSpec) {
-        if let Some(state) = self.registry.load().by_identity.get(&spec.identity) {
+    pub fn upstream_accepted(&self, credentials: &Credentials, spec: &CredentialSpec) {
+        if let Some(state) = credentials.state(spec) {
             let streak = &state.fetch.refused_streak;
             if streak.load(Ordering::Relaxed) != 0 {
                 streak.store(0, Ordering::Relaxed);
@@ -305,7 +352,7 @@ impl TokenCache {
             .filter(|s| s.spec.revoke_on_shutdown)
         {
             if let Some(cached) = self.store.get(&state.spec.identity).await {
-                if revoke(&*registry.source, state, &cached).await {
+                if revoke(&*registry.source, &state.spec, &cached).await {
                     self.store.invalidate(&state.spec.identity).await;
                     self.look_again(state, Some(self.clock.now()));
                 }
@@ -321,27 +368,21 @@ impl TokenCache {
             .cloned()
             .ok_or_else(|| TokenError::UnknownCredential(credential.to_owned()))
     }
-
-    /// The state for `spec`'s identity, unless a reload has removed it while a request that
-    /// started before was still on its way.
-    fn registered(&self, spec: &CredentialSpec) -> Option<Arc<CredentialState>> {
-        self.registry.load().by_identity.get(&spec.identity).cloned()
-    }
 }
 
 /// Revokes a cached token (Nuapay long-lived ones, by the id the provider gave it); whether it
 /// was revoked.
-async fn revoke(source: &dyn TokenSource, state: &CredentialState, cached: &CachedToken) -> bool {
+async fn revoke(source: &dyn TokenSource, spec: &CredentialSpec, cached: &CachedToken) -> bool {
     let Some(token_id) = &cached.token_id else {
         return false;
     };
-    match source.revoke(&state.spec, token_id).await {
+    match source.revoke(spec, token_id).await {
         Ok(()) => {
-            tracing::info!(credential = %state.spec.name, token = %cached.token, "revoked token");
+            tracing::info!(credential = %spec.name, token = %cached.token, "revoked token");
             true
         }
         Err(err) => {
-            tracing::warn!(credential = %state.spec.name, error = %err, "could not revoke token");
+            tracing::warn!(credential = %spec.name, error = %err, "could not revoke token");
             false
         }
     }

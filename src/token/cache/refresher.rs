@@ -26,7 +26,10 @@ impl TokenCache {
         let mut refused = self.registry.load().source.refused_elsewhere();
         loop {
             tokio::select! {
-                _ = tick.tick() => self.refresh_due().await,
+                _ = tick.tick() => {
+                    self.refresh_due().await;
+                    self.sweep_retired().await;
+                }
                 announced = next_refused(&mut refused) => match announced {
                     Some(token) => self.drop_refused(&token).await,
                     None => refused = None,

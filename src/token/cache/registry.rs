@@ -3,7 +3,7 @@
 
 use foldhash::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use super::super::error::FetchError;
@@ -85,7 +85,10 @@ pub(super) struct FetchStatus {
     /// Attempts that gave a usable token.
     pub(super) successes: u64,
     pub(super) consecutive_failures: u32,
+    /// The end of the back-off, for background fetches,
     pub(super) retry_not_before: Option<SystemTime>,
+    /// and when a request with no usable token may probe before it.
+    pub(super) probe_not_before: Option<SystemTime>,
     /// Boxed: most credentials never fail.
     pub(super) last_error: Option<Box<FetchError>>,
     /// Upstream refusals (401s) of this credential's tokens, so that an upstream that refuses
@@ -94,6 +97,8 @@ pub(super) struct FetchStatus {
     pub(super) purged_generation: u64,
     /// and while set and in the future, refusals are passed back without purging.
     pub(super) suppressed_until: Option<SystemTime>,
+    /// The fetch in flight, which every caller that needs a token joins.
+    pub(super) flight: Option<super::flight::Flight>,
 }
 
 /// The configured credentials and the client that fetches their tokens; replaced whole by a
@@ -129,6 +134,91 @@ impl Registry {
             by_identity,
             source,
         }
+    }
+}
+
+/// The credentials a configuration defines, as one request snapshot holds them: a request
+/// looks its credential up here, not in whatever a reload installed since it started, so
+/// that it shares its credential's fetch in flight whatever happens meanwhile.
+#[derive(Clone)]
+pub struct Credentials(Arc<Registry>);
+
+impl Credentials {
+    pub(super) fn new(registry: Arc<Registry>) -> Self {
+        Self(registry)
+    }
+
+    pub(super) fn registry(&self) -> &Arc<Registry> {
+        &self.0
+    }
+
+    /// The state of `spec`'s identity (every credential a snapshot's routes name is here).
+    pub(super) fn state(&self, spec: &CredentialSpec) -> Option<&Arc<CredentialState>> {
+        self.0.by_identity.get(&spec.identity)
+    }
+
+    pub(super) fn source(&self) -> &Arc<dyn TokenSource> {
+        &self.0.source
+    }
+}
+
+/// The credentials a reload replaced, and those that replaced them: what
+/// [`super::TokenCache::retire`] needs to drop the tokens of removed identities.
+pub struct Replaced {
+    old: Arc<Registry>,
+    new: Arc<Registry>,
+}
+
+impl Replaced {
+    pub(super) fn new(old: Arc<Registry>, new: Arc<Registry>) -> Self {
+        Self { old, new }
+    }
+
+    pub(super) fn into_parts(self) -> (Arc<Registry>, Arc<Registry>) {
+        (self.old, self.new)
+    }
+
+    /// What changed, by credential name.
+    pub fn applied(&self) -> Applied {
+        let mut applied = Applied::default();
+        for state in self.new.by_name.values() {
+            let name = &state.spec.name;
+            match self.old.by_name.get(name) {
+                Some(before) if before.spec.identity == state.spec.identity => {
+                    applied.kept.push(name.clone())
+                }
+                Some(_) | None => applied.changed.push(name.clone()),
+            }
+        }
+        for state in self.old.by_name.values() {
+            if !self.new.by_name.contains_key(&state.spec.name) {
+                applied.removed.push(state.spec.name.clone());
+            }
+        }
+        applied
+    }
+}
+
+/// A removed identity that old snapshots may still fetch tokens for.
+pub(super) struct Retired {
+    /// Held weakly: once no snapshot holds it, nothing can fetch for it any more.
+    held: Weak<CredentialState>,
+    pub(super) spec: Arc<CredentialSpec>,
+    pub(super) source: Arc<dyn TokenSource>,
+}
+
+impl Retired {
+    pub(super) fn new(state: &Arc<CredentialState>, source: Arc<dyn TokenSource>) -> Self {
+        Self {
+            held: Arc::downgrade(state),
+            spec: state.spec.clone(),
+            source,
+        }
+    }
+
+    /// Whether no snapshot holds its credentials any more.
+    pub(super) fn unheld(&self) -> bool {
+        self.held.strong_count() == 0
     }
 }
 

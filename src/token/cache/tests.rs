@@ -4,9 +4,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
 use crate::clock::{Clock, ManualClock};
-use crate::token::dialect::{BodyEncoding, IssuedToken, ResponseSpec, TokenRequest};
-use crate::token::source::SourceFuture;
-use crate::token::spec::{ProviderKind, ProviderSpec};
+use crate::token::dialect::IssuedToken;
+use crate::token::source::{FetchContext, SourceFuture};
 
 /// Counts its calls; each answers after `delay` (tokio time) with a token of `lifetime`.
 struct CountingSource {
@@ -20,7 +19,7 @@ struct CountingSource {
 }
 
 impl TokenSource for CountingSource {
-    fn fetch<'a>(&'a self, _: &'a CredentialSpec) -> SourceFuture<'a, IssuedToken> {
+    fn fetch<'a>(&'a self, _: &'a CredentialSpec, _: FetchContext) -> SourceFuture<'a, IssuedToken> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             let running = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
@@ -54,29 +53,14 @@ fn source(clock: &Arc<ManualClock>) -> Arc<CountingSource> {
 }
 
 fn credential(name: &str, identity: &str) -> Arc<CredentialSpec> {
-    Arc::new(CredentialSpec {
-        name: name.into(),
-        identity: Identity::named(identity),
-        provider: Arc::new(ProviderSpec {
-            name: "p".into(),
-            kind: ProviderKind::OAuth2,
-            client_identity: None,
-            connect_timeout: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            response: ResponseSpec::oauth2(),
-        }),
-        request: TokenRequest {
-            url: Arc::new("https://auth.test/token".parse().unwrap()),
-            encoding: BodyEncoding::Form,
-            fields: vec![],
-            authorization: None,
-            secrets: vec![],
-            assertion: None,
-            dpop: None,
-        },
-        prefetch: false,
-        revoke_on_shutdown: false,
-    })
+    CredentialSpec::for_test(name, identity)
+}
+
+/// A request's token, with the cache's current credentials.
+async fn token(cache: &Arc<TokenCache>, spec: &Arc<CredentialSpec>) -> Result<Arc<CachedToken>, TokenError> {
+    cache
+        .token(&cache.credentials(), spec, Duration::from_secs(30))
+        .await
 }
 
 fn cache(
@@ -101,7 +85,7 @@ async fn concurrent_cold_requests_share_one_fetch() {
     let cache = cache(std::slice::from_ref(&spec), source.clone(), clock);
     let waiters = (0..100).map(|_| {
         let (cache, spec) = (cache.clone(), spec.clone());
-        tokio::spawn(async move { cache.token(&spec).await.map(|t| t.token.clone()) })
+        tokio::spawn(async move { token(&cache, &spec).await.map(|t| t.token.clone()) })
     });
     let tokens = futures_util::future::join_all(waiters).await;
     assert_eq!(
@@ -123,37 +107,82 @@ async fn a_reload_keeps_the_token_of_an_unchanged_identity_only() {
         credential("changed", "identity-c1"),
     );
     let cache = cache(&[kept.clone(), changed.clone()], source.clone(), clock);
-    cache.token(&kept).await.unwrap();
-    cache.token(&changed).await.unwrap();
+    token(&cache, &kept).await.unwrap();
+    token(&cache, &changed).await.unwrap();
     assert_eq!(source.calls.load(Ordering::SeqCst), 2);
 
+    let before = cache.credentials();
     let renamed_secret = credential("changed", "identity-c2");
-    let applied = cache
-        .apply(
-            &[kept.clone(), renamed_secret.clone()],
-            source.clone(),
-            CacheSettings::default(),
-        )
-        .await;
+    let reloaded = cache.prepare(&[kept.clone(), renamed_secret.clone()], source.clone());
+    let replaced = cache.install(&reloaded, CacheSettings::default());
+    let applied = replaced.applied();
+    cache.retire(replaced).await;
     assert_eq!(applied.kept, vec![Arc::<str>::from("kept")]);
     assert_eq!(applied.changed, vec![Arc::<str>::from("changed")]);
-    cache.token(&kept).await.unwrap();
+    token(&cache, &kept).await.unwrap();
     assert_eq!(
         source.calls.load(Ordering::SeqCst),
         2,
         "the unchanged identity kept its token"
     );
-    cache.token(&renamed_secret).await.unwrap();
+    token(&cache, &renamed_secret).await.unwrap();
     assert_eq!(
         source.calls.load(Ordering::SeqCst),
         3,
         "the changed one fetched anew"
     );
-    // A request that started before the reload, with the old definition, is not served the
-    // old token from the cache, and its fetch is not cached under the removed identity.
-    cache.token(&changed).await.unwrap();
-    assert_eq!(source.calls.load(Ordering::SeqCst), 4);
+    // Requests that started before the reload, with the old definition, are not served the
+    // old token (it was dropped), and share one fetch of their own (not one each) ...
+    let old_waiters = (0..20).map(|_| {
+        let (cache, before, changed) = (cache.clone(), before.clone(), changed.clone());
+        tokio::spawn(async move { cache.token(&before, &changed, Duration::from_secs(30)).await })
+    });
+    for waiter in futures_util::future::join_all(old_waiters).await {
+        assert_eq!(waiter.unwrap().unwrap().token.expose(), "token-4");
+    }
+    assert_eq!(
+        source.calls.load(Ordering::SeqCst),
+        4,
+        "one fetch for the old definition"
+    );
+    // ... whose token is swept once no snapshot holds the old credentials.
+    cache.sweep_retired().await;
+    assert!(cache.store.get(&changed.identity).await.is_some(), "still held");
+    drop(before);
+    cache.sweep_retired().await;
     assert!(cache.store.get(&changed.identity).await.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fetch_outlives_the_requests_that_gave_up_on_it_and_its_token_is_cached() {
+    let clock = ManualClock::new();
+    let source = Arc::new(CountingSource {
+        delay: Duration::from_secs(3),
+        ..Arc::into_inner(source(&clock)).unwrap()
+    });
+    let spec = credential("slow", "identity-slow");
+    let cache = cache(std::slice::from_ref(&spec), source.clone(), clock);
+    // Twelve impatient clients, one after another, each giving up after a second: the first
+    // two give up on the 3 s fetch, and the rest are served the token it cached.
+    let mut outcomes = Vec::new();
+    for _ in 0..12 {
+        let impatient = cache
+            .token(&cache.credentials(), &spec, Duration::from_millis(999))
+            .await;
+        outcomes.push(impatient.map(|token| token.token.expose().to_owned()).ok());
+    }
+    assert_eq!(
+        source.calls.load(Ordering::SeqCst),
+        1,
+        "the first fetch was not cancelled"
+    );
+    assert_eq!(outcomes[..3], [None, None, None]);
+    assert!(
+        outcomes[4..]
+            .iter()
+            .all(|token| token.as_deref() == Some("token-1")),
+        "{outcomes:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -174,7 +203,7 @@ async fn prefetch_runs_a_few_fetches_at_a_time_and_leaves_permits_for_requests()
 
     cache.prefetch();
     let asked = tokio::time::Instant::now();
-    cache.token(&requested).await.unwrap();
+    token(&cache, &requested).await.unwrap();
     let waited = asked.elapsed();
     tokio::time::sleep(Duration::from_secs(60)).await;
 
@@ -199,7 +228,7 @@ async fn the_refresher_looks_only_at_tokens_come_due_and_lets_idle_ones_lapse() 
     let (warm, idle) = (Arc::new(warm), credential("idle", "identity-i"));
     let cache = cache(&[warm.clone(), idle.clone()], source.clone(), clock.clone());
     cache.prefetch();
-    cache.token(&idle).await.unwrap();
+    token(&cache, &idle).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     let state = |spec: &CredentialSpec| cache.registry.load().by_identity[&spec.identity].clone();
@@ -241,7 +270,7 @@ async fn the_refresher_looks_only_at_tokens_come_due_and_lets_idle_ones_lapse() 
     assert_eq!(source.calls.load(Ordering::SeqCst), 3);
 
     // Used again, its token is refreshed by the request path, and looked at when due.
-    cache.token(&idle).await.unwrap();
+    token(&cache, &idle).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(source.calls.load(Ordering::SeqCst), 4);
     assert!(state(&idle).fetch.not_due(clock.now()));
