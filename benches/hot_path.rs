@@ -16,7 +16,7 @@ use token_sidecar::route::Router;
 use token_sidecar::secret::AccessToken;
 use token_sidecar::token::cache::TokenCache;
 use token_sidecar::token::dialect::IssuedToken;
-use token_sidecar::token::source::{FetchContext, SourceFuture, TokenSource};
+use token_sidecar::token::source::{FetchContext, Revocation, SourceFuture, TokenSource};
 
 /// A config with `routes` routes `/m{i}`, each with its own credential.
 fn config(routes: usize) -> Config {
@@ -91,8 +91,8 @@ impl TokenSource for FixedSource {
         &'a self,
         _: &'a token_sidecar::config::CredentialSpec,
         _: &'a str,
-    ) -> SourceFuture<'a, ()> {
-        Box::pin(async { Ok(()) })
+    ) -> SourceFuture<'a, Revocation> {
+        Box::pin(async { Ok(Revocation::Revoked) })
     }
 }
 

@@ -73,6 +73,8 @@ pub struct Metrics {
     config_reloads: Family<OutcomeLabels, Counter>,
     config_info: Family<VersionLabels, Gauge>,
     shared_cache: Family<EventLabels, Counter>,
+    /// No series until a shared tier sets it: absent without `[cache.shared]`.
+    shared_cache_up: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Metrics {
@@ -90,9 +92,15 @@ impl Metrics {
         let config_reloads = Family::<OutcomeLabels, Counter>::default();
         let config_info = Family::<VersionLabels, Gauge>::default();
         let shared_cache = Family::<EventLabels, Counter>::default();
+        let shared_cache_up = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "token_sidecar_shared_cache_up",
+            "1 while the fleet's Redis answers, 0 while this sidecar goes on alone (absent without [cache.shared])",
+            shared_cache_up.clone(),
+        );
         registry.register(
             "token_sidecar_shared_cache_events",
-            "The fleet's shared cache ([cache.shared]): hit, miss, lock_wait, lock_timeout, redis_error, fallback",
+            "The fleet's shared cache ([cache.shared]): hit, miss, lock_wait, lock_timeout, redis_error, fallback, bad_key, forged",
             shared_cache.clone(),
         );
         registry.register(
@@ -152,7 +160,12 @@ impl Metrics {
             config_reloads,
             config_info,
             shared_cache,
+            shared_cache_up,
         }
+    }
+
+    pub fn shared_cache_up(&self, up: bool) {
+        self.shared_cache_up.get_or_create(&Vec::new()).set(i64::from(up));
     }
 
     pub fn shared_cache(&self, event: &str) {

@@ -89,6 +89,8 @@ struct Steering {
     malformed: Option<String>,
     /// Client secrets that replaced the accounts' (a rotation).
     rotated_secrets: HashMap<String, String>,
+    /// How long a revocation takes.
+    revoke_latency: Duration,
 }
 
 /// One request as the stand-in saw it, for tests to assert on.
@@ -169,6 +171,11 @@ impl MockProviders {
             .insert(client_id.to_owned(), secret.to_owned());
     }
 
+    /// Revocations are answered after `latency` (real time).
+    pub fn set_revoke_latency(&self, latency: Duration) {
+        lock(&self.steering).revoke_latency = latency;
+    }
+
     /// Token answers are delayed by `latency` (real time).
     pub fn set_latency(&self, latency: Duration) {
         lock(&self.steering).latency = latency;
@@ -189,7 +196,11 @@ impl MockProviders {
             );
         }
         match segments.as_slice() {
-            ["organisations", org, "tokens", id, "revoke"] => self.nuapay_revoke(&parts.headers, org, id),
+            ["organisations", org, "tokens", id, "revoke"] => {
+                let latency = lock(&self.steering).revoke_latency;
+                tokio::time::sleep(latency).await;
+                self.nuapay_revoke(&parts.headers, org, id)
+            }
             ["organisations", org, "tokens", "revoke"] => self.nuapay_revoke_all(&parts.headers, org),
             ["organisations", org, "tokens"] => {
                 let org = org.to_string();

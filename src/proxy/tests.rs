@@ -16,7 +16,7 @@ use crate::clock::{Clock, ManualClock};
 use crate::config::Config;
 use crate::token::dialect::IssuedToken;
 use crate::token::error::FetchError;
-use crate::token::source::{FetchContext, SourceFuture, TokenSource};
+use crate::token::source::{FetchContext, Revocation, SourceFuture, TokenSource};
 
 const CONFIG: &str = r#"
 [providers.p]
@@ -86,8 +86,8 @@ impl TokenSource for StandInSource {
         })
     }
 
-    fn revoke<'a>(&'a self, _: &'a CredentialSpec, _: &'a str) -> SourceFuture<'a, ()> {
-        Box::pin(async { Ok(()) })
+    fn revoke<'a>(&'a self, _: &'a CredentialSpec, _: &'a str) -> SourceFuture<'a, Revocation> {
+        Box::pin(async { Ok(Revocation::Revoked) })
     }
 }
 

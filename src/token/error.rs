@@ -34,13 +34,53 @@ pub enum FetchError {
     /// The fetch's task ended before the fetch did (it panicked): nothing was asked or learnt.
     #[error("the token fetch stopped before it finished")]
     Aborted,
-    /// Another sidecar of the fleet failed and the fleet backs off (`[cache.shared]`); the
-    /// message is that failure's (safe) text.
-    #[error("{message} (the fleet backs off)")]
+    /// Another sidecar of the fleet failed and the fleet backs off (`[cache.shared]`): what
+    /// kind of failure, never any text read from Redis.
+    #[error("{failure} (the fleet backs off)")]
     FleetBackoff {
-        message: String,
+        failure: FleetFailure,
         retry_after: Option<Duration>,
     },
+}
+
+/// A fetch failure as the fleet shares it: its kind and status, no text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FleetFailure {
+    RateLimited,
+    Status(u16),
+    Malformed,
+    Timeout,
+    Unreachable,
+    /// Anything else (the request could not be made, the fetch stopped).
+    Other,
+}
+
+impl std::fmt::Display for FleetFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::RateLimited => f.write_str("token endpoint is rate limiting (429)"),
+            Self::Status(status) => write!(f, "token endpoint answered {status}"),
+            Self::Malformed => f.write_str("token endpoint answer unusable"),
+            Self::Timeout => f.write_str("token endpoint timed out"),
+            Self::Unreachable => f.write_str("token endpoint unreachable"),
+            Self::Other => f.write_str("token fetch failed"),
+        }
+    }
+}
+
+impl FleetFailure {
+    /// What the fleet is told of `error` (a rejection is shared as itself, see the shared tier).
+    pub fn of(error: &FetchError) -> Self {
+        match error {
+            FetchError::RateLimited { .. } => Self::RateLimited,
+            FetchError::Status { status, .. } => Self::Status(*status),
+            FetchError::Malformed { .. } => Self::Malformed,
+            FetchError::Timeout => Self::Timeout,
+            FetchError::Unreachable { .. } => Self::Unreachable,
+            FetchError::FleetBackoff { failure, .. } => *failure,
+            FetchError::Rejected { .. } | FetchError::Unsendable { .. } | FetchError::Aborted => Self::Other,
+        }
+    }
 }
 
 fn reason_suffix(reason: &Option<String>) -> String {
@@ -102,6 +142,15 @@ const OAUTH_ERROR_CODES: &[&str] = &[
     "use_dpop_nonce",
 ];
 
+/// Whether `reason` is one a rejection may carry: a standard OAuth code or a short number.
+pub fn is_safe_reason(reason: &str) -> bool {
+    OAUTH_ERROR_CODES.contains(&reason) || is_numeric_code(reason)
+}
+
+fn is_numeric_code(code: &str) -> bool {
+    (1..=6).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// A safe reason from an error body: a standard OAuth `error` code, or Nuapay's numeric
 /// `returnCode` (`"40000"`), and never one equal to or containing any of `secrets` — an
 /// endpoint may echo what we sent, so free text is never passed on.
@@ -109,11 +158,7 @@ pub fn error_code_from_body(body: &[u8], secrets: &[&str]) -> Option<String> {
     let json: serde_json::Value = serde_json::from_slice(body).ok()?;
     let code = match (json.get("error"), json.get("returnCode")) {
         (Some(serde_json::Value::String(code)), _) if OAUTH_ERROR_CODES.contains(&code.as_str()) => code,
-        (_, Some(serde_json::Value::String(code)))
-            if (1..=6).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit()) =>
-        {
-            code
-        }
+        (_, Some(serde_json::Value::String(code))) if is_numeric_code(code) => code,
         _ => return None,
     };
     let echoes_a_secret = secrets

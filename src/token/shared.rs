@@ -2,50 +2,74 @@
 //! with a Redis that the fleet's sidecars share, so that the fleet behaves like one sidecar.
 //!
 //! For a token the local cache does not hold (or holds due for refresh), in order:
-//! 1. a fresh token another sidecar stored (decrypted; see [`sealed`]) is used as it is;
-//! 2. while the fleet backs off a failing credential, that back-off is the answer;
-//! 3. otherwise one sidecar takes the credential's lock (`SET NX PX`, a random holder value,
-//!    released by compare-and-delete) and asks the endpoint, storing the token (Redis TTL = its
-//!    remaining life) or the fleet's back-off; the others poll for its outcome within the lock's
-//!    TTL, and fetch themselves if the holder vanished.
+//! 1. a fresh token another sidecar stored is used as it is;
+//! 2. while the fleet backs off a failing credential, that back-off is the answer (a request
+//!    with no token may probe after `max_probe_interval`, a forced refresh ignores it);
+//! 3. otherwise one sidecar takes the credential's lock (`SET NX PX`, a holder value only a
+//!    fleet member can make, released by compare-and-delete) and asks the endpoint, storing the
+//!    token (Redis TTL = its remaining life) or the fleet's back-off; the others poll for its
+//!    outcome within the lock's TTL, and take the lock themselves if the holder vanished.
 //!
-//! Keys are `key_prefix` + a hash of what the credential's token depends on apart from its
-//! secrets (endpoint, client id or organisation, scopes): never a secret, never a token. Any
-//! Redis failure makes the sidecar ask the endpoint itself ([`link`]): no request fails because
-//! Redis did.
+//! Nothing read back is trusted as it is: every value is sealed ([`sealed`]) and bound to its
+//! key, a lock that is not a fleet member's or has no TTL is taken over, a back-off is never
+//! honoured past the bound sealed inside it, no text from Redis reaches an answer, and a key of
+//! the wrong type is that credential's miss ([`link::Failure`]), not Redis being down.
+//!
+//! Keys are `key_prefix` + `{fleet identity}` + a suffix: the identity is an HMAC under the
+//! fleet's key of everything the token depends on, secrets included (a rotated or wrong secret
+//! is another credential), and the braces are a hash tag, so that a credential's keys share
+//! one Redis Cluster slot. A token that asks to be revoked is revoked only by the last sidecar
+//! holding it: each sidecar registers as a holder (and keeps renewing) while it uses one.
+//! Any Redis failure makes the sidecar ask the endpoint itself ([`link`]): no request fails
+//! because Redis did.
 
 pub mod link;
 pub mod sealed;
 pub mod settings;
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rand::Rng;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 use tokio::sync::broadcast;
 
-use super::dialect::{IssuedToken, Secrets};
-use super::error::FetchError;
+use super::cache::{backoff, Backoff};
+use super::dialect::IssuedToken;
+use super::error::{is_safe_reason, FetchError, FleetFailure};
 use super::lifetime::Freshness;
-use super::source::{FetchContext, RefusedToken, SourceFuture, TokenSource};
+use super::source::{FetchContext, RefusedToken, Revocation, SourceFuture, TokenSource};
+use super::spec::{CacheSettings, CredentialSpec};
 use crate::clock::{from_unix_millis, unix_millis, SharedClock};
 use crate::metrics::Metrics;
 use crate::secret::AccessToken;
-use crate::token::spec::{CacheSettings, CredentialSpec};
-use link::Link;
+use crate::sync::lock;
+use link::{Failure, Link};
 use sealed::{Sealer, SharedToken};
 use settings::SharedCacheSettings;
 
 /// How often a sidecar waiting for another's fetch looks for its outcome.
 const POLL: Duration = Duration::from_millis(50);
+/// A holder of a token that asks to be revoked renews itself this often…
+const HOLDER_RENEWAL: Duration = Duration::from_secs(10);
+/// …and counts as gone this long after its last renewal (it crashed, or lost Redis).
+const HOLDER_TTL: Duration = Duration::from_secs(30);
 
 /// Releases a lock only if this sidecar still holds it.
 const RELEASE: &str =
     r#"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"#;
+
+/// Takes over a lock that is no fleet member's (ARGV[1] is the value seen, "" for a key of
+/// another type): only if it still holds what was seen.
+const TAKE_OVER: &str = r#"local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'none' or (t ~= 'string' and ARGV[1] == '') or (t == 'string' and redis.call('GET', KEYS[1]) == ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0"#;
 
 /// Deletes the stored token only if it is the one named by one of the tags.
 const PURGE: &str = r#"local v = redis.call('GET', KEYS[1])
@@ -55,27 +79,54 @@ for i = 1, #ARGV do
 end
 return 0"#;
 
+/// This sidecar lets go of a token (KEYS[1] its holders, KEYS[2] the token): 1 when no other
+/// live holder is left (the token is then deleted, and this sidecar revokes it), else 0.
+const LAST_HOLDER: &str = r#"redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0"#;
+
 /// The fleet's shared tier in front of `inner` (the token endpoint).
 pub struct SharedTier {
     inner: Arc<dyn TokenSource>,
+    fleet: Arc<Fleet>,
+    cache: CacheSettings,
+}
+
+/// What a tier shares with the tiers a reload puts in front of new endpoint clients.
+struct Fleet {
     /// Refusals announced by the fleet (received on the `{prefix}refused` channel).
     refused: broadcast::Sender<RefusedToken>,
-    link: Arc<Link>,
-    sealer: Arc<Sealer>,
+    link: Link,
+    sealer: Sealer,
     prefix: String,
     lock_ttl: Duration,
-    cache: CacheSettings,
+    /// This sidecar, as a holder of tokens that ask to be revoked.
+    instance: String,
+    /// The fleet identities of the tokens this sidecar holds that ask to be revoked.
+    holding: Mutex<BTreeSet<String>>,
     clock: SharedClock,
     metrics: Metrics,
 }
 
-/// A failure the fleet backs off from, as stored in Redis: the failure's text (a status, a
-/// standard code; safe by construction, the same that `/tokens` shows) and, for rejected
-/// credentials, the status and code themselves.
+/// A failure the fleet backs off from, as stored (sealed) in Redis: its kind, never its text,
+/// and the bounds it holds within, whatever the key's TTL says.
 #[derive(Debug, Serialize, Deserialize)]
-struct SharedFailure {
-    message: String,
-    rejected: Option<(u16, Option<String>)>,
+struct SharedBackoff {
+    failure: SharedFailure,
+    /// Until when (Unix ms) the fleet leaves the endpoint alone,
+    until_ms: u64,
+    /// and from when a request with no token may probe it.
+    probe_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum SharedFailure {
+    Rejected { status: u16, reason: Option<String> },
+    Failed(FleetFailure),
 }
 
 impl SharedTier {
@@ -93,31 +144,27 @@ impl SharedTier {
             format!("{}refused", settings.key_prefix),
             refused.clone(),
         ));
-        Ok(Self {
-            inner,
+        let fleet = Arc::new(Fleet {
             refused,
-            link: Arc::new(Link::new(client, settings.timeout, metrics.clone())),
-            sealer: Arc::new(Sealer::new(settings.encryption_keys.clone())),
+            link: Link::new(client, settings.timeout, metrics.clone()),
+            sealer: Sealer::new(settings.encryption_keys.clone()),
             prefix: settings.key_prefix.clone(),
             lock_ttl: settings.lock_ttl,
-            cache,
+            instance: hex::encode(rand::random::<[u8; 12]>()),
+            holding: Mutex::default(),
             clock,
             metrics,
-        })
+        });
+        tokio::spawn(renew_holdings(Arc::downgrade(&fleet)));
+        Ok(Self { inner, fleet, cache })
     }
 
     /// The same tier (connection, keys) in front of another endpoint client (after a reload).
     pub fn with_inner(&self, inner: Arc<dyn TokenSource>, cache: CacheSettings) -> Self {
         Self {
             inner,
-            refused: self.refused.clone(),
-            link: self.link.clone(),
-            sealer: self.sealer.clone(),
-            prefix: self.prefix.clone(),
-            lock_ttl: self.lock_ttl,
+            fleet: self.fleet.clone(),
             cache,
-            clock: self.clock.clone(),
-            metrics: self.metrics.clone(),
         }
     }
 
@@ -126,19 +173,37 @@ impl SharedTier {
         credential: &CredentialSpec,
         context: FetchContext,
     ) -> Result<IssuedToken, FetchError> {
-        let Some(mut connection) = self.link.connection().await else {
-            self.metrics.shared_cache("fallback");
+        let fleet = &self.fleet;
+        let Some(mut connection) = fleet.link.connection().await else {
+            fleet.metrics.shared_cache("fallback");
             return self.inner.fetch(credential, context).await;
         };
-        match self.through_redis(&mut connection, credential, context).await {
+        let keys = fleet.keys(credential);
+        match self
+            .through_redis(&mut connection, &keys, credential, context)
+            .await
+        {
             Ok(outcome) => {
-                self.link.succeeded();
+                fleet.link.succeeded();
+                if outcome.is_ok() && credential.revoke_on_shutdown {
+                    fleet.hold(&mut connection, &keys).await;
+                }
                 outcome
             }
-            Err(err) => {
-                self.link.failed(&err);
-                self.metrics.shared_cache("fallback");
+            Err(Failure::Link(err)) => {
+                fleet.link.failed(&err).await;
+                fleet.metrics.shared_cache("fallback");
                 self.inner.fetch(credential, context).await
+            }
+            Err(Failure::Key(err)) => {
+                tracing::debug!(credential = %credential.name, error = %err, "a shared-cache key of this credential is unusable; fetching without the fleet");
+                fleet.metrics.shared_cache("bad_key");
+                let outcome = self.inner.fetch(credential, context).await;
+                // Storing the outcome overwrites the bad key: sharing repairs itself.
+                if let Err(err) = self.record(&mut connection, &keys, &outcome).await {
+                    tracing::debug!(error = %err, "the shared-cache key could not be repaired");
+                }
+                outcome
             }
         }
     }
@@ -146,96 +211,95 @@ impl SharedTier {
     async fn through_redis(
         &self,
         redis: &mut ConnectionManager,
+        keys: &Keys,
         credential: &CredentialSpec,
         context: FetchContext,
-    ) -> Result<Result<IssuedToken, FetchError>, redis::RedisError> {
-        let keys = Keys::new(&self.prefix, credential);
-        if let Some(token) = self.fresh_token(redis, &keys).await? {
-            self.metrics.shared_cache("hit");
+    ) -> Result<Result<IssuedToken, FetchError>, Failure> {
+        let fleet = &self.fleet;
+        if let Some(token) = self.fresh_token(redis, keys).await? {
+            fleet.metrics.shared_cache("hit");
             return Ok(Ok(token));
         }
-        self.metrics.shared_cache("miss");
-        if let Some(failure) = self.fleet_backoff(redis, &keys).await? {
-            return Ok(Err(failure));
+        fleet.metrics.shared_cache("miss");
+        if !context.forced {
+            if let Some(failure) = self.fleet_backoff(redis, keys, context.waiting).await? {
+                return Ok(Err(failure));
+            }
         }
-        let holder = hex::encode(rand::thread_rng().gen::<[u8; 16]>());
-        let locked: Option<String> = redis::cmd("SET")
-            .arg(&keys.lock)
-            .arg(&holder)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(self.lock_ttl))
-            .query_async(redis)
-            .await?;
-        if locked.is_some() {
-            // Checked again under the lock: the previous holder may have stored its token
-            // between our first look and our taking the lock.
-            let stored = match self.fresh_token(redis, &keys).await {
-                Ok(stored) => stored,
-                Err(err) => {
-                    self.release(redis, &keys, &holder).await;
-                    return Err(err);
+        let holder = fleet.sealer.holder(&keys.lock);
+        if fleet.take_lock(redis, keys, &holder).await? {
+            return self
+                .fetch_holding(redis, keys, &holder, credential, context)
+                .await;
+        }
+        fleet.metrics.shared_cache("lock_wait");
+        self.wait_for_holder(redis, keys, &holder, credential, context)
+            .await
+    }
+
+    /// This sidecar holds the lock: a token stored meanwhile, else the endpoint's answer,
+    /// stored for the fleet.
+    async fn fetch_holding(
+        &self,
+        redis: &mut ConnectionManager,
+        keys: &Keys,
+        holder: &str,
+        credential: &CredentialSpec,
+        context: FetchContext,
+    ) -> Result<Result<IssuedToken, FetchError>, Failure> {
+        let fleet = &self.fleet;
+        // Checked again under the lock: the previous holder may have stored its token between
+        // our first look and our taking the lock.
+        match self.fresh_token(redis, keys).await {
+            Ok(None) => {}
+            stored => {
+                fleet.release(redis, keys, holder).await;
+                if let Some(token) = stored? {
+                    fleet.metrics.shared_cache("hit");
+                    return Ok(Ok(token));
                 }
-            };
-            if let Some(token) = stored {
-                self.release(redis, &keys, &holder).await;
-                self.metrics.shared_cache("hit");
-                return Ok(Ok(token));
             }
-            let outcome = self.inner.fetch(credential, context).await;
-            // Storing and releasing are best effort: if Redis fails now, the fleet misses this
-            // outcome (and the lock expires), but the token in hand is not fetched again.
-            if let Err(err) = self.record(redis, &keys, &outcome).await {
-                self.link.failed(&err);
-            }
-            self.release(redis, &keys, &holder).await;
-            return Ok(outcome);
         }
-        self.metrics.shared_cache("lock_wait");
-        self.wait_for_holder(redis, &keys, credential, context).await
+        let outcome = self.inner.fetch(credential, context).await;
+        // Storing and releasing are best effort: if Redis fails now, the fleet misses this
+        // outcome (and the lock expires), but the token in hand is not fetched again.
+        if let Err(err) = self.record(redis, keys, &outcome).await {
+            if let Failure::Link(err) = Failure::of(err) {
+                fleet.link.failed(&err).await;
+            }
+        }
+        fleet.release(redis, keys, holder).await;
+        Ok(outcome)
     }
 
-    /// Lets go of the credential's lock if this sidecar still holds it (best effort: else it
-    /// expires).
-    async fn release(&self, redis: &mut ConnectionManager, keys: &Keys, holder: &str) {
-        let released = redis::Script::new(RELEASE)
-            .key(&keys.lock)
-            .arg(holder)
-            .invoke_async::<i64>(redis)
-            .await;
-        if let Err(err) = released {
-            self.link.failed(&err);
-        }
-    }
-
-    /// Another sidecar holds the lock: its token, its failure, or — when it vanished or the
-    /// lock's TTL ran out — a fetch of our own.
+    /// Another sidecar holds the lock: its token, its failure, or — when it vanished or its
+    /// lock turned out to be no fleet member's — the lock and a fetch of our own.
     async fn wait_for_holder(
         &self,
         redis: &mut ConnectionManager,
         keys: &Keys,
+        holder: &str,
         credential: &CredentialSpec,
         context: FetchContext,
-    ) -> Result<Result<IssuedToken, FetchError>, redis::RedisError> {
-        let deadline = tokio::time::Instant::now() + self.lock_ttl;
+    ) -> Result<Result<IssuedToken, FetchError>, Failure> {
+        let fleet = &self.fleet;
+        let deadline = tokio::time::Instant::now() + fleet.lock_ttl;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(POLL).await;
-            let held: bool = redis.exists(&keys.lock).await?;
             // Look after the lock: a holder stores its outcome before it lets go.
+            let lock = fleet.lock_state(redis, keys).await?;
             if let Some(token) = self.fresh_token(redis, keys).await? {
-                self.metrics.shared_cache("hit");
+                fleet.metrics.shared_cache("hit");
                 return Ok(Ok(token));
             }
-            if let Some(failure) = self.fleet_backoff(redis, keys).await? {
+            if let Some(failure) = self.fleet_backoff(redis, keys, context.waiting).await? {
                 return Ok(Err(failure));
             }
-            if !held {
-                break;
+            if lock != LockState::Held && fleet.take_lock(redis, keys, holder).await? {
+                return self.fetch_holding(redis, keys, holder, credential, context).await;
             }
         }
-        if tokio::time::Instant::now() >= deadline {
-            self.metrics.shared_cache("lock_timeout");
-        }
+        fleet.metrics.shared_cache("lock_timeout");
         Ok(self.inner.fetch(credential, context).await)
     }
 
@@ -245,13 +309,14 @@ impl SharedTier {
         &self,
         redis: &mut ConnectionManager,
         keys: &Keys,
-    ) -> Result<Option<IssuedToken>, redis::RedisError> {
-        let Some(value) = redis.get::<_, Option<String>>(&keys.token).await? else {
+    ) -> Result<Option<IssuedToken>, Failure> {
+        let Some(value) = get_string(redis, &keys.token).await? else {
             return Ok(None);
         };
-        let stored = match self.sealer.open(&keys.token, &value) {
+        let stored = match self.fleet.sealer.open(&keys.token, &value) {
             Ok(stored) => stored,
             Err(err) => {
+                self.fleet.metrics.shared_cache("forged");
                 tracing::debug!(error = %err, "a stored token could not be opened; ignoring it");
                 return Ok(None);
             }
@@ -261,7 +326,7 @@ impl SharedTier {
             from_unix_millis(stored.expires_at_ms),
         );
         let schedule = self.cache.refresh.schedule(obtained, expires, 0.0);
-        if schedule.freshness(self.clock.now()) != Freshness::Fresh {
+        if schedule.freshness(self.fleet.clock.now()) != Freshness::Fresh {
             return Ok(None);
         }
         Ok(Some(IssuedToken {
@@ -273,26 +338,46 @@ impl SharedTier {
         }))
     }
 
-    /// The fleet's back-off for the credential, if one is running: its failure, with the time
-    /// left as `Retry-After`.
+    /// The fleet's back-off for the credential, if one holds `now`: its failure, with the time
+    /// left as `Retry-After`. A back-off that does not open is no back-off; one that opens holds
+    /// no longer than the bounds sealed inside it; for a `waiting` request, only until its
+    /// probe time.
     async fn fleet_backoff(
         &self,
         redis: &mut ConnectionManager,
         keys: &Keys,
-    ) -> Result<Option<FetchError>, redis::RedisError> {
-        let Some(value) = redis.get::<_, Option<String>>(&keys.backoff).await? else {
+        waiting: bool,
+    ) -> Result<Option<FetchError>, Failure> {
+        let Some(value) = get_string(redis, &keys.backoff).await? else {
             return Ok(None);
         };
-        let left: i64 = redis.pttl(&keys.backoff).await?;
-        let Ok(failure) = serde_json::from_str::<SharedFailure>(&value) else {
+        let backoff: SharedBackoff = match self.fleet.sealer.open_value(&keys.backoff, &value) {
+            Ok(backoff) => backoff,
+            Err(err) => {
+                self.fleet.metrics.shared_cache("forged");
+                tracing::debug!(error = %err, "the fleet's back-off could not be opened; ignoring it");
+                return Ok(None);
+            }
+        };
+        let until = from_unix_millis(if waiting {
+            backoff.probe_ms
+        } else {
+            backoff.until_ms
+        });
+        let Ok(left) = until.duration_since(self.fleet.clock.now()) else {
             return Ok(None);
         };
-        let retry_after = Some(Duration::from_millis(left.max(0) as u64));
-        Ok(Some(match failure.rejected {
-            Some((status, reason)) => FetchError::Rejected { status, reason },
-            None => FetchError::FleetBackoff {
-                message: failure.message,
-                retry_after,
+        if left.is_zero() {
+            return Ok(None);
+        }
+        Ok(Some(match backoff.failure {
+            SharedFailure::Rejected { status, reason } => FetchError::Rejected {
+                status,
+                reason: reason.filter(|reason| is_safe_reason(reason)),
+            },
+            SharedFailure::Failed(failure) => FetchError::FleetBackoff {
+                failure,
+                retry_after: Some(left),
             },
         }))
     }
@@ -305,88 +390,286 @@ impl SharedTier {
         outcome: &Result<IssuedToken, FetchError>,
     ) -> Result<(), redis::RedisError> {
         match outcome {
-            Ok(issued) => {
-                let left = issued
-                    .expires_at
-                    .duration_since(self.clock.now())
-                    .unwrap_or_default();
-                if left.is_zero() {
-                    return Ok(());
+            Ok(issued) => self.record_token(redis, keys, issued).await,
+            Err(error) => self.record_failure(redis, keys, error).await,
+        }
+    }
+
+    async fn record_token(
+        &self,
+        redis: &mut ConnectionManager,
+        keys: &Keys,
+        issued: &IssuedToken,
+    ) -> Result<(), redis::RedisError> {
+        let now = self.fleet.clock.now();
+        let left = issued.expires_at.duration_since(now).unwrap_or_default();
+        if left.is_zero() {
+            return Ok(());
+        }
+        let obtained = issued
+            .expires_at
+            .checked_sub(issued.lifetime)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let shared = SharedToken {
+            token: issued.token.clone(),
+            expires_at_ms: unix_millis(issued.expires_at),
+            obtained_at_ms: unix_millis(obtained),
+            token_id: issued.token_id.clone(),
+            dpop: issued.dpop,
+        };
+        let value = self.fleet.sealer.seal(&keys.token, &shared);
+        redis::pipe()
+            .cmd("SET")
+            .arg(&keys.token)
+            .arg(value)
+            .arg("PX")
+            .arg(millis(left))
+            .ignore()
+            .del(&keys.backoff)
+            .ignore()
+            .del(&keys.failures)
+            .ignore()
+            .query_async::<()>(redis)
+            .await
+    }
+
+    async fn record_failure(
+        &self,
+        redis: &mut ConnectionManager,
+        keys: &Keys,
+        error: &FetchError,
+    ) -> Result<(), redis::RedisError> {
+        let fleet = &self.fleet;
+        let earlier: u32 = match get_string(redis, &keys.failures).await {
+            Ok(Some(value)) => fleet.sealer.open_value(&keys.failures, &value).unwrap_or(0),
+            Ok(None) | Err(Failure::Key(_)) => 0,
+            Err(Failure::Link(err)) => return Err(err),
+        };
+        let failures = earlier.saturating_add(1);
+        let Backoff { wait, probe } = backoff(&self.cache, failures, error);
+        let now = fleet.clock.now();
+        let failure = match error {
+            FetchError::Rejected { status, reason } => SharedFailure::Rejected {
+                status: *status,
+                reason: reason.clone(),
+            },
+            other => SharedFailure::Failed(FleetFailure::of(other)),
+        };
+        let backoff = SharedBackoff {
+            failure,
+            until_ms: unix_millis(now + wait),
+            probe_ms: unix_millis(now + probe),
+        };
+        redis::pipe()
+            .cmd("SET")
+            .arg(&keys.failures)
+            .arg(fleet.sealer.seal_value(&keys.failures, &failures))
+            .arg("PX")
+            .arg(millis(self.cache.max_failure_backoff * 4))
+            .ignore()
+            .cmd("SET")
+            .arg(&keys.backoff)
+            .arg(fleet.sealer.seal_value(&keys.backoff, &backoff))
+            .arg("PX")
+            .arg(millis(wait).max(1))
+            .ignore()
+            .query_async::<()>(redis)
+            .await
+    }
+
+    async fn purge_shared(&self, credential: &CredentialSpec, token: &AccessToken) {
+        let fleet = &self.fleet;
+        let Some(mut redis) = fleet.link.connection().await else {
+            return;
+        };
+        let keys = fleet.keys(credential);
+        let script = redis::Script::new(PURGE);
+        let mut purge = script.prepare_invoke();
+        purge.key(&keys.token);
+        for tag in fleet.sealer.tags(token) {
+            purge.arg(tag);
+        }
+        let announce = format!("{} {}", keys.id, fleet.sealer.tag(token));
+        let purged = async {
+            purge.invoke_async::<i64>(&mut redis).await?;
+            redis
+                .publish::<_, _, i64>(format!("{}refused", fleet.prefix), announce)
+                .await
+        };
+        match purged.await {
+            Ok(_) => fleet.link.succeeded(),
+            Err(err) => {
+                if let Failure::Link(err) = Failure::of(err) {
+                    fleet.link.failed(&err).await;
                 }
-                let obtained = issued
-                    .expires_at
-                    .checked_sub(issued.lifetime)
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
-                let shared = SharedToken {
-                    token: issued.token.clone(),
-                    expires_at_ms: unix_millis(issued.expires_at),
-                    obtained_at_ms: unix_millis(obtained),
-                    token_id: issued.token_id.clone(),
-                    dpop: issued.dpop,
-                };
-                let value = self.sealer.seal(&keys.token, &shared);
-                redis::pipe()
-                    .cmd("SET")
-                    .arg(&keys.token)
-                    .arg(value)
-                    .arg("PX")
-                    .arg(millis(left))
-                    .ignore()
-                    .del(&keys.backoff)
-                    .ignore()
-                    .del(&keys.failures)
-                    .ignore()
-                    .query_async::<()>(redis)
-                    .await
-            }
-            Err(error) => {
-                let failures: u32 = redis.incr(&keys.failures, 1).await?;
-                let wait = super::cache::backoff(&self.cache, failures, error).wait;
-                let failure = SharedFailure {
-                    message: error.to_string(),
-                    rejected: match error {
-                        FetchError::Rejected { status, reason } => Some((*status, reason.clone())),
-                        _ => None,
-                    },
-                };
-                redis::pipe()
-                    .pexpire(&keys.failures, millis(self.cache.max_failure_backoff * 4) as i64)
-                    .ignore()
-                    .cmd("SET")
-                    .arg(&keys.backoff)
-                    .arg(serde_json::to_string(&failure).unwrap_or_default())
-                    .arg("PX")
-                    .arg(millis(wait).max(1))
-                    .ignore()
-                    .query_async::<()>(redis)
-                    .await
             }
         }
     }
 
-    async fn purge_shared(&self, credential: &CredentialSpec, token: &AccessToken) {
-        let Some(mut redis) = self.link.connection().await else {
+    /// Whether this sidecar is the last of the fleet to hold `credential`'s token (it then
+    /// revokes it). Without Redis the fleet cannot be asked, and the token is left to it.
+    async fn last_holder(&self, credential: &CredentialSpec) -> bool {
+        let fleet = &self.fleet;
+        let keys = fleet.keys(credential);
+        lock(&fleet.holding).remove(&keys.id);
+        let Some(mut redis) = fleet.link.connection().await else {
+            return false;
+        };
+        let now = unix_millis(fleet.clock.now());
+        let last = redis::Script::new(LAST_HOLDER)
+            .key(&keys.holders)
+            .key(&keys.token)
+            .arg(&fleet.instance)
+            .arg(now)
+            .invoke_async::<i64>(&mut redis)
+            .await;
+        match last {
+            Ok(last) => last == 1,
+            Err(err) => {
+                tracing::warn!(credential = %credential.name, error = %err, "could not ask the fleet who else holds the token; not revoking it");
+                false
+            }
+        }
+    }
+}
+
+impl Fleet {
+    fn keys(&self, credential: &CredentialSpec) -> Keys {
+        Keys::new(&self.prefix, self.sealer.fleet_identity(credential.identity))
+    }
+
+    /// Takes the credential's lock: free, or held by something that is no fleet member's lock
+    /// (a value we cannot have made, no TTL, a TTL longer than any member sets, a key of
+    /// another type) — which is taken over.
+    async fn take_lock(
+        &self,
+        redis: &mut ConnectionManager,
+        keys: &Keys,
+        holder: &str,
+    ) -> Result<bool, Failure> {
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(&keys.lock)
+            .arg(holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(self.lock_ttl))
+            .query_async(redis)
+            .await?;
+        if locked.is_some() {
+            return Ok(true);
+        }
+        let LockState::Forged(seen) = self.lock_state(redis, keys).await? else {
+            return Ok(false);
+        };
+        self.metrics.shared_cache("forged");
+        let taken: i64 = redis::Script::new(TAKE_OVER)
+            .key(&keys.lock)
+            .arg(seen)
+            .arg(holder)
+            .arg(millis(self.lock_ttl))
+            .invoke_async(redis)
+            .await?;
+        Ok(taken == 1)
+    }
+
+    async fn lock_state(&self, redis: &mut ConnectionManager, keys: &Keys) -> Result<LockState, Failure> {
+        let value = match get_string(redis, &keys.lock).await {
+            Ok(Some(value)) => value,
+            Ok(None) => {
+                // Absent, or of another type (which TAKE_OVER tells apart).
+                let kind: String = redis::cmd("TYPE").arg(&keys.lock).query_async(redis).await?;
+                return Ok(if kind == "none" {
+                    LockState::Free
+                } else {
+                    LockState::Forged(String::new())
+                });
+            }
+            Err(err) => return Err(err),
+        };
+        let ttl: i64 = redis.pttl(&keys.lock).await?;
+        let bounded = ttl > 0 && ttl as u64 <= millis(self.lock_ttl);
+        Ok(if bounded && self.sealer.is_holder(&keys.lock, &value) {
+            LockState::Held
+        } else {
+            LockState::Forged(value)
+        })
+    }
+
+    /// Lets go of a credential's lock if this sidecar still holds it (best effort: else it
+    /// expires).
+    async fn release(&self, redis: &mut ConnectionManager, keys: &Keys, holder: &str) {
+        let released = redis::Script::new(RELEASE)
+            .key(&keys.lock)
+            .arg(holder)
+            .invoke_async::<i64>(redis)
+            .await;
+        if let Err(Failure::Link(err)) = released.map_err(Failure::of) {
+            self.link.failed(&err).await;
+        }
+    }
+
+    /// Registers this sidecar as a holder of the credential's token (renewed until it lets go).
+    async fn hold(&self, redis: &mut ConnectionManager, keys: &Keys) {
+        lock(&self.holding).insert(keys.id.clone());
+        if let Err(err) = self.renew(redis, &keys.id).await {
+            tracing::debug!(error = %err, "could not register as a holder of a shared token");
+        }
+    }
+
+    async fn renew(&self, redis: &mut ConnectionManager, id: &str) -> Result<(), redis::RedisError> {
+        let holders = Keys::new(&self.prefix, id.to_owned()).holders;
+        let until = unix_millis(self.clock.now() + HOLDER_TTL);
+        redis::pipe()
+            .zadd(&holders, &self.instance, until)
+            .ignore()
+            .pexpire(&holders, millis(HOLDER_TTL * 2) as i64)
+            .ignore()
+            .query_async::<()>(redis)
+            .await
+    }
+}
+
+/// Renews this sidecar's holdings until the tier is gone.
+async fn renew_holdings(fleet: std::sync::Weak<Fleet>) {
+    let mut tick = tokio::time::interval(HOLDER_RENEWAL);
+    loop {
+        tick.tick().await;
+        let Some(fleet) = fleet.upgrade() else {
             return;
         };
-        let keys = Keys::new(&self.prefix, credential);
-        let script = redis::Script::new(PURGE);
-        let mut purge = script.prepare_invoke();
-        purge.key(&keys.token);
-        for tag in self.sealer.tags(token) {
-            purge.arg(tag);
+        let held: Vec<String> = lock(&fleet.holding).iter().cloned().collect();
+        if held.is_empty() {
+            continue;
         }
-        let fleet_identity = fleet_identity(credential);
-        let announce = format!("{fleet_identity} {}", self.sealer.tag(token));
-        let purged = async {
-            purge.invoke_async::<i64>(&mut redis).await?;
-            redis
-                .publish::<_, _, i64>(format!("{}refused", self.prefix), announce)
-                .await
+        let Some(mut redis) = fleet.link.connection().await else {
+            continue;
         };
-        match purged.await {
-            Ok(_) => self.link.succeeded(),
-            Err(err) => self.link.failed(&err),
+        for id in held {
+            if let Err(err) = fleet.renew(&mut redis, &id).await {
+                tracing::debug!(error = %err, "could not renew a holding of a shared token");
+                break;
+            }
         }
+    }
+}
+
+/// What a credential's lock says.
+#[derive(Debug, PartialEq, Eq)]
+enum LockState {
+    Free,
+    /// A fleet member's, within its bound.
+    Held,
+    /// Anything else: the value seen ("" for a key of another type).
+    Forged(String),
+}
+
+/// A string key's value; `None` when absent — and when the key holds another type, which the
+/// caller then overwrites.
+async fn get_string(redis: &mut ConnectionManager, key: &str) -> Result<Option<String>, Failure> {
+    match redis.get::<_, Option<String>>(key).await.map_err(Failure::of) {
+        Ok(value) => Ok(value),
+        Err(Failure::Key(_)) => Ok(None),
+        Err(link) => Err(link),
     }
 }
 
@@ -399,8 +682,17 @@ impl TokenSource for SharedTier {
         Box::pin(self.fetch_shared(credential, context))
     }
 
-    fn revoke<'a>(&'a self, credential: &'a CredentialSpec, token_id: &'a str) -> SourceFuture<'a, ()> {
-        self.inner.revoke(credential, token_id)
+    fn revoke<'a>(
+        &'a self,
+        credential: &'a CredentialSpec,
+        token_id: &'a str,
+    ) -> SourceFuture<'a, Revocation> {
+        Box::pin(async move {
+            if !self.last_holder(credential).await {
+                return Ok(Revocation::LeftToFleet);
+            }
+            self.inner.revoke(credential, token_id).await
+        })
     }
 
     fn purge<'a>(&'a self, credential: &'a CredentialSpec, token: &'a AccessToken) -> SourceFuture<'a, ()> {
@@ -411,12 +703,13 @@ impl TokenSource for SharedTier {
     }
 
     fn refused_elsewhere(&self) -> Option<broadcast::Receiver<RefusedToken>> {
-        Some(self.refused.subscribe())
+        Some(self.fleet.refused.subscribe())
     }
 
     fn names(&self, refused: &RefusedToken, credential: &CredentialSpec, token: &AccessToken) -> bool {
-        refused.fleet_identity == fleet_identity(credential)
-            && self
+        let fleet = &self.fleet;
+        refused.fleet_identity == fleet.sealer.fleet_identity(credential.identity)
+            && fleet
                 .sealer
                 .tags(token)
                 .iter()
@@ -424,19 +717,17 @@ impl TokenSource for SharedTier {
     }
 }
 
-/// Subscribes to the fleet's refusals and passes them on, reconnecting (1 s doubling to 30 s)
-/// whenever Redis goes away.
+/// Subscribes to the fleet's refusals and passes them on, reconnecting a second after Redis
+/// went away (as the link does).
 async fn listen_for_refusals(
     client: redis::Client,
     channel: String,
     refused: broadcast::Sender<RefusedToken>,
 ) {
     use futures_util::StreamExt;
-    let mut pause = Duration::from_secs(1);
     loop {
         if let Ok(mut pubsub) = client.get_async_pubsub().await {
             if pubsub.subscribe(&channel).await.is_ok() {
-                pause = Duration::from_secs(1);
                 let mut messages = pubsub.on_message();
                 while let Some(message) = messages.next().await {
                     let Ok(payload) = message.get_payload::<String>() else {
@@ -452,37 +743,32 @@ async fn listen_for_refusals(
                 }
             }
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(30));
+        tokio::time::sleep(link::RETRY).await;
     }
 }
 
-/// The Redis keys of one credential.
+/// The Redis keys of one credential: `{prefix}{id}:…`, one hash slot.
 struct Keys {
+    id: String,
     token: String,
     lock: String,
     backoff: String,
     failures: String,
+    holders: String,
 }
 
 impl Keys {
-    fn new(prefix: &str, credential: &CredentialSpec) -> Self {
-        let id = fleet_identity(credential);
+    fn new(prefix: &str, id: String) -> Self {
+        let key = |suffix: &str| format!("{prefix}{{{id}}}:{suffix}");
         Self {
-            token: format!("{prefix}token:{id}"),
-            lock: format!("{prefix}lock:{id}"),
-            backoff: format!("{prefix}backoff:{id}"),
-            failures: format!("{prefix}failures:{id}"),
+            token: key("token"),
+            lock: key("lock"),
+            backoff: key("backoff"),
+            failures: key("failures"),
+            holders: key("holders"),
+            id,
         }
     }
-}
-
-/// What a credential's token depends on apart from its secrets — the endpoint, the encoding,
-/// the body fields that are not secret (client id, organisation, scopes) — hashed: the same for
-/// every sidecar of the fleet, and never a secret.
-pub fn fleet_identity(credential: &CredentialSpec) -> String {
-    let digest = credential.request.digest(Secrets::Left).finalize();
-    hex::encode(&digest[..16])
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -46,8 +46,13 @@ pub trait TokenSource: Send + Sync {
         context: FetchContext,
     ) -> SourceFuture<'a, IssuedToken>;
 
-    /// Revokes the token the provider knows as `token_id` (Nuapay long-lived tokens).
-    fn revoke<'a>(&'a self, credential: &'a CredentialSpec, token_id: &'a str) -> SourceFuture<'a, ()>;
+    /// Revokes the token the provider knows as `token_id` (Nuapay long-lived tokens), unless
+    /// others still use it (a fleet's other sidecars).
+    fn revoke<'a>(
+        &'a self,
+        credential: &'a CredentialSpec,
+        token_id: &'a str,
+    ) -> SourceFuture<'a, Revocation>;
 
     /// The upstream refused `token`: forget it wherever this source keeps tokens (a shared
     /// tier), unless it was already replaced. The endpoint keeps none.
@@ -66,6 +71,15 @@ pub trait TokenSource: Send + Sync {
     }
 }
 
+/// What became of a token asked to be revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    Revoked,
+    /// Other sidecars of the fleet still hold it (or the fleet could not be asked): it was
+    /// dropped here and lives on until the last of them stops, or it expires.
+    LeftToFleet,
+}
+
 /// A token another sidecar saw refused, named without being revealed: its credential's fleet
 /// identity and a tag (an HMAC of the token under the fleet's key).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +93,14 @@ impl TokenSource for TokenFetcher {
         Box::pin(TokenFetcher::fetch(self, credential))
     }
 
-    fn revoke<'a>(&'a self, credential: &'a CredentialSpec, token_id: &'a str) -> SourceFuture<'a, ()> {
-        Box::pin(TokenFetcher::revoke(self, credential, token_id))
+    fn revoke<'a>(
+        &'a self,
+        credential: &'a CredentialSpec,
+        token_id: &'a str,
+    ) -> SourceFuture<'a, Revocation> {
+        Box::pin(async move {
+            TokenFetcher::revoke(self, credential, token_id).await?;
+            Ok(Revocation::Revoked)
+        })
     }
 }

@@ -211,3 +211,91 @@ async fn a_cached_token_outlives_an_endpoint_outage() {
     );
     assert!(h.stand_ins.upstream.refusals().is_empty());
 }
+
+/// Legacy clients with short timeouts in front of a slow provider: the fetch the first one
+/// started runs to its end, and its token serves everyone after.
+#[tokio::test]
+async fn a_fetch_outlives_the_impatient_clients_that_started_it_and_its_token_is_cached() {
+    let h = Harness::start().await;
+    h.stand_ins.providers.set_latency(Duration::from_secs(3));
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        let gave_up = impatient.get(h.url("/acme/payu/x")).send().await;
+        assert!(gave_up.is_err(), "a 3 s fetch cannot answer a 1 s client");
+    }
+    // The endpoint answers the first fetch 3 s after it was asked.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let patient = std::time::Instant::now();
+    assert_eq!(h.get_json("/acme/payu/x").await.0, 200);
+    let waited = patient.elapsed();
+    let fetches = h.stand_ins.providers.token_requests(Shape::PayU);
+    eprintln!("2 clients giving up after 1 s on a 3 s endpoint, then a patient one: {fetches} token request(s), the patient one waited {waited:?}");
+    assert_eq!(fetches, 1, "the first fetch was neither cancelled nor repeated");
+    assert!(
+        waited < Duration::from_millis(900),
+        "the token was cached: {waited:?}"
+    );
+}
+
+/// A 15 s outage of `503` + `Retry-After: 2` under steady requests: the back-off follows the
+/// provider's own `Retry-After`, not a doubling past it, so recovery shows within seconds.
+#[tokio::test]
+async fn recovery_after_an_outage_is_seen_within_the_providers_retry_after() {
+    let h = Harness::start().await;
+    let outage = Failure {
+        status: 503,
+        retry_after: Some(2),
+        body: r#"{"error":"temporarily_unavailable"}"#.into(),
+    };
+    h.stand_ins.providers.set_failing(Some(outage));
+    for _ in 0..30 {
+        assert_eq!(h.get("/acme/payu/x").await.status(), 503);
+        h.advance(Duration::from_millis(500));
+    }
+    let during = h.stand_ins.providers.token_requests(Shape::PayU);
+    h.stand_ins.providers.set_failing(None);
+    let mut lag = Duration::ZERO;
+    while h.get("/acme/payu/x").await.status() != 200 {
+        h.advance(Duration::from_millis(500));
+        lag += Duration::from_millis(500);
+        assert!(lag < secs(30), "not recovered 30 s after the endpoint did");
+    }
+    eprintln!("15 s outage with Retry-After: 2: {during} token requests during it, recovery seen {lag:?} after the endpoint recovered");
+    assert!(lag <= secs(2), "recovery lag {lag:?}");
+    assert!(
+        during <= 4 + 15 / 2 + 1,
+        "{during} token requests: one probe per Retry-After"
+    );
+}
+
+/// Without a `Retry-After`, the back-off doubles (for background refreshes), but a request
+/// with no token probes at least every `max_probe_interval`.
+#[tokio::test]
+async fn waiting_requests_probe_a_failing_endpoint_every_few_seconds_however_long_it_failed() {
+    let h = Harness::start().await;
+    h.stand_ins.providers.set_failing(Some(Failure::status(503)));
+    for _ in 0..120 {
+        h.get("/acme/payu/x").await;
+        h.advance(Duration::from_millis(500));
+    }
+    let during = h.stand_ins.providers.token_requests(Shape::PayU);
+    h.stand_ins.providers.set_failing(None);
+    let mut lag = Duration::ZERO;
+    while h.get("/acme/payu/x").await.status() != 200 {
+        h.advance(Duration::from_millis(500));
+        lag += Duration::from_millis(500);
+        assert!(lag < secs(60), "not recovered 60 s after the endpoint did");
+    }
+    eprintln!(
+        "60 s outage without Retry-After: {during} token requests during it, recovery seen {lag:?} after"
+    );
+    assert!(lag <= secs(5), "recovery lag {lag:?}");
+    assert!(
+        during <= 4 + 60 / 5 + 3,
+        "{during} token requests in 60 s: about one probe per 5 s"
+    );
+}

@@ -365,3 +365,91 @@ async fn the_access_log_has_one_line_per_request_without_query_or_secret() {
         assert!(!all.contains(never), "`{never}` in the logs");
     }
 }
+
+/// A Nuapay credential whose tokens are revoked when dropped, behind `/acme/nuapay`.
+fn nuapay_config(s: &StandIns, expires_in: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+watch_config = false
+
+[tls]
+ca_file = "ca.pem"
+
+[providers.nuapay]
+kind = "nuapay"
+base_url = "https://{token}"
+api_key = "dev-nuapay-api-key"
+expires_in = "{expires_in}"
+revoke_on_shutdown = true
+
+[credentials.acme-nuapay]
+provider = "nuapay"
+organisation = "ybo8zd8j2q"
+scopes = ["openbanking_pisp"]
+
+[[routes]]
+path_prefix = "/acme/nuapay"
+upstream = "https://{upstream}/nuapay"
+credential = "acme-nuapay"
+"#,
+        token = s.token_addr,
+        upstream = s.upstream_addr,
+    )
+}
+
+/// A reload that changes a credential whose old token is revoked slowly: requests routed by
+/// the old snapshot share one fetch (no fetch each), the revoke never sits between the swaps,
+/// and the old token is revoked once.
+#[tokio::test]
+async fn a_reload_changing_a_credential_under_load_makes_one_new_fetch_and_one_revoke() {
+    let s = stand_ins().await;
+    s.providers.set_revoke_latency(Duration::from_secs(3));
+    let sidecar = Arc::new(BinarySidecar::start(&s, &nuapay_config(&s, "1h")));
+    assert_eq!(sidecar.get("/acme/nuapay/x").await.status(), 200);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let (sidecar, stop) = (sidecar.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut served, mut failed) = (0u32, 0u32);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match sidecar.get("/acme/nuapay/x").await.status().as_u16() {
+                        200 => served += 1,
+                        _ => failed += 1,
+                    }
+                }
+                (served, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = s.providers.token_requests(Shape::Nuapay);
+    replace_file(&sidecar.config_path(), &nuapay_config(&s, "59m"));
+    let reload_started = Instant::now();
+    let (status, body) = sidecar.reload().await;
+    let reload_took = reload_started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut served, mut failed) = (0, 0);
+    for task in load {
+        let (ok, bad) = task.await.unwrap();
+        served += ok;
+        failed += bad;
+    }
+    let fetches = s.providers.token_requests(Shape::Nuapay) - before;
+    eventually("the old token revoked", async || {
+        s.providers.revocations().len() == 1
+    })
+    .await;
+    eprintln!("reload changing a credential under 8 connections: {served} requests, {failed} failed, {fetches} token call(s), {} revoke(s); the reload answered in {reload_took:?}", s.providers.revocations().len());
+    assert_eq!(failed, 0);
+    assert_eq!(fetches, 1, "one fetch for the changed credential");
+    assert!(
+        reload_took < Duration::from_secs(2),
+        "the reload did not wait for the revoke"
+    );
+}

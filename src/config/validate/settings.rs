@@ -144,10 +144,10 @@ impl Validator {
             .key_prefix
             .clone()
             .unwrap_or_else(|| "token-sidecar:".to_owned());
-        if prefix.is_empty() || prefix.contains(['*', '?', '[', ' ']) {
+        if prefix.is_empty() || prefix.contains(['*', '?', '[', ' ', '{', '}']) {
             self.problem(
                 &path.key("key_prefix"),
-                "must be non-empty, without spaces or glob characters",
+                "must be non-empty, without spaces, braces or glob characters",
             );
         }
         let timeout = self.nonzero(&path.key("timeout"), raw.timeout, Duration::from_millis(250));

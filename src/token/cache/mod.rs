@@ -44,7 +44,7 @@ use moka::ops::compute::Op;
 use super::dialect::Identity;
 use super::error::FetchError;
 use super::lifetime::{Freshness, Schedule};
-use super::source::TokenSource;
+use super::source::{Revocation, TokenSource};
 use crate::clock::{unix_millis, SharedClock};
 use crate::metrics::Metrics;
 use crate::secret::AccessToken;
@@ -377,8 +377,12 @@ async fn revoke(source: &dyn TokenSource, spec: &CredentialSpec, cached: &Cached
         return false;
     };
     match source.revoke(spec, token_id).await {
-        Ok(()) => {
+        Ok(Revocation::Revoked) => {
             tracing::info!(credential = %spec.name, token = %cached.token, "revoked token");
+            true
+        }
+        Ok(Revocation::LeftToFleet) => {
+            tracing::info!(credential = %spec.name, token = %cached.token, "not revoking the token: other sidecars of the fleet still use it");
             true
         }
         Err(err) => {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::*;
 use crate::clock::{Clock, ManualClock};
 use crate::token::dialect::IssuedToken;
-use crate::token::source::{FetchContext, SourceFuture};
+use crate::token::source::{FetchContext, Revocation, SourceFuture};
 
 /// Counts its calls; each answers after `delay` (tokio time) with a token of `lifetime`.
 struct CountingSource {
@@ -36,8 +36,8 @@ impl TokenSource for CountingSource {
         })
     }
 
-    fn revoke<'a>(&'a self, _: &'a CredentialSpec, _: &'a str) -> SourceFuture<'a, ()> {
-        Box::pin(async { Ok(()) })
+    fn revoke<'a>(&'a self, _: &'a CredentialSpec, _: &'a str) -> SourceFuture<'a, Revocation> {
+        Box::pin(async { Ok(Revocation::Revoked) })
     }
 }
 

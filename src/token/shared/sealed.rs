@@ -1,19 +1,25 @@
-//! Tokens as they sit in Redis: encrypted and authenticated (AES-256-GCM) under the fleet's key
-//! and bound to their Redis key, so a value cannot be read, altered or moved to another
-//! credential. A value is `tag|key id|base64(nonce ‖ ciphertext)`:
-//! - the key id says which key sealed it, so keys can rotate (older keys still open values);
-//! - the tag (an HMAC of the token under that key) lets a compare-and-delete in Redis drop
-//!   exactly the token a sidecar saw refused, without the token being readable there.
+//! Everything the sidecar reads back from Redis, sealed: encrypted and authenticated
+//! (AES-256-GCM) under the fleet's key and bound to its Redis key, so a value cannot be read,
+//! forged, altered or moved to another key. A sealed value is `key id|base64(nonce ‖
+//! ciphertext)`, the key id saying which key sealed it, so keys can rotate (older keys still
+//! open values). A token's value starts with a tag, `tag|…`: an HMAC of the token, so that a
+//! compare-and-delete in Redis drops exactly the token a sidecar saw refused, without the token
+//! being readable there. Lock holders are a nonce and its HMAC; credentials are named by an
+//! HMAC of their identity (secrets included), which tells secret versions apart and cannot be
+//! guessed offline.
 
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
+use rand::Rng;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::secret::{AccessToken, EncryptionKey};
+use crate::token::dialect::Identity;
 
 /// Why a stored value could not be opened (it is then treated as absent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -69,12 +75,12 @@ impl Sealer {
         Self { keys }
     }
 
-    /// The value to store under `redis_key`.
-    pub fn seal(&self, redis_key: &str, token: &SharedToken) -> String {
+    /// `value`, sealed for `redis_key`.
+    pub fn seal_value<T: Serialize>(&self, redis_key: &str, value: &T) -> String {
         let key = &self.keys[0];
         let cipher = Aes256Gcm::new(key.expose().into());
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        let plaintext = serde_json::to_vec(token).unwrap_or_default();
+        let plaintext = serde_json::to_vec(value).unwrap_or_default();
         let sealed = cipher
             .encrypt(
                 &nonce,
@@ -86,20 +92,12 @@ impl Sealer {
             .unwrap_or_default();
         let mut bytes = nonce.to_vec();
         bytes.extend_from_slice(&sealed);
-        format!(
-            "{}|{}|{}",
-            tag(key, &token.token),
-            key.id(),
-            STANDARD.encode(bytes)
-        )
+        format!("{}|{}", key.id(), STANDARD.encode(bytes))
     }
 
-    /// The token in a value stored under `redis_key`.
-    pub fn open(&self, redis_key: &str, value: &str) -> Result<SharedToken, SealError> {
-        let mut parts = value.splitn(3, '|');
-        let (Some(_tag), Some(key_id), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(SealError::Format);
-        };
+    /// The value sealed for `redis_key`, if it opens.
+    pub fn open_value<T: DeserializeOwned>(&self, redis_key: &str, value: &str) -> Result<T, SealError> {
+        let (key_id, body) = value.split_once('|').ok_or(SealError::Format)?;
         let key = self
             .keys
             .iter()
@@ -123,6 +121,47 @@ impl Sealer {
         serde_json::from_slice(&plaintext).map_err(|_| SealError::Format)
     }
 
+    /// The value to store `token` under `redis_key`: its tag, then the sealed token.
+    pub fn seal(&self, redis_key: &str, token: &SharedToken) -> String {
+        let tag = tag(&self.keys[0], &token.token);
+        format!("{tag}|{}", self.seal_value(redis_key, token))
+    }
+
+    /// The token in a value stored under `redis_key`.
+    pub fn open(&self, redis_key: &str, value: &str) -> Result<SharedToken, SealError> {
+        let (_tag, sealed) = value.split_once('|').ok_or(SealError::Format)?;
+        self.open_value(redis_key, sealed)
+    }
+
+    /// The fleet's name for a credential of `identity`: the same on every sidecar that shares
+    /// the key and has the same definition — secrets and client certificate included, so a
+    /// rotated or wrong secret is a credential of its own.
+    pub fn fleet_identity(&self, identity: Identity) -> String {
+        let mut mac = hmac(&self.keys[0]);
+        mac.update(b"token-sidecar fleet identity\0");
+        mac.update(&identity.to_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..16])
+    }
+
+    /// A fresh lock holder for `lock_key`: a nonce and its HMAC, so that a waiter can tell a
+    /// sidecar's lock from one written by anyone else.
+    pub fn holder(&self, lock_key: &str) -> String {
+        let nonce = hex::encode(rand::thread_rng().gen::<[u8; 16]>());
+        let mac = holder_mac(&self.keys[0], lock_key, &nonce);
+        format!("{nonce}.{mac}")
+    }
+
+    /// Whether `value` is a holder a sidecar of the fleet made for `lock_key`.
+    pub fn is_holder(&self, lock_key: &str, value: &str) -> bool {
+        let Some((nonce, mac)) = value.split_once('.') else {
+            return false;
+        };
+        self.keys.iter().any(|key| {
+            let expected = holder_mac(key, lock_key, nonce);
+            bool::from(subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), mac.as_bytes()))
+        })
+    }
+
     /// The tag of `token` under the current key (announced with a refusal).
     pub fn tag(&self, token: &AccessToken) -> String {
         tag(&self.keys[0], token)
@@ -137,9 +176,22 @@ impl Sealer {
     }
 }
 
+fn hmac(key: &EncryptionKey) -> Hmac<Sha256> {
+    <Hmac<Sha256> as Mac>::new_from_slice(key.expose()).expect("HMAC takes any key length")
+}
+
+fn holder_mac(key: &EncryptionKey, lock_key: &str, nonce: &str) -> String {
+    let mut mac = hmac(key);
+    mac.update(b"token-sidecar lock holder\0");
+    mac.update(lock_key.as_bytes());
+    mac.update(b"\0");
+    mac.update(nonce.as_bytes());
+    hex::encode(&mac.finalize().into_bytes()[..16])
+}
+
 /// 24 hex characters of HMAC-SHA256(key, token): names the token without revealing it.
 fn tag(key: &EncryptionKey, token: &AccessToken) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.expose()).expect("HMAC takes any key length");
+    let mut mac = hmac(key);
     mac.update(b"token-sidecar purge tag\0");
     mac.update(token.expose().as_bytes());
     hex::encode(&mac.finalize().into_bytes()[..12])
@@ -193,6 +245,31 @@ mod tests {
         let altered = String::from_utf8(altered).unwrap();
         assert!(sealer.open("p:token:abc", &altered).is_err());
         assert_eq!(sealer.open("p:token:abc", "garbage"), Err(SealError::Format));
+    }
+
+    #[test]
+    fn a_lock_holder_is_told_from_a_forged_or_moved_one() {
+        let sealer = Sealer::new(vec![key(1)]);
+        let holder = sealer.holder("p:{abc}:lock");
+        assert!(sealer.is_holder("p:{abc}:lock", &holder));
+        assert!(!sealer.is_holder("p:{other}:lock", &holder), "bound to its key");
+        assert!(!sealer.is_holder("p:{abc}:lock", "stuck"));
+        assert!(!Sealer::new(vec![key(2)]).is_holder("p:{abc}:lock", &holder));
+    }
+
+    #[test]
+    fn the_fleet_identity_depends_on_the_key_and_hides_the_identity() {
+        let identity = Identity::named("credential");
+        let (one, two) = (Sealer::new(vec![key(1)]), Sealer::new(vec![key(2)]));
+        assert_eq!(one.fleet_identity(identity), one.fleet_identity(identity));
+        assert_ne!(one.fleet_identity(identity), two.fleet_identity(identity));
+        assert_ne!(
+            one.fleet_identity(identity),
+            one.fleet_identity(Identity::named("other"))
+        );
+        assert!(!one
+            .fleet_identity(identity)
+            .contains(&hex::encode(identity.to_bytes())));
     }
 
     #[test]
