@@ -62,7 +62,13 @@ impl Exchange {
             upstream_status: None,
             replayed: false,
             error: None,
-            body: Arc::default(),
+            // Made at the connection's edge, which watches it too (a handler driven
+            // in-process has none).
+            body: request
+                .extensions()
+                .get::<Arc<BodyRecord>>()
+                .cloned()
+                .unwrap_or_default(),
         }
     }
 

@@ -33,13 +33,32 @@ pub enum BodyFault {
 /// Where a [`ClientBody`] records the bytes it passed on and its fault, for the request handler
 /// to read after the upstream call failed (the upstream client reports only that the body
 /// failed) and for the access log.
+///
+/// Made at the connection's edge and handed down in the request's extensions, so that the
+/// connection's watchdog can tell a body that trickles in from a slow upstream.
 #[derive(Debug, Default)]
 pub struct BodyRecord {
     fault: AtomicU8,
     bytes: AtomicU64,
+    /// Since when the body has been read, while it is (cleared once it ended or failed).
+    reading_since: std::sync::Mutex<Option<Instant>>,
 }
 
 impl BodyRecord {
+    /// Whether the body is still being read, for longer than `grace`, at less than
+    /// `min_rate` bytes a second on average: a sender that holds its connection for nothing.
+    pub fn trickling(&self, grace: Duration, min_rate: u64) -> bool {
+        let Some(since) = *crate::sync::lock(&self.reading_since) else {
+            return false;
+        };
+        let reading = since.elapsed();
+        reading > grace && (self.bytes() as f64) < reading.as_secs_f64() * min_rate as f64
+    }
+
+    fn reading(&self, reading: bool) {
+        *crate::sync::lock(&self.reading_since) = reading.then(Instant::now);
+    }
+
     /// Bytes of the request body read so far.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
@@ -102,6 +121,7 @@ pub struct ClientBody {
 impl ClientBody {
     /// `inner` read under `limits`, its whole deadline counted from now.
     pub fn new(inner: ProxyBody, limits: BodyLimits, record: Arc<BodyRecord>) -> Self {
+        record.reading(true);
         Self {
             inner,
             read: 0,
@@ -115,6 +135,7 @@ impl ClientBody {
 
     fn fail(&mut self, fault: BodyFault) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.record.set(fault);
+        self.record.reading(false);
         Poll::Ready(Some(Err(Box::new(fault))))
     }
 
@@ -169,7 +190,10 @@ impl Body for ClientBody {
                 tracing::debug!(error = %err, "request body failed");
                 this.fail(BodyFault::Broken)
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.record.reading(false);
+                Poll::Ready(None)
+            }
             Poll::Pending => match this.waited_out(cx) {
                 Some(fault) => this.fail(fault),
                 None => Poll::Pending,
@@ -183,5 +207,11 @@ impl Body for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        self.record.reading(false);
     }
 }

@@ -3,7 +3,10 @@
 //! - A watchdog closes a connection that has no request in flight for too long: before its
 //!   first request `header_read_timeout` (silence, half a request line, an HTTP/2 preface and
 //!   nothing after), later `idle_timeout`; while the listener is at its connection cap, any
-//!   connection idle for [`IDLE_AT_CAP`], so connections doing nothing cannot hold the cap.
+//!   connection idle for [`IDLE_AT_CAP`], so connections doing nothing cannot hold the cap —
+//!   nor ones whose request body trickles in: at the cap, a connection reading a body at less
+//!   than [`MIN_BODY_RATE_AT_CAP`] for over [`IDLE_AT_CAP`] is closed (its request, if the
+//!   cap never fills, still ends at `request_body_timeout`).
 //! - HTTP/2 connections are pinged; a peer that stops answering is dropped.
 //! - hyper answers an HTTP/1 request it cannot parse (too many headers, a URI over 64 KiB, a
 //!   malformed line) itself, with a bare status. [`ConnIo`] recognises such an answer — bytes
@@ -29,9 +32,14 @@ use tokio::time::Instant;
 
 use super::{ConnectionLimits, Handler};
 use crate::body::{boxed, BoxError, ProxyBody};
+use crate::proxy::client_body::BodyRecord;
+use crate::sync::lock;
 
 /// How long an idle connection is kept while the listener is at its connection cap.
 pub const IDLE_AT_CAP: Duration = Duration::from_secs(1);
+/// Bytes a second below which a request body being read holds a connection for nothing, at
+/// the cap (an application beside the sidecar sends megabytes a second).
+pub const MIN_BODY_RATE_AT_CAP: u64 = 1024;
 /// How long a connection told to close may take to finish what it is doing.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -47,6 +55,8 @@ pub struct Activity {
     idle_since_ms: AtomicU64,
     /// Bytes arrived while no request was in flight: the start of the next request (or garbage).
     unclaimed_bytes: AtomicBool,
+    /// The body of the latest request (the one an HTTP/1 connection is reading).
+    latest_body: std::sync::Mutex<Option<Arc<BodyRecord>>>,
 }
 
 impl Activity {
@@ -57,14 +67,23 @@ impl Activity {
             served: AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
             unclaimed_bytes: AtomicBool::new(false),
+            latest_body: std::sync::Mutex::new(None),
         })
     }
 
-    fn request_started(self: &Arc<Self>) -> InFlight {
+    fn request_started(self: &Arc<Self>, body: Arc<BodyRecord>) -> InFlight {
+        *lock(&self.latest_body) = Some(body);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.served.store(true, Ordering::Release);
         self.unclaimed_bytes.store(false, Ordering::Release);
         InFlight(self.clone())
+    }
+
+    /// Whether the request being served is one whose body trickles in.
+    fn trickling(&self) -> bool {
+        lock(&self.latest_body)
+            .as_ref()
+            .is_some_and(|body| body.trickling(IDLE_AT_CAP, MIN_BODY_RATE_AT_CAP))
     }
 
     /// No request in flight, yet the client sent something: hyper is parsing a head, and
@@ -79,7 +98,14 @@ impl Activity {
     /// when the connection became idle.
     fn next_check(&self, limits: &ConnectionLimits, at_cap: bool) -> Option<Instant> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
-            return Some(Instant::now() + limits.idle_timeout.min(limits.header_read_timeout));
+            let mut next = limits.idle_timeout.min(limits.header_read_timeout);
+            if at_cap {
+                if self.trickling() {
+                    return None;
+                }
+                next = next.min(IDLE_AT_CAP);
+            }
+            return Some(Instant::now() + next);
         }
         let mut limit = if self.served.load(Ordering::Acquire) {
             limits.idle_timeout
@@ -153,8 +179,10 @@ where
     let activity = Activity::new();
     let handler = shared.handler.clone();
     let tracker = activity.clone();
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let in_flight = tracker.request_started();
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let body = Arc::new(BodyRecord::default());
+        let in_flight = tracker.request_started(body.clone());
+        request.extensions_mut().insert(body);
         // The body is boxed here, once: everything behind the edge takes a `ProxyBody`.
         let response = handler(request.map(boxed));
         async move {
@@ -184,7 +212,7 @@ where
                 let next = match activity.next_check(&shared.limits, (shared.at_cap)()) {
                     Some(at) => at,
                     None => {
-                        tracing::debug!("closing a connection that made no progress");
+                        tracing::debug!("closing a connection that made no progress (or trickled a body at the cap)");
                         connection.as_mut().graceful_shutdown();
                         closing = true;
                         Instant::now() + CLOSE_GRACE

@@ -364,3 +364,165 @@ async fn fleet_figures() {
         eprintln!("| {size} sidecar(s) {with} | {cold} | {steady} |");
     }
 }
+
+/// The fleet identity of each credential, as its keys in Redis name it (after one fetch each).
+fn fleet_ids(redis: &RedisServer) -> Vec<String> {
+    let mut ids: Vec<String> = redis
+        .keys()
+        .iter()
+        .filter_map(|key| key.strip_prefix(&format!("{KEY_PREFIX}{{"))?.strip_suffix("}:token"))
+        .map(str::to_owned)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Whether `key` holds a string in `redis` (as the sidecar writes every value).
+fn is_string(redis: &RedisServer, key: &str) -> bool {
+    redis.command(&["TYPE", key]).is_some_and(|answer| answer.starts_with("+string"))
+}
+
+/// Control keys forged in Redis (a back-off with no TTL and a message of its own, a lock with
+/// no TTL, a token key of the wrong type) change nothing for requests, and sharing repairs
+/// itself.
+#[tokio::test]
+async fn forged_or_broken_control_keys_in_redis_change_nothing_for_requests() {
+    let Some(redis) = RedisServer::start("forged_or_broken_control_keys_in_redis_change_nothing_for_requests")
+    else {
+        return;
+    };
+    let s = StandIns::start(ManualClock::new(), dev_accounts()).await.unwrap();
+    s.providers.set_lifetime(Shape::Nuapay, Duration::from_secs(3600));
+    let config = fleet_config(&s, Some(&redis));
+    {
+        // One sidecar fetches both credentials, so that their keys can be found and forged.
+        let first = BinarySidecar::start(&s, &config);
+        assert_eq!(first.get("/acme/payu/x").await.status(), 200);
+        assert_eq!(first.get("/acme/nuapay/x").await.status(), 200);
+    }
+    let ids = fleet_ids(&redis);
+    assert_eq!(ids.len(), 2, "{:?}", redis.keys());
+    for id in &ids {
+        let key = |suffix: &str| format!("{KEY_PREFIX}{{{id}}}:{suffix}");
+        redis.command(&["DEL", &key("token")]);
+        let forged = r#"{"message":"FORGED TEXT","rejected":[401,"invalid_client"]}"#;
+        redis.command(&["SET", &key("backoff"), forged]);
+        redis.command(&["SET", &key("lock"), "stuck"]);
+        redis.command(&["SET", &key("failures"), "999999"]);
+    }
+    // And the second credential's token key holds a hash.
+    let wrong_type = format!("{KEY_PREFIX}{{{}}}:token", ids[1]);
+    redis.command(&["HSET", &wrong_type, "field", "value"]);
+    let (payu_before, nuapay_before) = (
+        s.providers.token_requests(Shape::PayU),
+        s.providers.token_requests(Shape::Nuapay),
+    );
+
+    let sidecars: Vec<_> = (0..3).map(|_| Arc::new(BinarySidecar::start(&s, &config))).collect();
+    let started = std::time::Instant::now();
+    for path in ["/acme/payu/x", "/acme/nuapay/x"] {
+        let statuses = burst(&sidecars, path, 30).await;
+        assert!(statuses.iter().all(|s| *s == 200), "{path}: {statuses:?}");
+    }
+    let took = started.elapsed();
+    let fetches = (
+        s.providers.token_requests(Shape::PayU) - payu_before,
+        s.providers.token_requests(Shape::Nuapay) - nuapay_before,
+    );
+    eprintln!("forged back-off, TTL-less lock, bad failure count and a wrong-type token key: 60 cold requests over 3 sidecars all 200 in {took:?}, token calls (payu, nuapay) = {fetches:?}");
+    assert!(took < Duration::from_secs(5), "no request waited out the forged lock: {took:?}");
+    assert!(fetches.0 <= 2 && fetches.1 <= 3, "{fetches:?}");
+    for sidecar in &sidecars {
+        assert_eq!(shared_event(sidecar, "redis_error").await, 0.0, "a bad key is not Redis down");
+        let forced = sidecar
+            .client
+            .post(format!("http://{}/tokens/acme-payu/refresh?force=true", sidecar.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(forced.status(), 200);
+        let logs = sidecar.logs.lock().unwrap().join("\n");
+        assert!(!logs.contains("FORGED TEXT"), "text from Redis was never passed on");
+    }
+    for id in &ids {
+        let token = format!("{KEY_PREFIX}{{{id}}}:token");
+        assert!(is_string(&redis, &token), "the token key was repaired: {token}");
+        let lock_ttl = redis.command(&["PTTL", &format!("{KEY_PREFIX}{{{id}}}:lock")]).unwrap();
+        assert!(!lock_ttl.starts_with(":-1"), "no TTL-less lock is left: {lock_ttl}");
+    }
+}
+
+/// Waits (without blocking the stand-ins, which its shutdown may call) for `sidecar` to exit;
+/// whether it exited 0.
+async fn stopped(sidecar: &mut BinarySidecar) -> bool {
+    for _ in 0..400 {
+        if let Some(status) = sidecar.child.try_wait().unwrap() {
+            return status.success();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the sidecar did not stop within 20 s");
+}
+
+/// A rolling deploy: one sidecar's SIGTERM does not revoke the token the others still send;
+/// the last one to stop revokes it.
+#[tokio::test]
+async fn only_the_last_sidecar_of_the_fleet_to_stop_revokes_a_shared_token() {
+    let Some(redis) = RedisServer::start("only_the_last_sidecar_of_the_fleet_to_stop_revokes_a_shared_token")
+    else {
+        return;
+    };
+    let s = StandIns::start(ManualClock::new(), dev_accounts()).await.unwrap();
+    s.providers.set_lifetime(Shape::Nuapay, Duration::from_secs(3600));
+    let config = fleet_config(&s, Some(&redis)).replace(
+        "api_key = \"dev-nuapay-api-key\"",
+        "api_key = \"dev-nuapay-api-key\"\nrevoke_on_shutdown = true",
+    );
+    let mut sidecars: Vec<_> = (0..3).map(|_| BinarySidecar::start(&s, &config)).collect();
+    for sidecar in &sidecars {
+        assert_eq!(sidecar.get("/acme/nuapay/x").await.status(), 200);
+    }
+    assert_eq!(s.providers.token_requests(Shape::Nuapay), 1);
+    for stopping in 0..2 {
+        let mut sidecar = sidecars.remove(0);
+        sidecar.signal("-TERM");
+        assert!(stopped(&mut sidecar).await, "sidecar {stopping} stopped gracefully");
+        assert!(s.providers.revocations().is_empty(), "sidecar {stopping}'s stop revoked nothing");
+        for serving in &sidecars {
+            let response = serving
+                .client
+                .post(format!("http://{}/acme/nuapay/pay", serving.proxy))
+                .body(vec![b'x'; 2 * 1024 * 1024])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "a body too large to replay still goes through");
+        }
+    }
+    let mut last = sidecars.remove(0);
+    last.signal("-TERM");
+    assert!(stopped(&mut last).await);
+    let logs = last.logs.lock().unwrap().join("\n");
+    assert_eq!(s.providers.revocations().len(), 1, "the last sidecar revoked the token: {logs}");
+    assert_eq!(s.providers.token_requests(Shape::Nuapay), 1);
+}
+
+/// A sidecar whose secret was rotated (or is wrong) is not served the token the others
+/// fetched with the old one: its credential is another one for the fleet.
+#[tokio::test]
+async fn a_sidecar_with_another_secret_is_not_served_the_fleets_token() {
+    let Some(redis) = RedisServer::start("a_sidecar_with_another_secret_is_not_served_the_fleets_token") else {
+        return;
+    };
+    let (s, sidecars) = fleet(ManualClock::new(), Some(&redis), 2).await;
+    assert_eq!(sidecars[0].get("/acme/payu/x").await.status(), 200);
+    std::fs::write(sidecars[1].dir.path().join("secrets/payu"), "a-wrong-secret\n").unwrap();
+    let (status, body) = sidecars[1].reload().await;
+    assert_eq!(status, 200, "{body}");
+    let refused = sidecars[1].get("/acme/payu/x").await;
+    assert_eq!(refused.status(), 503, "the wrong secret gets no token");
+    assert_eq!(refused.headers()["x-token-sidecar-error"], "token_unavailable");
+    assert_eq!(sidecars[0].get("/acme/payu/x").await.status(), 200, "the others go on");
+    let identities = fleet_ids(&redis).len();
+    assert_eq!(identities, 1, "only the right secret's token is stored");
+}

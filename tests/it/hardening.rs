@@ -573,3 +573,92 @@ async fn an_upstream_that_refuses_every_token_does_not_cause_a_fetch_per_request
     let fetches = h.stand_ins.providers.token_requests(Shape::PayU);
     assert!(fetches <= 3, "30 refused requests made {fetches} token fetches");
 }
+
+// Round two, finding 3: a body trickled a byte at a time.
+
+/// Opens a POST that declares `declared` bytes and sends one byte every `every`, until the
+/// connection closes; the answer it got, if any.
+fn trickle(addr: std::net::SocketAddr, declared: usize, every: Duration) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST /acme/payu/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: {declared}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        for _ in 0..declared {
+            let mut buf = [0u8; 1024];
+            tokio::select! {
+                read = stream.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => { answer.extend_from_slice(&buf[..n]); break }
+                },
+                _ = tokio::time::sleep(every) => {
+                    if stream.write_all(b"x").await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+}
+
+#[tokio::test]
+async fn connections_trickling_a_body_cannot_hold_the_connection_cap() {
+    let h = Harness::with_config(with_server_keys(
+        "max_connections = 4\nbody_read_timeout = \"3s\"",
+    ))
+    .await;
+    let trickles: Vec<_> = (0..4)
+        .map(|_| trickle(h.sidecar.proxy_addr, 10_000, Duration::from_millis(500)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(20), h.get("/acme/payu/x"))
+        .await
+        .expect("served although the cap was full of trickling bodies");
+    let waited = started.elapsed();
+    eprintln!("4 connections trickling a byte every 0.5 s at max_connections = 4: a GET waited {waited:?}");
+    assert_eq!(response.status(), 200);
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    for trickle in trickles {
+        trickle.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_trickles_past_the_request_body_timeout_gets_408() {
+    let h = Harness::with_config(with_server_keys(
+        "body_read_timeout = \"3s\"\nrequest_body_timeout = \"2s\"",
+    ))
+    .await;
+    let started = Instant::now();
+    let answer = trickle(h.sidecar.proxy_addr, 100, Duration::from_millis(200)).await.unwrap();
+    assert_json_error(&answer, 408, "request_timeout");
+    assert!(answer.contains("did not finish sending the request body within 2s"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+}
+
+// Round two, "also fix": the admin listener and a page that rebinds its own name.
+
+#[tokio::test]
+async fn the_admin_listener_serves_loopback_addresses_and_allowed_hosts_only() {
+    let h = Harness::with_config(with_server_keys("allowed_hosts = [\"token-sidecar\"]")).await;
+    let admin = h.sidecar.admin_addr.unwrap();
+    for (host, served) in [
+        ("localhost:9901", true),
+        ("127.0.0.1", true),
+        ("10.1.2.3:9901", true),
+        ("[::1]:9901", true),
+        ("token-sidecar:9901", true),
+        ("rebound.attacker.example", false),
+    ] {
+        let request = format!("GET /tokens HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(admin, request.as_bytes()).await;
+        if served {
+            assert!(answer.starts_with("HTTP/1.1 200 "), "{host}: {answer}");
+        } else {
+            assert_json_error(&answer, 404, "no_route");
+            assert!(!answer.contains("acme"), "nothing of the tokens: {answer}");
+        }
+    }
+}
