@@ -111,6 +111,9 @@ pub fn main() -> ExitCode {
 fn check(path: Option<PathBuf>) -> ExitCode {
     match load(path) {
         Some(config) => {
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
             println!("config OK: {}", config.summary());
             ExitCode::SUCCESS
         }
@@ -143,7 +146,8 @@ fn runtime_result(result: anyhow::Result<()>) -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("TOKEN_SIDECAR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let wanted = std::env::var("TOKEN_SIDECAR_LOG").unwrap_or_else(|_| "info".to_owned());
+    let filter = EnvFilter::try_new(log_filter(&wanted)).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -153,4 +157,26 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// The filter for `TOKEN_SIDECAR_LOG`, with the file watcher's library held at `debug` unless
+/// named: at `trace` it logs every file event, and a log file in a watched directory then
+/// feeds itself (40 MB in 3 s).
+fn log_filter(wanted: &str) -> String {
+    if wanted.contains("notify") {
+        wanted.to_owned()
+    } else {
+        format!("{wanted},notify=debug")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchers_library_never_traces_unless_asked() {
+        assert_eq!(log_filter("trace"), "trace,notify=debug");
+        assert_eq!(log_filter("info,notify=trace"), "info,notify=trace");
+    }
 }

@@ -51,6 +51,8 @@ pub struct Reloaded {
 pub struct Reloader {
     path: Option<PathBuf>,
     current: tokio::sync::Mutex<Loaded>,
+    /// Successful reloads so far (the watcher follows what others reloaded).
+    reloads: std::sync::atomic::AtomicU64,
     proxy: Arc<Proxy>,
     tokens: Arc<TokenCache>,
     metrics: Metrics,
@@ -70,6 +72,7 @@ impl Reloader {
         Self {
             path,
             current: tokio::sync::Mutex::new(loaded),
+            reloads: std::sync::atomic::AtomicU64::new(0),
             proxy,
             tokens,
             metrics,
@@ -80,6 +83,11 @@ impl Reloader {
     /// The config file, if the sidecar was started from one.
     pub fn path(&self) -> Option<&PathBuf> {
         self.path.as_ref()
+    }
+
+    /// How many reloads succeeded so far.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The files the running config read (itself included): what [`watch`] watches.
@@ -133,6 +141,7 @@ impl Reloader {
             version: config.version.clone(),
         };
         *current = loaded;
+        self.reloads.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(reloaded)
     }
 }

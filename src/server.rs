@@ -123,6 +123,9 @@ pub async fn start_from(
     clock: SharedClock,
 ) -> Result<RunningSidecar, StartError> {
     let metrics = Metrics::new();
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let loaded = Loaded::build(config, None, &clock, &metrics)?;
     let (settings, routes) = (loaded.config.server.clone(), loaded.config.routes.len());
     let watching = path.is_some() && settings.watch_config;

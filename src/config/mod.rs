@@ -46,6 +46,9 @@ pub struct Config {
     /// The first 12 hex characters of the SHA-256 of the config text and every file it read:
     /// which version of the configuration a sidecar runs.
     pub version: String,
+    /// What is valid but will not do quite what it reads, as `file:line: key: message` lines
+    /// (`check` prints them, `run` logs them).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -295,10 +298,16 @@ impl Config {
     /// Validates config text; `path` names it in errors and anchors relative file paths.
     pub fn from_toml(source: &str, path: &Path) -> Result<Config, ConfigError> {
         let base_dir = path.parent().unwrap_or(Path::new(""));
-        validate::validate(source, base_dir).map_err(|problems| ConfigError::Invalid {
-            path: path.to_owned(),
-            problems,
-        })
+        let (mut config, warnings) =
+            validate::validate(source, base_dir).map_err(|problems| ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })?;
+        config.warnings = render_problems(path, &warnings)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        Ok(config)
     }
 
     /// One line for `check`: what the file configures.

@@ -46,7 +46,8 @@ fn parse_apart(source: &str) -> (SourceMap, (Option<RawConfig>, Vec<Problem>)) {
 /// The main thread's usual stack: the parser recurses into nested tables and arrays.
 const PARSE_STACK: usize = 8 << 20;
 
-pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Problem>> {
+/// The validated config (its `warnings` not yet rendered) and the warnings.
+pub(super) fn validate(source: &str, base_dir: &Path) -> Result<(Config, Vec<Problem>), Vec<Problem>> {
     let (map, (raw, shape_problems)) = parse_apart(source);
     let mut v = Validator {
         map,
@@ -57,6 +58,7 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
         problems: shape_problems,
         base_dir: base_dir.to_owned(),
         shared_cache: false,
+        warnings: Vec::new(),
     };
     // With the keys that had shape problems removed, the rest is still checked: one run
     // reports every problem.
@@ -108,7 +110,8 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
     let (Some(server), Some(extra_roots), Some(cache)) = (server, extra_roots, cache) else {
         return Err(vec![internal_problem()]);
     };
-    Ok(Config {
+    let warnings = v.warnings;
+    let config = Config {
         server,
         extra_roots,
         cache,
@@ -123,7 +126,9 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<Config, Vec<Prob
         routes,
         version: version(source, v.read),
         files: v.files,
-    })
+        warnings: Vec::new(),
+    };
+    Ok((config, warnings))
 }
 
 /// The first 12 hex characters of the SHA-256 of the text and the files it read.
@@ -251,9 +256,20 @@ struct Validator {
     base_dir: PathBuf,
     /// Whether `[cache.shared]` is configured: a fleet shares keys it would otherwise make.
     shared_cache: bool,
+    /// What is valid but cannot be honoured as it reads (`check` prints these; `run` logs them).
+    warnings: Vec<Problem>,
 }
 
 impl Validator {
+    /// Something valid that will not do quite what it says.
+    fn warning(&mut self, path: &KeyPath, message: impl Into<String>) {
+        self.warnings.push(Problem {
+            line: self.map.line_of_path(path),
+            key_path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
     fn problem(&mut self, path: &KeyPath, message: impl Into<String>) {
         let key_path = path.to_string();
         let follows_from_a_removal = self.removed.iter().any(|removed| {

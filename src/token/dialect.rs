@@ -281,6 +281,9 @@ pub struct IssuedToken {
 /// A token that lives less than this cannot be used safely: it is a failed fetch.
 pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
 
+/// The longest token accepted (it goes in a header of every request).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
 /// The largest token answer we read; anything bigger is an error.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
@@ -299,7 +302,10 @@ pub fn parse_response(
         Some(_) => return Err(FetchError::malformed("token field is not a string")),
         None => return Err(FetchError::malformed("answer has no token field")),
     };
-    if token.len() > 16 * 1024 || !spec.token_chars.admits(token) {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(FetchError::malformed("token is longer than 16 KiB"));
+    }
+    if !spec.token_chars.admits(token) {
         return Err(FetchError::malformed(
             "token has characters outside the allowed set (token_chars)",
         ));

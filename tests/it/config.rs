@@ -3,6 +3,8 @@
 
 use std::io::Write;
 
+use base64::Engine;
+
 use crate::support::{repo_root, run_binary};
 
 /// The secrets the examples reference by environment variable.
@@ -435,4 +437,60 @@ fn dev_runs_its_own_config_and_refuses_one_given() {
     let (code, _, stderr) = run_binary(&["dev", "--config", "mine.toml"], &[]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("unexpected argument '--config'"), "{stderr}");
+}
+
+#[test]
+fn durations_beyond_a_sane_bound_are_refused_with_their_key_path() {
+    let text = VALID
+        .replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nidle_timeout = \"9000000000000000000s\"",
+        )
+        .replace(
+            "client_secret = \"literal-secret\"",
+            "client_secret = \"literal-secret\"\n\n[cache]\nmax_failure_backoff = \"400d\"\nretry_budget = \"2h\"",
+        )
+        .replace(
+            "credential = \"acme-payu\"",
+            "credential = \"acme-payu\"\ntimeout = \"100y\"",
+        );
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2, "{stderr}");
+    for expected in [
+        "server.idle_timeout: must be at most 1day",
+        "cache.max_failure_backoff: must be at most 1day",
+        "cache.retry_budget: must be at most 10m",
+        "routes[0].timeout: must be at most 1h",
+    ] {
+        assert!(stderr.contains(expected), "{expected} in: {stderr}");
+    }
+}
+
+#[test]
+fn check_warns_of_a_revoke_a_fleet_cannot_always_honour() {
+    let text = format!(
+        r#"[providers.nuapay]
+kind = "nuapay"
+base_url = "https://sandbox.nuapay.com"
+api_key = "key"
+revoke_on_shutdown = true
+
+[credentials.acme]
+provider = "nuapay"
+organisation = "ybo8zd8j2q"
+scopes = ["openbanking_pisp"]
+
+[cache.shared]
+redis_url = "redis://127.0.0.1:6379"
+encryption_key = "{}"
+"#,
+        base64::engine::general_purpose::STANDARD.encode([1u8; 32])
+    );
+    let (code, stdout, stderr) = check(&text);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("config OK"));
+    assert!(
+        stderr.contains("warning: FILE:5: providers.nuapay.revoke_on_shutdown: with [cache.shared] a token is revoked only by the last sidecar"),
+        "{stderr}"
+    );
 }

@@ -370,7 +370,10 @@ fn fleet_ids(redis: &RedisServer) -> Vec<String> {
     let mut ids: Vec<String> = redis
         .keys()
         .iter()
-        .filter_map(|key| key.strip_prefix(&format!("{KEY_PREFIX}{{"))?.strip_suffix("}:token"))
+        .filter_map(|key| {
+            key.strip_prefix(&format!("{KEY_PREFIX}{{"))?
+                .strip_suffix("}:token")
+        })
         .map(str::to_owned)
         .collect();
     ids.sort();
@@ -379,7 +382,9 @@ fn fleet_ids(redis: &RedisServer) -> Vec<String> {
 
 /// Whether `key` holds a string in `redis` (as the sidecar writes every value).
 fn is_string(redis: &RedisServer, key: &str) -> bool {
-    redis.command(&["TYPE", key]).is_some_and(|answer| answer.starts_with("+string"))
+    redis
+        .command(&["TYPE", key])
+        .is_some_and(|answer| answer.starts_with("+string"))
 }
 
 /// Control keys forged in Redis (a back-off with no TTL and a message of its own, a lock with
@@ -387,7 +392,8 @@ fn is_string(redis: &RedisServer, key: &str) -> bool {
 /// itself.
 #[tokio::test]
 async fn forged_or_broken_control_keys_in_redis_change_nothing_for_requests() {
-    let Some(redis) = RedisServer::start("forged_or_broken_control_keys_in_redis_change_nothing_for_requests")
+    let Some(redis) =
+        RedisServer::start("forged_or_broken_control_keys_in_redis_change_nothing_for_requests")
     else {
         return;
     };
@@ -418,7 +424,9 @@ async fn forged_or_broken_control_keys_in_redis_change_nothing_for_requests() {
         s.providers.token_requests(Shape::Nuapay),
     );
 
-    let sidecars: Vec<_> = (0..3).map(|_| Arc::new(BinarySidecar::start(&s, &config))).collect();
+    let sidecars: Vec<_> = (0..3)
+        .map(|_| Arc::new(BinarySidecar::start(&s, &config)))
+        .collect();
     let started = std::time::Instant::now();
     for path in ["/acme/payu/x", "/acme/nuapay/x"] {
         let statuses = burst(&sidecars, path, 30).await;
@@ -430,25 +438,43 @@ async fn forged_or_broken_control_keys_in_redis_change_nothing_for_requests() {
         s.providers.token_requests(Shape::Nuapay) - nuapay_before,
     );
     eprintln!("forged back-off, TTL-less lock, bad failure count and a wrong-type token key: 60 cold requests over 3 sidecars all 200 in {took:?}, token calls (payu, nuapay) = {fetches:?}");
-    assert!(took < Duration::from_secs(5), "no request waited out the forged lock: {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "no request waited out the forged lock: {took:?}"
+    );
     assert!(fetches.0 <= 2 && fetches.1 <= 3, "{fetches:?}");
     for sidecar in &sidecars {
-        assert_eq!(shared_event(sidecar, "redis_error").await, 0.0, "a bad key is not Redis down");
+        assert_eq!(
+            shared_event(sidecar, "redis_error").await,
+            0.0,
+            "a bad key is not Redis down"
+        );
         let forced = sidecar
             .client
-            .post(format!("http://{}/tokens/acme-payu/refresh?force=true", sidecar.admin))
+            .post(format!(
+                "http://{}/tokens/acme-payu/refresh?force=true",
+                sidecar.admin
+            ))
             .send()
             .await
             .unwrap();
         assert_eq!(forced.status(), 200);
         let logs = sidecar.logs.lock().unwrap().join("\n");
-        assert!(!logs.contains("FORGED TEXT"), "text from Redis was never passed on");
+        assert!(
+            !logs.contains("FORGED TEXT"),
+            "text from Redis was never passed on"
+        );
     }
     for id in &ids {
         let token = format!("{KEY_PREFIX}{{{id}}}:token");
         assert!(is_string(&redis, &token), "the token key was repaired: {token}");
-        let lock_ttl = redis.command(&["PTTL", &format!("{KEY_PREFIX}{{{id}}}:lock")]).unwrap();
-        assert!(!lock_ttl.starts_with(":-1"), "no TTL-less lock is left: {lock_ttl}");
+        let lock_ttl = redis
+            .command(&["PTTL", &format!("{KEY_PREFIX}{{{id}}}:lock")])
+            .unwrap();
+        assert!(
+            !lock_ttl.starts_with(":-1"),
+            "no TTL-less lock is left: {lock_ttl}"
+        );
     }
 }
 
@@ -486,8 +512,14 @@ async fn only_the_last_sidecar_of_the_fleet_to_stop_revokes_a_shared_token() {
     for stopping in 0..2 {
         let mut sidecar = sidecars.remove(0);
         sidecar.signal("-TERM");
-        assert!(stopped(&mut sidecar).await, "sidecar {stopping} stopped gracefully");
-        assert!(s.providers.revocations().is_empty(), "sidecar {stopping}'s stop revoked nothing");
+        assert!(
+            stopped(&mut sidecar).await,
+            "sidecar {stopping} stopped gracefully"
+        );
+        assert!(
+            s.providers.revocations().is_empty(),
+            "sidecar {stopping}'s stop revoked nothing"
+        );
         for serving in &sidecars {
             let response = serving
                 .client
@@ -496,14 +528,22 @@ async fn only_the_last_sidecar_of_the_fleet_to_stop_revokes_a_shared_token() {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(response.status(), 200, "a body too large to replay still goes through");
+            assert_eq!(
+                response.status(),
+                200,
+                "a body too large to replay still goes through"
+            );
         }
     }
     let mut last = sidecars.remove(0);
     last.signal("-TERM");
     assert!(stopped(&mut last).await);
     let logs = last.logs.lock().unwrap().join("\n");
-    assert_eq!(s.providers.revocations().len(), 1, "the last sidecar revoked the token: {logs}");
+    assert_eq!(
+        s.providers.revocations().len(),
+        1,
+        "the last sidecar revoked the token: {logs}"
+    );
     assert_eq!(s.providers.token_requests(Shape::Nuapay), 1);
 }
 
@@ -511,10 +551,11 @@ async fn only_the_last_sidecar_of_the_fleet_to_stop_revokes_a_shared_token() {
 /// fetched with the old one: its credential is another one for the fleet.
 #[tokio::test]
 async fn a_sidecar_with_another_secret_is_not_served_the_fleets_token() {
-    let Some(redis) = RedisServer::start("a_sidecar_with_another_secret_is_not_served_the_fleets_token") else {
+    let Some(redis) = RedisServer::start("a_sidecar_with_another_secret_is_not_served_the_fleets_token")
+    else {
         return;
     };
-    let (s, sidecars) = fleet(ManualClock::new(), Some(&redis), 2).await;
+    let (_stand_ins, sidecars) = fleet(ManualClock::new(), Some(&redis), 2).await;
     assert_eq!(sidecars[0].get("/acme/payu/x").await.status(), 200);
     std::fs::write(sidecars[1].dir.path().join("secrets/payu"), "a-wrong-secret\n").unwrap();
     let (status, body) = sidecars[1].reload().await;
@@ -522,7 +563,11 @@ async fn a_sidecar_with_another_secret_is_not_served_the_fleets_token() {
     let refused = sidecars[1].get("/acme/payu/x").await;
     assert_eq!(refused.status(), 503, "the wrong secret gets no token");
     assert_eq!(refused.headers()["x-token-sidecar-error"], "token_unavailable");
-    assert_eq!(sidecars[0].get("/acme/payu/x").await.status(), 200, "the others go on");
+    assert_eq!(
+        sidecars[0].get("/acme/payu/x").await.status(),
+        200,
+        "the others go on"
+    );
     let identities = fleet_ids(&redis).len();
     assert_eq!(identities, 1, "only the right secret's token is stored");
 }

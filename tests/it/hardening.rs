@@ -581,7 +581,8 @@ async fn an_upstream_that_refuses_every_token_does_not_cause_a_fetch_per_request
 fn trickle(addr: std::net::SocketAddr, declared: usize, every: Duration) -> tokio::task::JoinHandle<String> {
     tokio::spawn(async move {
         let mut stream = TcpStream::connect(addr).await.unwrap();
-        let head = format!("POST /acme/payu/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: {declared}\r\n\r\n");
+        let head =
+            format!("POST /acme/payu/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: {declared}\r\n\r\n");
         stream.write_all(head.as_bytes()).await.unwrap();
         let mut answer = Vec::new();
         for _ in 0..declared {
@@ -632,10 +633,19 @@ async fn a_body_that_trickles_past_the_request_body_timeout_gets_408() {
     ))
     .await;
     let started = Instant::now();
-    let answer = trickle(h.sidecar.proxy_addr, 100, Duration::from_millis(200)).await.unwrap();
+    let answer = trickle(h.sidecar.proxy_addr, 100, Duration::from_millis(200))
+        .await
+        .unwrap();
     assert_json_error(&answer, 408, "request_timeout");
-    assert!(answer.contains("did not finish sending the request body within 2s"), "{answer}");
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        answer.contains("did not finish sending the request body within 2s"),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 // Round two, "also fix": the admin listener and a page that rebinds its own name.

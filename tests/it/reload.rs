@@ -453,3 +453,72 @@ async fn a_reload_changing_a_credential_under_load_makes_one_new_fetch_and_one_r
         "the reload did not wait for the revoke"
     );
 }
+
+/// A Kubernetes volume remounted: the secrets directory removed and made again. The watch on
+/// it is made again, and a change after that still reloads.
+#[tokio::test]
+async fn a_watched_directory_removed_and_made_again_is_watched_again() {
+    let s = stand_ins().await;
+    let sidecar = BinarySidecar::start(&s, &config(&s, "", SCOPES, ""));
+    assert_eq!(sidecar.get("/acme/payu/x").await.status(), 200);
+    let secrets = sidecar.dir.path().join("secrets");
+    std::fs::remove_dir_all(&secrets).unwrap();
+    // The watcher notices the loss within its recheck period, and watches the new directory.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    std::fs::create_dir(&secrets).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.providers.rotate_secret("acme-payu-client", "after-the-remount");
+    std::fs::write(secrets.join("payu"), "after-the-remount\n").unwrap();
+    eventually("the new secret is used without a signal", async || {
+        let ok = sidecar.get("/acme/payu/x").await.status() == 200;
+        ok && s
+            .providers
+            .seen()
+            .last()
+            .is_some_and(|seen| seen.body.contains("client_secret=after-the-remount"))
+    })
+    .await;
+    let logs = sidecar.logs.lock().unwrap().join("\n");
+    assert!(
+        logs.contains("watching it once it is back") || logs.contains("removed or replaced"),
+        "the lost watch was logged"
+    );
+}
+
+/// The log file written into the watched config directory at trace level is no change: the
+/// watcher does not react to its own log lines.
+#[tokio::test]
+async fn a_log_file_beside_the_config_does_not_feed_the_watcher() {
+    let s = stand_ins().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), s.pki.ca_pem()).unwrap();
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    std::fs::write(dir.path().join("secrets/payu"), "dev-payu-secret\n").unwrap();
+    std::fs::write(dir.path().join("sidecar.toml"), config(&s, "", SCOPES, "")).unwrap();
+    let log = dir.path().join("sidecar.log");
+    let mut child = std::process::Command::new(crate::support::binary())
+        .args(["run", "--config"])
+        .arg(dir.path().join("sidecar.toml"))
+        .env("TOKEN_SIDECAR_LOG", "trace")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let size = || std::fs::metadata(&log).map_or(0, |m| m.len());
+    eventually("the sidecar starts", async || {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("token-sidecar listening"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = size();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grown = size() - settled;
+    let _ = child.kill();
+    let _ = child.wait();
+    let reloads = std::fs::read_to_string(&log)
+        .unwrap()
+        .matches("a watched config file changed")
+        .count();
+    eprintln!("trace log beside the config: it grew {grown} bytes in 3 s while idle, {reloads} reload(s)");
+    assert_eq!(reloads, 0);
+    assert!(grown < 1 << 20, "the log grew {grown} bytes in 3 s while idle");
+}

@@ -11,6 +11,7 @@ use crate::config::raw::{
     RawBodyEncoding, RawClientAuth, RawClientKeys, RawCredential, RawProvider, RawProviderKind, RawSecret,
     RawSigningAlg, RawTimeUnit, RawTokenChars,
 };
+use crate::config::validate::values::{MINUTE, YEAR};
 use crate::config::validate::{suggest, Validator};
 use crate::config::KeyPath;
 use crate::secret::Secret;
@@ -100,14 +101,21 @@ impl Validator {
             &path.key("connect_timeout"),
             raw.connect_timeout,
             DEFAULT_CONNECT_TIMEOUT,
+            10 * MINUTE,
         );
-        let timeout = self.nonzero(&path.key("timeout"), raw.timeout, DEFAULT_FETCH_TIMEOUT);
+        let timeout = self.nonzero(
+            &path.key("timeout"),
+            raw.timeout,
+            DEFAULT_FETCH_TIMEOUT,
+            10 * MINUTE,
+        );
         let default_ttl = match raw.default_ttl {
             Some(ttl) if ttl.is_zero() => {
                 self.problem(&path.key("default_ttl"), "must not be zero");
                 None
             }
-            other => other,
+            Some(ttl) => self.at_most(&path.key("default_ttl"), ttl, YEAR),
+            None => None,
         };
         let (endpoint, mut response) = match kind {
             ProviderKind::OAuth2 => self.oauth2_endpoint(path, raw, default_ttl)?,
@@ -117,6 +125,13 @@ impl Validator {
             RawTokenChars::Token68 => TokenChars::Token68,
             RawTokenChars::VisibleAscii => TokenChars::VisibleAscii,
         };
+        if raw.revoke_on_shutdown && self.shared_cache {
+            self.warning(
+                &path.key("revoke_on_shutdown"),
+                "with [cache.shared] a token is revoked only by the last sidecar of the fleet to stop \
+                 (or drop it), and only while Redis answers; a sidecar that is killed revokes nothing",
+            );
+        }
         Some(ProviderDraft {
             revoke_on_shutdown: raw.revoke_on_shutdown,
             spec: Arc::new(ProviderSpec {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 
 use crate::config::raw::{RawInject, RawRoute};
+use crate::config::validate::values::HOUR;
 use crate::config::validate::{suggest, Validator};
 use crate::config::{
     is_reserved_header, ClientErrorSet, CredentialChoice, HeaderChoice, HeaderInject, Inject, KeyPath,
@@ -90,7 +91,7 @@ impl Validator {
             self.dpop_takes_authorization(&path.key("inject"), choice, inject);
         }
         let headers = self.static_headers(&path.key("headers"), &raw.headers);
-        let timeout = self.nonzero(&path.key("timeout"), raw.timeout, DEFAULT_UPSTREAM_TIMEOUT);
+        let timeout = self.nonzero(&path.key("timeout"), raw.timeout, DEFAULT_UPSTREAM_TIMEOUT, HOUR);
         let purge_on_status =
             self.purge_statuses(&path.key("purge_on_status"), raw.purge_on_status.as_deref());
         if self.problems.len() > errors_before {

@@ -10,6 +10,7 @@ use base64::Engine;
 use rustls::pki_types::CertificateDer;
 
 use crate::config::raw::{RawCache, RawEgress, RawIdentity, RawSecret, RawServer, RawSharedCache, RawTls};
+use crate::config::validate::values::{DAY, HOUR, MINUTE, YEAR};
 use crate::config::validate::{suggest, Validator};
 use crate::config::{is_reserved_header, Egress, KeyPath, ServerSettings};
 use crate::secret::EncryptionKey;
@@ -77,18 +78,26 @@ impl Validator {
                 &path.key("header_read_timeout"),
                 raw.header_read_timeout,
                 DEFAULT_HEADER_READ_TIMEOUT,
+                HOUR,
             ),
             max_connections,
-            idle_timeout: self.nonzero(&path.key("idle_timeout"), raw.idle_timeout, DEFAULT_IDLE_TIMEOUT),
+            idle_timeout: self.nonzero(
+                &path.key("idle_timeout"),
+                raw.idle_timeout,
+                DEFAULT_IDLE_TIMEOUT,
+                DAY,
+            ),
             body_read_timeout: self.nonzero(
                 &path.key("body_read_timeout"),
                 raw.body_read_timeout,
                 DEFAULT_BODY_READ_TIMEOUT,
+                HOUR,
             ),
             request_body_timeout: self.nonzero(
                 &path.key("request_body_timeout"),
                 raw.request_body_timeout,
                 DEFAULT_REQUEST_BODY_TIMEOUT,
+                DAY,
             ),
             allowed_hosts: self.allowed_hosts(&path.key("allowed_hosts"), raw.allowed_hosts.as_deref()),
             access_log: raw.access_log.unwrap_or(true),
@@ -150,8 +159,18 @@ impl Validator {
                 "must be non-empty, without spaces, braces or glob characters",
             );
         }
-        let timeout = self.nonzero(&path.key("timeout"), raw.timeout, Duration::from_millis(250));
-        let lock_ttl = self.nonzero(&path.key("lock_ttl"), raw.lock_ttl, Duration::from_secs(5));
+        let timeout = self.nonzero(
+            &path.key("timeout"),
+            raw.timeout,
+            Duration::from_millis(250),
+            MINUTE,
+        );
+        let lock_ttl = self.nonzero(
+            &path.key("lock_ttl"),
+            raw.lock_ttl,
+            Duration::from_secs(5),
+            10 * MINUTE,
+        );
         let mut encryption_keys = vec![current?];
         for key in older {
             encryption_keys.push(key?);
@@ -355,14 +374,9 @@ impl Validator {
                 ok = false;
             }
         }
-        let mut duration = |key: &str, value: Option<Duration>, default: Duration| match value {
-            Some(d) if d.is_zero() => {
-                self.problem(&path.key(key), "must not be zero");
-                ok = false;
-                default
-            }
-            Some(d) => d,
-            None => default,
+        let problems_before = self.problems.len();
+        let mut duration = |key: &str, value: Option<Duration>, default: Duration, max: Duration| {
+            self.nonzero(&path.key(key), value, default, max)
         };
         let settings = CacheSettings {
             refresh: RefreshPolicy {
@@ -371,29 +385,44 @@ impl Validator {
                     "max_refresh_ahead",
                     raw.max_refresh_ahead,
                     defaults.refresh.max_refresh_ahead,
+                    YEAR,
                 ),
                 max_expiry_margin: duration(
                     "max_expiry_margin",
                     raw.max_expiry_margin,
                     defaults.refresh.max_expiry_margin,
+                    YEAR,
                 ),
             },
-            failure_backoff: duration("failure_backoff", raw.failure_backoff, defaults.failure_backoff),
+            failure_backoff: duration(
+                "failure_backoff",
+                raw.failure_backoff,
+                defaults.failure_backoff,
+                DAY,
+            ),
             max_failure_backoff: duration(
                 "max_failure_backoff",
                 raw.max_failure_backoff,
                 defaults.max_failure_backoff,
+                DAY,
             ),
             max_probe_interval: duration(
                 "max_probe_interval",
                 raw.max_probe_interval,
                 defaults.max_probe_interval,
+                HOUR,
             ),
-            retry_budget: raw.retry_budget.unwrap_or(defaults.retry_budget),
+            retry_budget: match raw.retry_budget {
+                Some(budget) => self
+                    .at_most(&path.key("retry_budget"), budget, 10 * MINUTE)
+                    .unwrap_or(defaults.retry_budget),
+                None => defaults.retry_budget,
+            },
             max_concurrent_fetches: raw
                 .max_concurrent_fetches
                 .unwrap_or(defaults.max_concurrent_fetches),
         };
+        ok &= self.problems.len() == problems_before;
         if settings.max_concurrent_fetches == 0 {
             self.problem(&path.key("max_concurrent_fetches"), "must be at least 1");
             ok = false;

@@ -4,6 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Bounds for durations: no timeout or back-off here means anything past them.
+pub(super) const MINUTE: Duration = Duration::from_secs(60);
+pub(super) const HOUR: Duration = Duration::from_secs(3600);
+pub(super) const DAY: Duration = Duration::from_secs(86_400);
+/// Token lifetimes run to a year (and a day for leap years).
+pub(super) const YEAR: Duration = Duration::from_secs(366 * 86_400);
+
 use sha2::{Digest, Sha256};
 
 use crate::config::raw::RawSecret;
@@ -61,15 +68,35 @@ impl Validator {
         Some(url)
     }
 
-    pub(super) fn nonzero(&mut self, path: &KeyPath, value: Option<Duration>, default: Duration) -> Duration {
+    /// A duration that is not zero and at most `max` (a deadline past it means nothing, and
+    /// could not be added to a clock): `default` when absent or wrong.
+    pub(super) fn nonzero(
+        &mut self,
+        path: &KeyPath,
+        value: Option<Duration>,
+        default: Duration,
+        max: Duration,
+    ) -> Duration {
         match value {
             Some(d) if d.is_zero() => {
                 self.problem(path, "must not be zero");
                 default
             }
-            Some(d) => d,
+            Some(d) => self.at_most(path, d, max).unwrap_or(default),
             None => default,
         }
+    }
+
+    /// `value` if it is at most `max`; else a problem naming the bound.
+    pub(super) fn at_most(&mut self, path: &KeyPath, value: Duration, max: Duration) -> Option<Duration> {
+        if value <= max {
+            return Some(value);
+        }
+        self.problem(
+            path,
+            format!("must be at most {}", humantime::format_duration(max)),
+        );
+        None
     }
 
     pub(super) fn secret(&mut self, path: &KeyPath, raw: &RawSecret) -> Option<Secret> {

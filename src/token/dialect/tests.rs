@@ -247,3 +247,17 @@ fn a_credential_identity_changes_with_its_secret_and_scopes_and_never_contains_t
     assert_eq!(fleet("s3cret-one", "read"), fleet("s3cret-two", "read"));
     assert_ne!(fleet("s3cret-one", "read"), fleet("s3cret-one", "write"));
 }
+
+#[test]
+fn a_token_over_16_kib_is_refused_as_too_long_not_as_badly_spelled() {
+    let long = "a".repeat(MAX_TOKEN_BYTES + 1);
+    let body = format!(r#"{{"access_token":"{long}","expires_in":10}}"#);
+    let err = parse_response(&oauth2_spec(), body.as_bytes(), at(0)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "token endpoint answer unusable: token is longer than 16 KiB"
+    );
+    let longest = "a".repeat(MAX_TOKEN_BYTES);
+    let body = format!(r#"{{"access_token":"{longest}","expires_in":10}}"#);
+    assert!(parse_response(&oauth2_spec(), body.as_bytes(), at(0)).is_ok());
+}
