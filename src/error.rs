@@ -9,7 +9,6 @@ use http::{HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::body::{json_response, BoxError, ProxyBody};
 use crate::failure::Transport;
-use crate::proxy::client_body::BodyFault;
 use crate::route::TargetError;
 use crate::token::cache::TokenError;
 
@@ -53,6 +52,19 @@ pub enum ProxyError {
     HeadersTooLarge { limit: usize },
     #[error("internal error: {0}")]
     Internal(#[from] InternalError),
+}
+
+/// Why a client's request body could not be passed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyFault {
+    #[error("the request body is larger than the {limit} bytes allowed")]
+    TooLarge { limit: u64 },
+    #[error("the client sent nothing of the request body for {after:?}")]
+    Stalled { after: Duration },
+    #[error("the client did not finish sending the request body within {within:?}")]
+    TooSlow { within: Duration },
+    #[error("the request body was cut off or badly framed")]
+    Broken,
 }
 
 /// A failure of the sidecar's own making: a bug, or a value it cannot put on the wire.

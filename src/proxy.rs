@@ -19,7 +19,7 @@ use tower::Service;
 
 use crate::body::{full_body, ProxyBody};
 use crate::config::{CredentialChoice, CredentialSpec, HeaderChoice, RouteSpec, ServerSettings};
-use crate::error::{InternalError, ProxyError, ERROR_HEADER};
+use crate::error::{BodyFault, InternalError, ProxyError, ERROR_HEADER};
 use crate::failure::{Chain, Transport};
 use crate::forward::{
     clean_request_headers, inject_dpop_token, inject_token, remove_hop_by_hop, upstream_uri, UpstreamService,
@@ -31,7 +31,7 @@ use crate::secret::Secret;
 use crate::token::cache::{CachedToken, Credentials, TokenCache};
 use crate::token::dpop::{self, Nonces};
 use access_log::Exchange;
-use client_body::{BodyFault, BodyLimits, BodyRecord, ClientBody};
+use client_body::{BodyLimits, BodyRecord, ClientBody};
 
 #[cfg(test)]
 mod tests;

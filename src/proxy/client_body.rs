@@ -16,19 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{BoxError, ProxyBody};
-
-/// Why a client's request body could not be passed on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum BodyFault {
-    #[error("the request body is larger than the {limit} bytes allowed")]
-    TooLarge { limit: u64 },
-    #[error("the client sent nothing of the request body for {after:?}")]
-    Stalled { after: Duration },
-    #[error("the client did not finish sending the request body within {within:?}")]
-    TooSlow { within: Duration },
-    #[error("the request body was cut off or badly framed")]
-    Broken,
-}
+use crate::error::BodyFault;
 
 /// Where a [`ClientBody`] records the bytes it passed on and its fault, for the request handler
 /// to read after the upstream call failed (the upstream client reports only that the body

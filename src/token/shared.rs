@@ -178,15 +178,17 @@ impl SharedTier {
             fleet.metrics.shared_cache("fallback");
             return self.inner.fetch(credential, context).await;
         };
-        let keys = fleet.keys(credential);
-        match self
-            .through_redis(&mut connection, &keys, credential, context)
-            .await
-        {
+        let ask = Ask {
+            keys: fleet.keys(credential),
+            credential,
+            context,
+        };
+        let keys = &ask.keys;
+        match self.through_redis(&mut connection, &ask).await {
             Ok(outcome) => {
                 fleet.link.succeeded();
                 if outcome.is_ok() && credential.revoke_on_shutdown {
-                    fleet.hold(&mut connection, &keys).await;
+                    fleet.hold(&mut connection, keys).await;
                 }
                 outcome
             }
@@ -200,7 +202,7 @@ impl SharedTier {
                 fleet.metrics.shared_cache("bad_key");
                 let outcome = self.inner.fetch(credential, context).await;
                 // Storing the outcome overwrites the bad key: sharing repairs itself.
-                if let Err(err) = self.record(&mut connection, &keys, &outcome).await {
+                if let Err(err) = self.record(&mut connection, keys, &outcome).await {
                     tracing::debug!(error = %err, "the shared-cache key could not be repaired");
                 }
                 outcome
@@ -211,11 +213,9 @@ impl SharedTier {
     async fn through_redis(
         &self,
         redis: &mut ConnectionManager,
-        keys: &Keys,
-        credential: &CredentialSpec,
-        context: FetchContext,
+        ask: &Ask<'_>,
     ) -> Result<Result<IssuedToken, FetchError>, Failure> {
-        let fleet = &self.fleet;
+        let (fleet, keys, context) = (&self.fleet, &ask.keys, ask.context);
         if let Some(token) = self.fresh_token(redis, keys).await? {
             fleet.metrics.shared_cache("hit");
             return Ok(Ok(token));
@@ -228,13 +228,10 @@ impl SharedTier {
         }
         let holder = fleet.sealer.holder(&keys.lock);
         if fleet.take_lock(redis, keys, &holder).await? {
-            return self
-                .fetch_holding(redis, keys, &holder, credential, context)
-                .await;
+            return self.fetch_holding(redis, ask, &holder).await;
         }
         fleet.metrics.shared_cache("lock_wait");
-        self.wait_for_holder(redis, keys, &holder, credential, context)
-            .await
+        self.wait_for_holder(redis, ask, &holder).await
     }
 
     /// This sidecar holds the lock: a token stored meanwhile, else the endpoint's answer,
@@ -242,12 +239,10 @@ impl SharedTier {
     async fn fetch_holding(
         &self,
         redis: &mut ConnectionManager,
-        keys: &Keys,
+        ask: &Ask<'_>,
         holder: &str,
-        credential: &CredentialSpec,
-        context: FetchContext,
     ) -> Result<Result<IssuedToken, FetchError>, Failure> {
-        let fleet = &self.fleet;
+        let (fleet, keys) = (&self.fleet, &ask.keys);
         // Checked again under the lock: the previous holder may have stored its token between
         // our first look and our taking the lock.
         match self.fresh_token(redis, keys).await {
@@ -260,7 +255,7 @@ impl SharedTier {
                 }
             }
         }
-        let outcome = self.inner.fetch(credential, context).await;
+        let outcome = self.inner.fetch(ask.credential, ask.context).await;
         // Storing and releasing are best effort: if Redis fails now, the fleet misses this
         // outcome (and the lock expires), but the token in hand is not fetched again.
         if let Err(err) = self.record(redis, keys, &outcome).await {
@@ -277,12 +272,10 @@ impl SharedTier {
     async fn wait_for_holder(
         &self,
         redis: &mut ConnectionManager,
-        keys: &Keys,
+        ask: &Ask<'_>,
         holder: &str,
-        credential: &CredentialSpec,
-        context: FetchContext,
     ) -> Result<Result<IssuedToken, FetchError>, Failure> {
-        let fleet = &self.fleet;
+        let (fleet, keys) = (&self.fleet, &ask.keys);
         let deadline = tokio::time::Instant::now() + fleet.lock_ttl;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(POLL).await;
@@ -292,15 +285,15 @@ impl SharedTier {
                 fleet.metrics.shared_cache("hit");
                 return Ok(Ok(token));
             }
-            if let Some(failure) = self.fleet_backoff(redis, keys, context.waiting).await? {
+            if let Some(failure) = self.fleet_backoff(redis, keys, ask.context.waiting).await? {
                 return Ok(Err(failure));
             }
             if lock != LockState::Held && fleet.take_lock(redis, keys, holder).await? {
-                return self.fetch_holding(redis, keys, holder, credential, context).await;
+                return self.fetch_holding(redis, ask, holder).await;
             }
         }
         fleet.metrics.shared_cache("lock_timeout");
-        Ok(self.inner.fetch(credential, context).await)
+        Ok(self.inner.fetch(ask.credential, ask.context).await)
     }
 
     /// The stored token, if it opens and is still fresh by the refresh policy (one due for
@@ -651,6 +644,13 @@ async fn renew_holdings(fleet: std::sync::Weak<Fleet>) {
             }
         }
     }
+}
+
+/// One credential's token, asked of the fleet.
+struct Ask<'a> {
+    keys: Keys,
+    credential: &'a CredentialSpec,
+    context: FetchContext,
 }
 
 /// What a credential's lock says.

@@ -23,16 +23,6 @@ pub struct FetchContext {
     pub waiting: bool,
 }
 
-impl FetchContext {
-    /// The context of a fetch for a caller that wants `want` (and respects the back-off).
-    pub(crate) fn of(want: super::cache::Want, respect_backoff: bool) -> Self {
-        Self {
-            forced: !respect_backoff,
-            waiting: want == super::cache::Want::Usable,
-        }
-    }
-}
-
 /// What a [`TokenSource`] call returns.
 pub type SourceFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, FetchError>> + Send + 'a>>;
 

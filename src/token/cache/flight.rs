@@ -3,8 +3,10 @@
 //! finishes, storing its token, whoever stops waiting for it. Also the retry burst, the "may it
 //! be sent now?" check on arrival, and success and failure bookkeeping.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+
+use foldhash::HashMap;
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use rand::Rng;
@@ -12,7 +14,7 @@ use rand::Rng;
 use super::backoff::{backoff, retry_gap, Backoff, MAX_ATTEMPTS};
 use super::registry::{CredentialState, FetchStatus};
 use super::{lock, satisfies, CachedToken, TokenCache, TokenError, Want};
-use crate::token::dialect::IssuedToken;
+use crate::token::dialect::{Identity, IssuedToken};
 use crate::token::error::FetchError;
 use crate::token::lifetime::Freshness;
 use crate::token::source::FetchContext;
@@ -21,6 +23,10 @@ use crate::token::spec::{CacheSettings, CredentialSpec};
 /// A fetch in flight, as its waiters hold it: each awaits a clone, and the fetch runs on its
 /// own task whether or not anyone still does.
 pub(super) type Flight = Shared<BoxFuture<'static, Result<Arc<CachedToken>, TokenError>>>;
+
+/// The flights in the air, by identity.
+#[derive(Default)]
+pub(super) struct Flights(Mutex<HashMap<Identity, Flight>>);
 
 impl TokenCache {
     /// A token that satisfies `want`: the cached one, else the outcome of the credential's
@@ -54,8 +60,9 @@ impl TokenCache {
         want: Want,
         respect_backoff: bool,
     ) -> Result<Option<Flight>, TokenError> {
-        let mut status = lock(&state.fetch.status);
-        if let Some(flight) = &status.flight {
+        let status = lock(&state.fetch.status);
+        let mut flights = lock(&self.flights.0);
+        if let Some(flight) = flights.get(&state.spec.identity) {
             return Ok(Some(flight.clone()));
         }
         if status.successes != seen {
@@ -64,8 +71,8 @@ impl TokenCache {
         if respect_backoff {
             self.check_backoff(state, &status, want, self.clock.now())?;
         }
-        let flight = self.start_flight(state, FetchContext::of(want, respect_backoff));
-        status.flight = Some(flight.clone());
+        let flight = self.start_flight(state, context(want, respect_backoff));
+        flights.insert(state.spec.identity, flight.clone());
         Ok(Some(flight))
     }
 
@@ -75,7 +82,7 @@ impl TokenCache {
         let (cache, flying) = (self.clone(), state.clone());
         let deadline = flight_deadline(&state.spec, &self.settings.load());
         let task = tokio::spawn(async move {
-            let _landed = Landing(flying.clone());
+            let _landed = Landing(cache.clone(), flying.spec.identity);
             let outcome =
                 match tokio::time::timeout(deadline, cache.fetch_with_retries(&flying, context)).await {
                     Ok(outcome) => outcome,
@@ -248,11 +255,19 @@ fn flight_deadline(spec: &CredentialSpec, settings: &CacheSettings) -> Duration 
     settings.retry_budget + spec.provider.timeout.saturating_mul(MAX_ATTEMPTS + 1)
 }
 
-/// Frees the credential's flight slot when its flight's task ends, however it ends.
-struct Landing(Arc<CredentialState>);
+/// Frees the identity's flight slot when its flight's task ends, however it ends.
+struct Landing(Arc<TokenCache>, Identity);
 
 impl Drop for Landing {
     fn drop(&mut self) {
-        lock(&self.0.fetch.status).flight = None;
+        lock(&self.0.flights.0).remove(&self.1);
+    }
+}
+
+/// The context of a fetch for a caller that wants `want` (and respects the back-off or not).
+fn context(want: Want, respect_backoff: bool) -> FetchContext {
+    FetchContext {
+        forced: !respect_backoff,
+        waiting: want == Want::Usable,
     }
 }

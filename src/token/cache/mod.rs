@@ -105,7 +105,7 @@ const WAITED_OUT_RETRY: Duration = Duration::from_secs(1);
 
 /// What a caller needs from the cache entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Want {
+pub(super) enum Want {
     /// Any token that may still be sent.
     Usable,
     /// A token not yet due for refresh (background refresh).
@@ -123,6 +123,8 @@ pub struct TokenCache {
     registry: ArcSwap<Registry>,
     fetch_permits: tokio::sync::Semaphore,
     background: refresher::BackgroundQueue,
+    /// The fetches in flight, one per identity at most.
+    flights: flight::Flights,
     /// The earliest of the identities' next looks (Unix ms): a refresher tick before it has
     /// nothing to do, however many credentials there are.
     earliest_look_ms: std::sync::atomic::AtomicU64,
@@ -147,6 +149,7 @@ impl TokenCache {
             registry: ArcSwap::from_pointee(Registry::new(credentials, source, None)),
             fetch_permits: tokio::sync::Semaphore::new(settings.max_concurrent_fetches.max(1)),
             background: refresher::BackgroundQueue::default(),
+            flights: flight::Flights::default(),
             earliest_look_ms: std::sync::atomic::AtomicU64::new(0),
             retired: std::sync::Mutex::default(),
             settings: ArcSwap::from_pointee(settings),

@@ -97,8 +97,6 @@ pub(super) struct FetchStatus {
     pub(super) purged_generation: u64,
     /// and while set and in the future, refusals are passed back without purging.
     pub(super) suppressed_until: Option<SystemTime>,
-    /// The fetch in flight, which every caller that needs a token joins.
-    pub(super) flight: Option<super::flight::Flight>,
 }
 
 /// The configured credentials and the client that fetches their tokens; replaced whole by a
