@@ -8,6 +8,7 @@ mod clients;
 mod config;
 mod deploy;
 mod dev;
+mod docs;
 mod dpop;
 mod egress;
 mod fleet;
