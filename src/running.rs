@@ -25,8 +25,6 @@ pub enum BuildError {
     Tls(#[from] TlsError),
     #[error("the token endpoint client cannot be built")]
     TokenClient(#[from] ClientError),
-    #[error("cannot set up the shared cache")]
-    SharedCache(#[source] redis::RedisError),
 }
 
 /// The running configuration and what was built from it.
@@ -72,17 +70,14 @@ impl Loaded {
                 .shared
                 .as_ref()
                 .map(|shared| Arc::new(shared.with_inner(fetcher.clone(), config.cache))),
-            (None, Some(settings)) => {
-                let tier = SharedTier::new(
-                    settings,
-                    config.cache,
-                    fetcher.clone(),
-                    clock.clone(),
-                    metrics.clone(),
-                )
-                .map_err(BuildError::SharedCache)?;
-                Some(Arc::new(tier))
-            }
+            (None, Some(settings)) => Some(Arc::new(SharedTier::new(
+                settings,
+                &config.extra_roots,
+                config.cache,
+                fetcher.clone(),
+                clock.clone(),
+                metrics.clone(),
+            ))),
             (None, None) => None,
         };
         Ok(Self {

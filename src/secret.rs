@@ -41,6 +41,37 @@ impl fmt::Display for Secret {
     }
 }
 
+/// A secret that can be read again: a file is read afresh each time it is asked for (so a
+/// rotated password file is used on the next connection without a restart); a literal or an
+/// environment variable is the value read at load. `Debug` shows the file's path, never a value.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Fixed(Secret),
+    File(std::path::PathBuf),
+}
+
+impl SecretSource {
+    /// The secret as it is now (a file's trailing newline trimmed, as at load).
+    pub fn current(&self) -> std::io::Result<Secret> {
+        match self {
+            Self::Fixed(secret) => Ok(secret.clone()),
+            Self::File(path) => {
+                let text = std::fs::read_to_string(path)?;
+                Ok(Secret::new(text.trim_end_matches(['\n', '\r'])))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fixed(secret) => write!(f, "SecretSource({secret:?})"),
+            Self::File(path) => write!(f, "SecretSource(file {})", path.display()),
+        }
+    }
+}
+
 /// An access token issued by a provider, with its fingerprint computed once (and held inline:
 /// one is cached per credential).
 #[derive(Clone)]

@@ -9,7 +9,10 @@ use rustls::crypto::ring::{default_provider, sign::any_supported_type};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore};
+use base64::Engine;
 use sha2::{Digest, Sha256};
+
+use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -25,6 +28,9 @@ pub struct ClientIdentity {
     pub name: Arc<str>,
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    /// The PEM text, for clients that take it so (Redis's).
+    cert_pem: Secret,
+    key_pem: Secret,
     /// SHA-256 of the certificate chain and key: changes when either is rotated.
     pub digest: String,
 }
@@ -77,9 +83,39 @@ impl ClientIdentity {
             name: name.into(),
             certs,
             key,
+            cert_pem: Secret::new(cert_pem),
+            key_pem: Secret::new(key_pem),
             digest: hex::encode(hasher.finalize()),
         })
     }
+}
+
+impl ClientIdentity {
+    /// The certificate chain and the key, as PEM text.
+    pub fn pem(&self) -> (&Secret, &Secret) {
+        (&self.cert_pem, &self.key_pem)
+    }
+}
+
+/// A PEM bundle of the system's trusted roots (what the OS trusts: `/etc/ssl/certs` in the
+/// image) and `extra_roots`, for clients that take their roots as PEM. Roots the system store
+/// cannot give are left out, with a warning.
+pub fn system_and_extra_roots_pem(extra_roots: &[CertificateDer<'static>]) -> Vec<u8> {
+    let system = rustls_native_certs::load_native_certs();
+    if let Some(err) = system.errors.first() {
+        tracing::warn!(error = %err, "some of the system's trusted roots could not be read");
+    }
+    let mut pem = String::new();
+    for cert in system.certs.iter().chain(extra_roots) {
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        let encoded = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        for line in encoded.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    pem.into_bytes()
 }
 
 /// A client config trusting the public web PKI and `extra_roots`, presenting `identity` when

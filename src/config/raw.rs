@@ -112,6 +112,17 @@ pub struct RawIdentity {
 #[serde(deny_unknown_fields)]
 pub struct RawSharedCache {
     pub redis_url: Option<RawSecret>,
+    /// The ACL user.
+    pub username: Option<RawSecret>,
+    pub password: Option<RawSecret>,
+    /// An `[identities]` entry, for a Redis that asks for client certificates.
+    pub client_identity: Option<String>,
+    /// Sentinel: the sentinels' `host:port`s and the master's name.
+    pub sentinels: Option<Vec<String>>,
+    pub sentinel_master: Option<String>,
+    pub sentinel_password: Option<RawSecret>,
+    /// Redis Cluster: seed nodes, `host:port`.
+    pub cluster_nodes: Option<Vec<String>>,
     pub encryption_key: Option<RawSecret>,
     /// Earlier keys, still accepted for reading after a rotation.
     pub decryption_keys: Option<Vec<RawSecret>>,

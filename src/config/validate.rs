@@ -74,16 +74,16 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<(Config, Vec<Pro
         .egress
         .as_ref()
         .and_then(|egress| v.egress(&root.key("egress"), egress));
+    for (name, identity) in &raw.identities {
+        let parsed = v.identity(&root.key("identities").key(name), name, identity);
+        v.identities.insert(name.clone(), parsed);
+    }
     let shared = raw
         .cache
         .shared
         .as_ref()
         .and_then(|shared| v.shared_cache(&root.key("cache").key("shared"), shared));
     v.shared_cache = raw.cache.shared.is_some();
-    for (name, identity) in &raw.identities {
-        let parsed = v.identity(&root.key("identities").key(name), name, identity);
-        v.identities.insert(name.clone(), parsed);
-    }
     let providers: BTreeMap<&str, Option<ProviderDraft>> = raw
         .providers
         .iter()

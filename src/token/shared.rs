@@ -31,9 +31,9 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
+use rustls::pki_types::CertificateDer;
 use tokio::sync::broadcast;
 
 use super::cache::{backoff, Backoff};
@@ -46,7 +46,7 @@ use crate::clock::{from_unix_millis, unix_millis, SharedClock};
 use crate::metrics::Metrics;
 use crate::secret::AccessToken;
 use crate::sync::lock;
-use link::{Failure, Link};
+use link::{Connection, Failure, Link};
 use sealed::{Sealer, SharedToken};
 use settings::SharedCacheSettings;
 
@@ -130,23 +130,20 @@ enum SharedFailure {
 }
 
 impl SharedTier {
+    /// The tier on the Redis `settings` name, its TLS trusting `extra_roots` besides the
+    /// system's. Nothing is connected yet: the first fetch connects.
     pub fn new(
         settings: &SharedCacheSettings,
+        extra_roots: &[CertificateDer<'static>],
         cache: CacheSettings,
         inner: Arc<dyn TokenSource>,
         clock: SharedClock,
         metrics: Metrics,
-    ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(settings.redis_url.expose())?;
+    ) -> Self {
         let (refused, _) = broadcast::channel(64);
-        tokio::spawn(listen_for_refusals(
-            client.clone(),
-            format!("{}refused", settings.key_prefix),
-            refused.clone(),
-        ));
         let fleet = Arc::new(Fleet {
             refused,
-            link: Link::new(client, settings.timeout, metrics.clone()),
+            link: Link::new(settings.redis.clone(), extra_roots, settings.timeout, metrics.clone()),
             sealer: Sealer::new(settings.encryption_keys.clone()),
             prefix: settings.key_prefix.clone(),
             lock_ttl: settings.lock_ttl,
@@ -156,7 +153,8 @@ impl SharedTier {
             metrics,
         });
         tokio::spawn(renew_holdings(Arc::downgrade(&fleet)));
-        Ok(Self { inner, fleet, cache })
+        tokio::spawn(listen_for_refusals(Arc::downgrade(&fleet)));
+        Self { inner, fleet, cache }
     }
 
     /// The same tier (connection, keys) in front of another endpoint client (after a reload).
@@ -212,7 +210,7 @@ impl SharedTier {
 
     async fn through_redis(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut Connection,
         ask: &Ask<'_>,
     ) -> Result<Result<IssuedToken, FetchError>, Failure> {
         let (fleet, keys, context) = (&self.fleet, &ask.keys, ask.context);
@@ -238,7 +236,7 @@ impl SharedTier {
     /// stored for the fleet.
     async fn fetch_holding(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut Connection,
         ask: &Ask<'_>,
         holder: &str,
     ) -> Result<Result<IssuedToken, FetchError>, Failure> {
@@ -271,7 +269,7 @@ impl SharedTier {
     /// lock turned out to be no fleet member's — the lock and a fetch of our own.
     async fn wait_for_holder(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut Connection,
         ask: &Ask<'_>,
         holder: &str,
     ) -> Result<Result<IssuedToken, FetchError>, Failure> {
@@ -300,7 +298,7 @@ impl SharedTier {
     /// refresh is about to be replaced: fetching it would only move the refresh here).
     async fn fresh_token(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut Connection,
         keys: &Keys,
     ) -> Result<Option<IssuedToken>, Failure> {
         let Some(value) = get_string(redis, &keys.token).await? else {
@@ -337,7 +335,7 @@ impl SharedTier {
     /// probe time.
     async fn fleet_backoff(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut Connection,
         keys: &Keys,
         waiting: bool,
     ) -> Result<Option<FetchError>, Failure> {
@@ -378,7 +376,7 @@ impl SharedTier {
     /// Stores the holder's outcome for the fleet: the token, or the back-off.
     async fn record(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut Connection,
         keys: &Keys,
         outcome: &Result<IssuedToken, FetchError>,
     ) -> Result<(), redis::RedisError> {
@@ -390,7 +388,7 @@ impl SharedTier {
 
     async fn record_token(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut Connection,
         keys: &Keys,
         issued: &IssuedToken,
     ) -> Result<(), redis::RedisError> {
@@ -428,7 +426,7 @@ impl SharedTier {
 
     async fn record_failure(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut Connection,
         keys: &Keys,
         error: &FetchError,
     ) -> Result<(), redis::RedisError> {
@@ -536,7 +534,7 @@ impl Fleet {
     /// another type) — which is taken over.
     async fn take_lock(
         &self,
-        redis: &mut ConnectionManager,
+        redis: &mut Connection,
         keys: &Keys,
         holder: &str,
     ) -> Result<bool, Failure> {
@@ -565,7 +563,7 @@ impl Fleet {
         Ok(taken == 1)
     }
 
-    async fn lock_state(&self, redis: &mut ConnectionManager, keys: &Keys) -> Result<LockState, Failure> {
+    async fn lock_state(&self, redis: &mut Connection, keys: &Keys) -> Result<LockState, Failure> {
         let value = match get_string(redis, &keys.lock).await {
             Ok(Some(value)) => value,
             Ok(None) => {
@@ -590,7 +588,7 @@ impl Fleet {
 
     /// Lets go of a credential's lock if this sidecar still holds it (best effort: else it
     /// expires).
-    async fn release(&self, redis: &mut ConnectionManager, keys: &Keys, holder: &str) {
+    async fn release(&self, redis: &mut Connection, keys: &Keys, holder: &str) {
         let released = redis::Script::new(RELEASE)
             .key(&keys.lock)
             .arg(holder)
@@ -602,14 +600,14 @@ impl Fleet {
     }
 
     /// Registers this sidecar as a holder of the credential's token (renewed until it lets go).
-    async fn hold(&self, redis: &mut ConnectionManager, keys: &Keys) {
+    async fn hold(&self, redis: &mut Connection, keys: &Keys) {
         lock(&self.holding).insert(keys.id.clone());
         if let Err(err) = self.renew(redis, &keys.id).await {
             tracing::debug!(error = %err, "could not register as a holder of a shared token");
         }
     }
 
-    async fn renew(&self, redis: &mut ConnectionManager, id: &str) -> Result<(), redis::RedisError> {
+    async fn renew(&self, redis: &mut Connection, id: &str) -> Result<(), redis::RedisError> {
         let holders = Keys::new(&self.prefix, id.to_owned()).holders;
         let until = unix_millis(self.clock.now() + HOLDER_TTL);
         redis::pipe()
@@ -665,7 +663,7 @@ enum LockState {
 
 /// A string key's value; `None` when absent — and when the key holds another type, which the
 /// caller then overwrites.
-async fn get_string(redis: &mut ConnectionManager, key: &str) -> Result<Option<String>, Failure> {
+async fn get_string(redis: &mut Connection, key: &str) -> Result<Option<String>, Failure> {
     match redis.get::<_, Option<String>>(key).await.map_err(Failure::of) {
         Ok(value) => Ok(value),
         Err(Failure::Key(_)) => Ok(None),
@@ -717,34 +715,41 @@ impl TokenSource for SharedTier {
     }
 }
 
-/// Subscribes to the fleet's refusals and passes them on, reconnecting a second after Redis
-/// went away (as the link does).
-async fn listen_for_refusals(
-    client: redis::Client,
-    channel: String,
-    refused: broadcast::Sender<RefusedToken>,
-) {
+/// Subscribes to the fleet's refusals and passes them on, subscribing again a second after
+/// Redis went away (as the link connects again), until the tier is gone. In a Cluster, a
+/// `PUBLISH` reaches every node, so one node's subscription hears the whole fleet.
+async fn listen_for_refusals(fleet: std::sync::Weak<Fleet>) {
     use futures_util::StreamExt;
     loop {
-        if let Ok(mut pubsub) = client.get_async_pubsub().await {
-            if pubsub.subscribe(&channel).await.is_ok() {
-                let mut messages = pubsub.on_message();
-                while let Some(message) = messages.next().await {
-                    let Ok(payload) = message.get_payload::<String>() else {
-                        continue;
-                    };
-                    if let Some((fleet_identity, tag)) = payload.split_once(' ') {
-                        let announced = RefusedToken {
-                            fleet_identity: fleet_identity.to_owned(),
-                            tag: tag.to_owned(),
-                        };
-                        let _ = refused.send(announced); // no cache listening yet: nothing to drop
+        let Some(strong) = fleet.upgrade() else {
+            return;
+        };
+        let channel = format!("{}refused", strong.prefix);
+        let (client, refused) = (strong.link.server().await, strong.refused.clone());
+        drop(strong); // a subscription that waits must not keep the tier alive
+        if let Ok(client) = client {
+            if let Ok(mut pubsub) = client.get_async_pubsub().await {
+                if pubsub.subscribe(&channel).await.is_ok() {
+                    let mut messages = pubsub.on_message();
+                    while let Some(message) = messages.next().await {
+                        if let Some(announced) = refusal(&message) {
+                            let _ = refused.send(announced); // no cache listening yet: nothing to drop
+                        }
                     }
                 }
             }
         }
         tokio::time::sleep(link::RETRY).await;
     }
+}
+
+fn refusal(message: &redis::Msg) -> Option<RefusedToken> {
+    let payload = message.get_payload::<String>().ok()?;
+    let (fleet_identity, tag) = payload.split_once(' ')?;
+    Some(RefusedToken {
+        fleet_identity: fleet_identity.to_owned(),
+        tag: tag.to_owned(),
+    })
 }
 
 /// The Redis keys of one credential: `{prefix}{id}:…`, one hash slot.

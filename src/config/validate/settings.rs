@@ -13,10 +13,10 @@ use crate::config::raw::{RawCache, RawEgress, RawIdentity, RawSecret, RawServer,
 use crate::config::validate::values::{DAY, HOUR, MINUTE, YEAR};
 use crate::config::validate::{suggest, Validator};
 use crate::config::{is_reserved_header, Egress, KeyPath, ServerSettings};
-use crate::secret::EncryptionKey;
+use crate::secret::{EncryptionKey, Secret, SecretSource};
 use crate::tls::ClientIdentity;
 use crate::token::lifetime::RefreshPolicy;
-use crate::token::shared::settings::SharedCacheSettings;
+use crate::token::shared::settings::{RedisSettings, SharedCacheSettings, Topology};
 use crate::token::spec::CacheSettings;
 
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
@@ -110,27 +110,7 @@ impl Validator {
         path: &KeyPath,
         raw: &RawSharedCache,
     ) -> Option<SharedCacheSettings> {
-        let url_path = path.key("redis_url");
-        let redis_url = match &raw.redis_url {
-            Some(url) => self.secret(&url_path, url),
-            None => {
-                self.problem(
-                    &url_path,
-                    "missing: where the fleet's Redis is, e.g. \"redis://127.0.0.1:6379\"",
-                );
-                None
-            }
-        };
-        if let Some(url) = &redis_url {
-            if !url.expose().starts_with("redis://") {
-                self.problem(
-                    &url_path,
-                    "must be a redis:// URL (TLS, Sentinel and Cluster URLs are not supported yet)",
-                );
-            } else if redis::Client::open(url.expose()).is_err() {
-                self.problem(&url_path, "is not a valid Redis URL");
-            }
-        }
+        let redis = self.redis(path, raw);
         let key_path = path.key("encryption_key");
         let current = match &raw.encryption_key {
             Some(key) => self.encryption_key(&key_path, key),
@@ -176,12 +156,161 @@ impl Validator {
             encryption_keys.push(key?);
         }
         Some(SharedCacheSettings {
-            redis_url: redis_url?,
+            redis: redis?,
             encryption_keys,
             key_prefix: prefix,
             timeout,
             lock_ttl,
         })
+    }
+
+    /// Where the fleet's Redis is: `redis_url` for one server, or `sentinels` and
+    /// `sentinel_master`, or `cluster_nodes` (then `redis_url` gives at most the scheme and
+    /// credentials), with the ACL user and TLS settings.
+    fn redis(&mut self, path: &KeyPath, raw: &RawSharedCache) -> Option<RedisSettings> {
+        let url_path = path.key("redis_url");
+        let url = match &raw.redis_url {
+            Some(url) => Some(self.redis_url(&url_path, url)?),
+            None => None,
+        };
+        let topology = self.topology(path, raw, url.as_ref())?;
+        let tls = url.as_ref().is_some_and(|url| url.scheme() == "rediss");
+        let username = match &raw.username {
+            Some(username) => Some(self.text(&path.key("username"), Some(username))?),
+            None => url
+                .as_ref()
+                .map(|url| percent_decode(url.username()))
+                .filter(|user| !user.is_empty()),
+        };
+        let password = match &raw.password {
+            Some(password) => Some(self.secret_source(&path.key("password"), password)?),
+            None => url
+                .as_ref()
+                .and_then(|url| url.password())
+                .map(|password| SecretSource::Fixed(Secret::new(percent_decode(password)))),
+        };
+        let identity_path = path.key("client_identity");
+        let client_identity = self.identity_ref(&identity_path, raw.client_identity.as_deref());
+        if client_identity.is_some() && !tls {
+            self.problem(&identity_path, "a client certificate needs TLS: redis_url = \"rediss://…\"");
+            return None;
+        }
+        let db = match url.as_ref().map(|url| url.path().trim_start_matches('/')) {
+            None | Some("") => 0,
+            Some(db) => match db.parse() {
+                Ok(db) => db,
+                Err(_) => {
+                    self.problem(&url_path, format!("`{db}` is not a database number"));
+                    return None;
+                }
+            },
+        };
+        Some(RedisSettings {
+            topology,
+            tls,
+            username,
+            password,
+            client_identity,
+            db,
+        })
+    }
+
+    /// `redis://` or `rediss://`, else a problem.
+    fn redis_url(&mut self, path: &KeyPath, raw: &RawSecret) -> Option<url::Url> {
+        let text = self.secret(path, raw)?;
+        match url::Url::parse(text.expose()) {
+            Ok(url) if matches!(url.scheme(), "redis" | "rediss") => Some(url),
+            Ok(_) => {
+                self.problem(path, "must be a redis:// or rediss:// (TLS) URL");
+                None
+            }
+            Err(_) => {
+                self.problem(path, "is not a valid Redis URL");
+                None
+            }
+        }
+    }
+
+    fn topology(&mut self, path: &KeyPath, raw: &RawSharedCache, url: Option<&url::Url>) -> Option<Topology> {
+        let host = url.and_then(|url| url.host_str()).filter(|host| !host.is_empty());
+        let url_path = path.key("redis_url");
+        match (&raw.sentinels, &raw.cluster_nodes) {
+            (Some(_), Some(_)) => {
+                self.problem(&path.key("cluster_nodes"), "sentinels and cluster_nodes exclude each other");
+                None
+            }
+            (Some(sentinels), None) => {
+                if host.is_some() {
+                    self.problem(&url_path, "with sentinels, redis_url gives only the scheme and credentials, e.g. \"rediss://\"");
+                }
+                let sentinels = self.nodes(&path.key("sentinels"), sentinels)?;
+                let Some(master) = raw.sentinel_master.clone() else {
+                    self.problem(&path.key("sentinel_master"), "missing: the master's name the sentinels know");
+                    return None;
+                };
+                let password = match &raw.sentinel_password {
+                    Some(password) => Some(self.secret_source(&path.key("sentinel_password"), password)?),
+                    None => None,
+                };
+                Some(Topology::Sentinel {
+                    sentinels,
+                    master,
+                    password,
+                })
+            }
+            (None, Some(nodes)) => {
+                if host.is_some() {
+                    self.problem(&url_path, "with cluster_nodes, redis_url gives only the scheme and credentials, e.g. \"rediss://\"");
+                }
+                self.refuse_sentinel_keys(path, raw);
+                Some(Topology::Cluster {
+                    nodes: self.nodes(&path.key("cluster_nodes"), nodes)?,
+                })
+            }
+            (None, None) => {
+                self.refuse_sentinel_keys(path, raw);
+                let Some(host) = host else {
+                    self.problem(&url_path, "missing: where the fleet's Redis is, e.g. \"redis://127.0.0.1:6379\" (or sentinels, or cluster_nodes)");
+                    return None;
+                };
+                let port = url.and_then(|url| url.port()).unwrap_or(6379);
+                Some(Topology::Standalone {
+                    host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                    port,
+                })
+            }
+        }
+    }
+
+    fn refuse_sentinel_keys(&mut self, path: &KeyPath, raw: &RawSharedCache) {
+        for (key, present) in [
+            ("sentinel_master", raw.sentinel_master.is_some()),
+            ("sentinel_password", raw.sentinel_password.is_some()),
+        ] {
+            if present {
+                self.problem(&path.key(key), "is used only with sentinels");
+            }
+        }
+    }
+
+    /// A non-empty list of `host:port`.
+    fn nodes(&mut self, path: &KeyPath, raw: &[String]) -> Option<Vec<(String, u16)>> {
+        if raw.is_empty() {
+            self.problem(path, "lists no node");
+            return None;
+        }
+        let mut nodes = Vec::with_capacity(raw.len());
+        for (i, node) in raw.iter().enumerate() {
+            let parsed = node
+                .rsplit_once(':')
+                .and_then(|(host, port)| Some((host.trim_start_matches('[').trim_end_matches(']'), port.parse().ok()?)))
+                .filter(|(host, _)| !host.is_empty());
+            match parsed {
+                Some((host, port)) => nodes.push((host.to_owned(), port)),
+                None => self.problem(&path.index(i), format!("`{node}` is not host:port")),
+            }
+        }
+        (nodes.len() == raw.len()).then_some(nodes)
     }
 
     /// A base64 key of exactly 32 bytes.
@@ -429,4 +558,10 @@ impl Validator {
         }
         ok.then_some(settings)
     }
+}
+
+fn percent_decode(text: &str) -> String {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }

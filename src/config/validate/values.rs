@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::config::raw::RawSecret;
 use crate::config::validate::Validator;
 use crate::config::KeyPath;
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretSource};
 
 impl Validator {
     /// A URL that must be present; `https` unless `allow_plaintext`.
@@ -97,6 +97,15 @@ impl Validator {
             format!("must be at most {}", humantime::format_duration(max)),
         );
         None
+    }
+
+    /// A secret that is read again when it is needed (a file), checked readable now.
+    pub(super) fn secret_source(&mut self, path: &KeyPath, raw: &RawSecret) -> Option<SecretSource> {
+        let value = self.secret(path, raw)?;
+        Some(match raw {
+            RawSecret::File(file) => SecretSource::File(self.resolve(file)),
+            RawSecret::Literal(_) | RawSecret::Env(_) => SecretSource::Fixed(value),
+        })
     }
 
     pub(super) fn secret(&mut self, path: &KeyPath, raw: &RawSecret) -> Option<Secret> {
