@@ -55,6 +55,11 @@ pub struct VersionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    pub provider: Name,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CredentialLabels {
     pub credential: Name,
 }
@@ -73,6 +78,7 @@ pub struct Metrics {
     config_reloads: Family<OutcomeLabels, Counter>,
     config_info: Family<VersionLabels, Gauge>,
     shared_cache: Family<EventLabels, Counter>,
+    fetches_throttled: Family<ProviderLabels, Counter>,
     /// No series until a shared tier sets it: absent without `[cache.shared]`.
     shared_cache_up: Family<Vec<(String, String)>, Gauge>,
 }
@@ -93,6 +99,12 @@ impl Metrics {
         let config_info = Family::<VersionLabels, Gauge>::default();
         let shared_cache = Family::<EventLabels, Counter>::default();
         let shared_cache_up = Family::<Vec<(String, String)>, Gauge>::default();
+        let fetches_throttled = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "token_sidecar_token_fetches_throttled",
+            "Token requests that waited for (or were refused) a slot of their provider's max_fetch_rate",
+            fetches_throttled.clone(),
+        );
         registry.register(
             "token_sidecar_shared_cache_up",
             "1 while the fleet's Redis answers, 0 while this sidecar goes on alone (absent without [cache.shared])",
@@ -161,7 +173,16 @@ impl Metrics {
             config_info,
             shared_cache,
             shared_cache_up,
+            fetches_throttled,
         }
+    }
+
+    pub fn fetch_throttled(&self, provider: &Arc<str>) {
+        self.fetches_throttled
+            .get_or_create(&ProviderLabels {
+                provider: Name(provider.clone()),
+            })
+            .inc();
     }
 
     pub fn shared_cache_up(&self, up: bool) {

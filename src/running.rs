@@ -56,7 +56,7 @@ impl Loaded {
             &config.providers,
             &config.extra_roots,
             config.egress.as_ref(),
-            clock.clone(),
+            (clock.clone(), metrics.clone()),
             reusable.map(|previous| &*previous.fetcher),
         )?);
         let upstreams = Upstreams::build(

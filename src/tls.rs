@@ -5,11 +5,11 @@
 use std::fmt;
 use std::sync::Arc;
 
+use base64::Engine;
 use rustls::crypto::ring::{default_provider, sign::any_supported_type};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore};
-use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use crate::secret::Secret;

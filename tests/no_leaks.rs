@@ -122,6 +122,47 @@ client_identity = "acme-qwac"
     seen.push_str(&bank.get("/bank/x").await.text().await.unwrap());
     seen.push_str(&bank.tokens().await.to_string());
 
+    // The fleet's Redis over TLS with an ACL user: its password in a file, in the URL, and a
+    // wrong one (every connection then fails, and is logged).
+    let redis_password = "redis-password-never-logged-5b1e";
+    let wrong_password = "wrong-redis-password-never-logged";
+    let redis = support::redis::RedisServer::start_tls(
+        "no_leaks (fleet part)",
+        &h.stand_ins.pki,
+        "sidecar",
+        redis_password,
+    );
+    if let Some(redis) = &redis {
+        let file = support::redis::write_file(keys.path(), "redis-password", redis_password);
+        let key = STANDARD.encode([3u8; 32]);
+        for shared in [
+            format!("redis_url = \"rediss://127.0.0.1:{}\"\nusername = \"sidecar\"\npassword = {{ file = \"{}\" }}", redis.addr.port(), file.display()),
+            format!("redis_url = \"rediss://sidecar:{redis_password}@127.0.0.1:{}\"", redis.addr.port()),
+            format!("redis_url = \"rediss://sidecar:{wrong_password}@127.0.0.1:{}\"", redis.addr.port()),
+        ] {
+            let fleet = Harness::with_config(|s| {
+                support::single_route_config(s, &format!("https://{}/payu", s.upstream_addr), "")
+                    + &format!("\n[cache.shared]\n{shared}\nencryption_key = \"{key}\"\n")
+            })
+            .await;
+            seen.push_str(&fleet.get("/api/x").await.text().await.unwrap());
+            seen.push_str(&fleet.metrics_text().await);
+            seen.push_str(&format!("{:?}", fleet.sidecar.tokens.snapshots().await));
+            fleet.sidecar.shutdown().await;
+        }
+        let parsed = token_sidecar::config::Config::from_toml(
+            &format!(
+                "[cache.shared]\nredis_url = \"rediss://sidecar:{redis_password}@127.0.0.1:1\"\nencryption_key = \"{key}\"\n"
+            ),
+            std::path::Path::new("fleet.toml"),
+        )
+        .unwrap();
+        seen.push_str(&format!("{parsed:?}"));
+        for key in redis.keys() {
+            seen.push_str(&key);
+        }
+    }
+
     let Harness {
         sidecar, stand_ins, ..
     } = h;
@@ -146,6 +187,10 @@ client_identity = "acme-qwac"
     .map(|s| s.to_string())
     .collect();
     forbidden.push(STANDARD.encode("dev-nuapay-api-key:"));
+    if redis.is_some() {
+        forbidden.push(redis_password.to_owned());
+        forbidden.push(wrong_password.to_owned());
+    }
     // A line from inside each private key.
     for pem in [&signing_pem, &identity_key, &dpop_pem] {
         forbidden.push(pem.lines().nth(2).unwrap().to_owned());

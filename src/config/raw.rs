@@ -131,6 +131,7 @@ pub struct RawSharedCache {
     pub timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub lock_ttl: Option<Duration>,
+    pub replicas_hint: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -215,6 +216,9 @@ pub struct RawProvider {
     #[serde(default)]
     pub revoke_on_shutdown: bool,
     // both
+    /// `"50/s"`, `"3000/m"`, `"100000/h"`: token requests to this endpoint at most.
+    pub max_fetch_rate: Option<String>,
+    pub max_fetch_burst: Option<u32>,
     pub client_identity: Option<String>,
     pub token_chars: Option<RawTokenChars>,
     #[serde(default)]

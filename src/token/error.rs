@@ -31,6 +31,10 @@ pub enum FetchError {
     /// The request could not be made here (the configuration cannot express it).
     #[error("the token request could not be made: {reason}")]
     Unsendable { reason: &'static str },
+    /// The provider's fetch budget (`max_fetch_rate`) has no slot within the longest a fetch
+    /// waits; the endpoint was not asked.
+    #[error("token fetches to this endpoint are throttled by max_fetch_rate")]
+    Throttled { retry_after: Duration },
     /// The fetch's task ended before the fetch did (it panicked): nothing was asked or learnt.
     #[error("the token fetch stopped before it finished")]
     Aborted,
@@ -78,7 +82,10 @@ impl FleetFailure {
             FetchError::Timeout => Self::Timeout,
             FetchError::Unreachable { .. } => Self::Unreachable,
             FetchError::FleetBackoff { failure, .. } => *failure,
-            FetchError::Rejected { .. } | FetchError::Unsendable { .. } | FetchError::Aborted => Self::Other,
+            FetchError::Rejected { .. }
+            | FetchError::Unsendable { .. }
+            | FetchError::Throttled { .. }
+            | FetchError::Aborted => Self::Other,
         }
     }
 }
@@ -102,6 +109,7 @@ impl FetchError {
             Self::Timeout => "timeout",
             Self::Unreachable { .. } => "unreachable",
             Self::Unsendable { .. } => "unsendable",
+            Self::Throttled { .. } => "throttled",
             Self::Aborted => "aborted",
             Self::FleetBackoff { .. } => "fleet_backoff",
         }
@@ -113,6 +121,7 @@ impl FetchError {
             Self::RateLimited { retry_after }
             | Self::Status { retry_after, .. }
             | Self::FleetBackoff { retry_after, .. } => *retry_after,
+            Self::Throttled { retry_after } => Some(*retry_after),
             Self::Rejected { .. }
             | Self::Malformed { .. }
             | Self::Timeout

@@ -1,5 +1,6 @@
 //! Asks a token endpoint for a token: one reqwest client per provider (its own timeouts), no
-//! redirects followed (a redirect would carry our secrets elsewhere), answers capped in size.
+//! redirects followed (a redirect would carry our secrets elsewhere), answers capped in size,
+//! and every request within the provider's fetch budget ([`super::budget`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,12 +9,14 @@ use std::time::Duration;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, StatusCode};
 
+use super::budget::{Budget, Share};
 use super::dialect::{parse_response, IssuedToken, MAX_RESPONSE_BYTES};
 use super::dpop::{self, Nonces};
 use super::error::{error_code_from_body, FetchError};
 use crate::clock::SharedClock;
 use crate::egress::Egress;
 use crate::failure::{Chain, Transport};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::token::spec::{CredentialSpec, ProviderSpec};
 use rustls::pki_types::CertificateDer;
@@ -22,6 +25,7 @@ use rustls::pki_types::CertificateDer;
 pub struct TokenFetcher {
     clients: HashMap<Arc<str>, ProviderClient>,
     clock: SharedClock,
+    metrics: Metrics,
     /// The latest DPoP nonce each token endpoint handed out.
     dpop_nonces: Arc<Nonces>,
 }
@@ -32,6 +36,8 @@ struct ProviderClient {
     /// The client certificate's digest, for mutual TLS.
     identity: Option<String>,
     client: reqwest::Client,
+    /// `max_fetch_rate`: kept across reloads while the rate stays.
+    budget: Option<Arc<Budget>>,
 }
 
 /// Why a token endpoint client could not be built.
@@ -49,8 +55,9 @@ impl TokenFetcher {
         roots: &[CertificateDer<'static>],
         egress: Option<&Egress>,
         clock: SharedClock,
+        metrics: Metrics,
     ) -> Result<Self, ClientError> {
-        Self::rebuilt(providers, roots, egress, clock, None)
+        Self::rebuilt(providers, roots, egress, (clock, metrics), None)
     }
 
     /// A fetcher for `providers` that keeps `previous`'s client for every provider whose
@@ -59,7 +66,7 @@ impl TokenFetcher {
         providers: &[Arc<ProviderSpec>],
         roots: &[CertificateDer<'static>],
         egress: Option<&Egress>,
-        clock: SharedClock,
+        (clock, metrics): (SharedClock, Metrics),
         previous: Option<&TokenFetcher>,
     ) -> Result<Self, ClientError> {
         let mut clients = HashMap::new();
@@ -76,12 +83,25 @@ impl TokenFetcher {
                     provider_client(provider, tls, egress)?
                 }
             };
+            let budget = match (
+                previous.and_then(|previous| previous.clients.get(&provider.name)),
+                provider.budget,
+            ) {
+                (Some(kept), Some(rate)) => kept
+                    .budget
+                    .clone()
+                    .filter(|budget| budget.rate() == rate)
+                    .or_else(|| Some(Arc::new(Budget::new(rate)))),
+                (None, Some(rate)) => Some(Arc::new(Budget::new(rate))),
+                (_, None) => None,
+            };
             clients.insert(
                 provider.name.clone(),
                 ProviderClient {
                     timeouts,
                     identity,
                     client,
+                    budget,
                 },
             );
         }
@@ -89,18 +109,20 @@ impl TokenFetcher {
         Ok(Self {
             clients,
             clock,
+            metrics,
             dpop_nonces,
         })
     }
 
     /// One request to the credential's token endpoint; no retries here, except the one round
     /// a DPoP server may ask for to hand out its nonce (`use_dpop_nonce`).
-    pub async fn fetch(&self, credential: &CredentialSpec) -> Result<IssuedToken, FetchError> {
+    pub async fn fetch(&self, credential: &CredentialSpec, share: Share) -> Result<IssuedToken, FetchError> {
         let request = &credential.request;
         let origin = request.url.origin().ascii_serialization();
         let mut nonce = request.dpop.as_ref().and_then(|_| self.dpop_nonces.get(&origin));
         let mut nonce_round = false;
         loop {
+            self.within_budget(credential, share).await?;
             let requested_at = self.clock.now();
             let (content_type, body) = request.encode_body(requested_at)?;
             let mut builder = self
@@ -141,6 +163,31 @@ impl TokenFetcher {
                 ));
             }
             return Ok(issued);
+        }
+    }
+
+    /// Waits for the provider's next fetch slot (`share` of its budget), or fails throttled
+    /// when that is too far away.
+    async fn within_budget(&self, credential: &CredentialSpec, share: Share) -> Result<(), FetchError> {
+        let provider = &credential.provider.name;
+        let Some(budget) = self
+            .clients
+            .get(provider)
+            .and_then(|client| client.budget.as_ref())
+        else {
+            return Ok(());
+        };
+        match budget.reserve(share, tokio::time::Instant::now()) {
+            Ok(wait) if wait.is_zero() => Ok(()),
+            Ok(wait) => {
+                self.metrics.fetch_throttled(provider);
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            Err(retry_after) => {
+                self.metrics.fetch_throttled(provider);
+                Err(FetchError::Throttled { retry_after })
+            }
         }
     }
 

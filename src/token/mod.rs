@@ -2,6 +2,7 @@
 //! of tokens, the lifetime policy and the cache keyed by credential identity.
 
 pub mod assertion;
+pub mod budget;
 pub mod cache;
 pub mod dialect;
 pub mod dpop;

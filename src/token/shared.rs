@@ -28,14 +28,16 @@ pub mod sealed;
 pub mod settings;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use redis::AsyncCommands;
-use serde::{Deserialize, Serialize};
 use rustls::pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use super::budget::{self, Share};
 use super::cache::{backoff, Backoff};
 use super::dialect::IssuedToken;
 use super::error::{is_safe_reason, FetchError, FleetFailure};
@@ -89,6 +91,27 @@ if redis.call('ZCARD', KEYS[1]) == 0 then
 end
 return 0"#;
 
+/// The fleet's fetch budget for one endpoint: a GCRA on Redis' clock (KEYS[1] holds the
+/// theoretical arrival time of the next fetch, in ms). ARGV: interval, tolerance, longest wait
+/// (ms). Reserves and returns the wait for the slot, or returns -(wait + 1) and reserves
+/// nothing when it is further away than the longest wait. A stored time beyond anything a
+/// reservation can make is no member's: it is taken as now.
+const BUDGET: &str = r#"local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local longest = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now or tat > now + longest + tolerance + interval then tat = now end
+local wait = tat - tolerance - now
+if wait < 0 then wait = 0 end
+if wait > longest then return -(wait + 1) end
+redis.call('SET', KEYS[1], tat + interval, 'PX', tat + interval - now + tolerance + 1000)
+return wait"#;
+
+/// Lengthens a lock this sidecar holds (while it waits for its fetch's slot).
+const EXTEND: &str = r#"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"#;
+
 /// The fleet's shared tier in front of `inner` (the token endpoint).
 pub struct SharedTier {
     inner: Arc<dyn TokenSource>,
@@ -108,6 +131,10 @@ struct Fleet {
     instance: String,
     /// The fleet identities of the tokens this sidecar holds that ask to be revoked.
     holding: Mutex<BTreeSet<String>>,
+    /// How many sidecars the fleet has, as last seen (each renews its membership): while
+    /// Redis is away, each keeps this share of a provider's fetch budget. Until it is first
+    /// seen, `replicas_hint`.
+    members: AtomicU32,
     clock: SharedClock,
     metrics: Metrics,
 }
@@ -143,17 +170,24 @@ impl SharedTier {
         let (refused, _) = broadcast::channel(64);
         let fleet = Arc::new(Fleet {
             refused,
-            link: Link::new(settings.redis.clone(), extra_roots, settings.timeout, metrics.clone()),
+            link: Link::new(
+                settings.redis.clone(),
+                extra_roots,
+                settings.timeout,
+                metrics.clone(),
+            ),
             sealer: Sealer::new(settings.encryption_keys.clone()),
             prefix: settings.key_prefix.clone(),
             lock_ttl: settings.lock_ttl,
             instance: hex::encode(rand::random::<[u8; 12]>()),
             holding: Mutex::default(),
+            members: AtomicU32::new(settings.replicas_hint.max(1)),
             clock,
             metrics,
         });
         tokio::spawn(renew_holdings(Arc::downgrade(&fleet)));
         tokio::spawn(listen_for_refusals(Arc::downgrade(&fleet)));
+        tokio::spawn(watch_link(Arc::downgrade(&fleet)));
         Self { inner, fleet, cache }
     }
 
@@ -172,9 +206,13 @@ impl SharedTier {
         context: FetchContext,
     ) -> Result<IssuedToken, FetchError> {
         let fleet = &self.fleet;
+        let alone = FetchContext {
+            share: Share::OneOf(fleet.members.load(Ordering::Relaxed)),
+            ..context
+        };
         let Some(mut connection) = fleet.link.connection().await else {
             fleet.metrics.shared_cache("fallback");
-            return self.inner.fetch(credential, context).await;
+            return self.inner.fetch(credential, alone).await;
         };
         let ask = Ask {
             keys: fleet.keys(credential),
@@ -193,12 +231,12 @@ impl SharedTier {
             Err(Failure::Link(err)) => {
                 fleet.link.failed(&err).await;
                 fleet.metrics.shared_cache("fallback");
-                self.inner.fetch(credential, context).await
+                self.inner.fetch(credential, alone).await
             }
             Err(Failure::Key(err)) => {
                 tracing::debug!(credential = %credential.name, error = %err, "a shared-cache key of this credential is unusable; fetching without the fleet");
                 fleet.metrics.shared_cache("bad_key");
-                let outcome = self.inner.fetch(credential, context).await;
+                let outcome = self.inner.fetch(credential, alone).await;
                 // Storing the outcome overwrites the bad key: sharing repairs itself.
                 if let Err(err) = self.record(&mut connection, keys, &outcome).await {
                     tracing::debug!(error = %err, "the shared-cache key could not be repaired");
@@ -253,7 +291,13 @@ impl SharedTier {
                 }
             }
         }
-        let outcome = self.inner.fetch(ask.credential, ask.context).await;
+        let outcome = match self.fleet_slot(redis, ask, holder).await {
+            Ok(share) => {
+                let context = FetchContext { share, ..ask.context };
+                self.inner.fetch(ask.credential, context).await
+            }
+            Err(throttled) => Err(throttled),
+        };
         // Storing and releasing are best effort: if Redis fails now, the fleet misses this
         // outcome (and the lock expires), but the token in hand is not fetched again.
         if let Err(err) = self.record(redis, keys, &outcome).await {
@@ -274,7 +318,7 @@ impl SharedTier {
         holder: &str,
     ) -> Result<Result<IssuedToken, FetchError>, Failure> {
         let (fleet, keys) = (&self.fleet, &ask.keys);
-        let deadline = tokio::time::Instant::now() + fleet.lock_ttl;
+        let deadline = tokio::time::Instant::now() + fleet.longest_lock(ask.credential);
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(POLL).await;
             // Look after the lock: a holder stores its outcome before it lets go.
@@ -291,16 +335,62 @@ impl SharedTier {
             }
         }
         fleet.metrics.shared_cache("lock_timeout");
-        Ok(self.inner.fetch(ask.credential, ask.context).await)
+        let alone = FetchContext {
+            share: Share::OneOf(fleet.members.load(Ordering::Relaxed)),
+            ..ask.context
+        };
+        Ok(self.inner.fetch(ask.credential, alone).await)
+    }
+
+    /// The slot of this fetch in the fleet's budget for the credential's endpoint, waited for
+    /// (the lock held longer meanwhile): `Granted`, or this sidecar's share when Redis cannot
+    /// be asked; `Err` when the fleet has no slot soon enough.
+    async fn fleet_slot(
+        &self,
+        redis: &mut Connection,
+        ask: &Ask<'_>,
+        holder: &str,
+    ) -> Result<Share, FetchError> {
+        let fleet = &self.fleet;
+        let Some(rate) = ask.credential.provider.budget else {
+            return Ok(Share::Granted);
+        };
+        let key = fleet.budget_key(ask.credential);
+        let reserved = redis::Script::new(BUDGET)
+            .key(&key)
+            .arg(millis(rate.interval).max(1))
+            .arg(millis(rate.tolerance()))
+            .arg(millis(budget::MAX_WAIT))
+            .invoke_async::<i64>(redis)
+            .await;
+        let wait = match reserved {
+            Ok(wait) if wait >= 0 => Duration::from_millis(wait as u64),
+            Ok(refused) => {
+                fleet.metrics.fetch_throttled(&ask.credential.provider.name);
+                let retry_after = Duration::from_millis(refused.unsigned_abs().saturating_sub(1));
+                return Err(FetchError::Throttled { retry_after });
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "the fleet's fetch budget could not be asked; keeping this sidecar's share");
+                return Ok(Share::OneOf(fleet.members.load(Ordering::Relaxed)));
+            }
+        };
+        if !wait.is_zero() {
+            fleet.metrics.fetch_throttled(&ask.credential.provider.name);
+            let _ = redis::Script::new(EXTEND)
+                .key(&ask.keys.lock)
+                .arg(holder)
+                .arg(millis(wait + fleet.lock_ttl))
+                .invoke_async::<i64>(redis)
+                .await;
+            tokio::time::sleep(wait).await;
+        }
+        Ok(Share::Granted)
     }
 
     /// The stored token, if it opens and is still fresh by the refresh policy (one due for
     /// refresh is about to be replaced: fetching it would only move the refresh here).
-    async fn fresh_token(
-        &self,
-        redis: &mut Connection,
-        keys: &Keys,
-    ) -> Result<Option<IssuedToken>, Failure> {
+    async fn fresh_token(&self, redis: &mut Connection, keys: &Keys) -> Result<Option<IssuedToken>, Failure> {
         let Some(value) = get_string(redis, &keys.token).await? else {
             return Ok(None);
         };
@@ -525,6 +615,35 @@ impl SharedTier {
 }
 
 impl Fleet {
+    /// How long a lock may be held: `lock_ttl`, and the longest wait for a fetch's slot when
+    /// the credential's provider has a budget.
+    fn longest_lock(&self, credential: &CredentialSpec) -> Duration {
+        match credential.provider.budget {
+            Some(_) => self.lock_ttl + budget::MAX_WAIT,
+            None => self.lock_ttl,
+        }
+    }
+
+    /// The key of the fleet's budget for `credential`'s endpoint (all its credentials share it).
+    fn budget_key(&self, credential: &CredentialSpec) -> String {
+        let endpoint = credential.request.url.origin().ascii_serialization();
+        format!("{}{{{}}}:budget", self.prefix, self.sealer.name_of(&endpoint))
+    }
+
+    /// Renews this sidecar's membership of the fleet and reads how many members it has.
+    async fn count_members(&self, redis: &mut Connection) -> Result<(), redis::RedisError> {
+        let members = format!("{}{{members}}", self.prefix);
+        let now = unix_millis(self.clock.now());
+        let (_, _, count): ((), (), u32) = redis::pipe()
+            .zadd(&members, &self.instance, now + millis(HOLDER_TTL))
+            .zrembyscore(&members, "-inf", now)
+            .zcard(&members)
+            .query_async(redis)
+            .await?;
+        self.members.store(count.max(1), Ordering::Relaxed);
+        Ok(())
+    }
+
     fn keys(&self, credential: &CredentialSpec) -> Keys {
         Keys::new(&self.prefix, self.sealer.fleet_identity(credential.identity))
     }
@@ -532,12 +651,7 @@ impl Fleet {
     /// Takes the credential's lock: free, or held by something that is no fleet member's lock
     /// (a value we cannot have made, no TTL, a TTL longer than any member sets, a key of
     /// another type) — which is taken over.
-    async fn take_lock(
-        &self,
-        redis: &mut Connection,
-        keys: &Keys,
-        holder: &str,
-    ) -> Result<bool, Failure> {
+    async fn take_lock(&self, redis: &mut Connection, keys: &Keys, holder: &str) -> Result<bool, Failure> {
         let locked: Option<String> = redis::cmd("SET")
             .arg(&keys.lock)
             .arg(holder)
@@ -578,7 +692,7 @@ impl Fleet {
             Err(err) => return Err(err),
         };
         let ttl: i64 = redis.pttl(&keys.lock).await?;
-        let bounded = ttl > 0 && ttl as u64 <= millis(self.lock_ttl);
+        let bounded = ttl > 0 && ttl as u64 <= millis(self.lock_ttl + budget::MAX_WAIT);
         Ok(if bounded && self.sealer.is_holder(&keys.lock, &value) {
             LockState::Held
         } else {
@@ -620,7 +734,7 @@ impl Fleet {
     }
 }
 
-/// Renews this sidecar's holdings until the tier is gone.
+/// Renews this sidecar's membership of the fleet and its holdings until the tier is gone.
 async fn renew_holdings(fleet: std::sync::Weak<Fleet>) {
     let mut tick = tokio::time::interval(HOLDER_RENEWAL);
     loop {
@@ -628,13 +742,13 @@ async fn renew_holdings(fleet: std::sync::Weak<Fleet>) {
         let Some(fleet) = fleet.upgrade() else {
             return;
         };
-        let held: Vec<String> = lock(&fleet.holding).iter().cloned().collect();
-        if held.is_empty() {
-            continue;
-        }
         let Some(mut redis) = fleet.link.connection().await else {
             continue;
         };
+        if let Err(err) = fleet.count_members(&mut redis).await {
+            tracing::debug!(error = %err, "could not renew this sidecar's membership of the fleet");
+        }
+        let held: Vec<String> = lock(&fleet.holding).iter().cloned().collect();
         for id in held {
             if let Err(err) = fleet.renew(&mut redis, &id).await {
                 tracing::debug!(error = %err, "could not renew a holding of a shared token");
@@ -715,6 +829,19 @@ impl TokenSource for SharedTier {
     }
 }
 
+/// Checks the link every second until the tier is gone ([`Link::check`]).
+async fn watch_link(fleet: std::sync::Weak<Fleet>) {
+    let mut tick = tokio::time::interval(link::RETRY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(fleet) = fleet.upgrade() else {
+            return;
+        };
+        fleet.link.check().await;
+    }
+}
+
 /// Subscribes to the fleet's refusals and passes them on, subscribing again a second after
 /// Redis went away (as the link connects again), until the tier is gone. In a Cluster, a
 /// `PUBLISH` reaches every node, so one node's subscription hears the whole fleet.
@@ -724,11 +851,19 @@ async fn listen_for_refusals(fleet: std::sync::Weak<Fleet>) {
         let Some(strong) = fleet.upgrade() else {
             return;
         };
+        // Only while the link is up: a down Redis sees the link's one attempt a second, no more.
+        if strong.link.connection().await.is_none() {
+            drop(strong);
+            tokio::time::sleep(link::RETRY).await;
+            continue;
+        }
         let channel = format!("{}refused", strong.prefix);
         let (client, refused) = (strong.link.server().await, strong.refused.clone());
+        let patience = strong.link.connect_timeout();
         drop(strong); // a subscription that waits must not keep the tier alive
         if let Ok(client) = client {
-            if let Ok(mut pubsub) = client.get_async_pubsub().await {
+            let subscribing = tokio::time::timeout(patience, client.get_async_pubsub()).await;
+            if let Ok(Ok(mut pubsub)) = subscribing {
                 if pubsub.subscribe(&channel).await.is_ok() {
                     let mut messages = pubsub.on_message();
                     while let Some(message) = messages.next().await {

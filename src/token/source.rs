@@ -21,6 +21,8 @@ pub struct FetchContext {
     /// A request has no usable token and waits: a back-off the provider did not ask for
     /// yields to a probe after `max_probe_interval`.
     pub waiting: bool,
+    /// Which part of the provider's fetch budget the fetch draws on.
+    pub share: super::budget::Share,
 }
 
 /// What a [`TokenSource`] call returns.
@@ -79,8 +81,12 @@ pub struct RefusedToken {
 }
 
 impl TokenSource for TokenFetcher {
-    fn fetch<'a>(&'a self, credential: &'a CredentialSpec, _: FetchContext) -> SourceFuture<'a, IssuedToken> {
-        Box::pin(TokenFetcher::fetch(self, credential))
+    fn fetch<'a>(
+        &'a self,
+        credential: &'a CredentialSpec,
+        context: FetchContext,
+    ) -> SourceFuture<'a, IssuedToken> {
+        Box::pin(TokenFetcher::fetch(self, credential, context.share))
     }
 
     fn revoke<'a>(

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::budget::FetchRate;
 use super::dialect::{Identity, ResponseSpec, TokenRequest};
 use super::lifetime::RefreshPolicy;
 use crate::tls::ClientIdentity;
@@ -20,6 +21,8 @@ pub struct ProviderSpec {
     pub timeout: Duration,
     /// How to read the token endpoint's answer.
     pub response: ResponseSpec,
+    /// `max_fetch_rate` / `max_fetch_burst`: how fast its endpoint may be asked.
+    pub budget: Option<FetchRate>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +99,7 @@ impl CredentialSpec {
                 connect_timeout: Duration::from_secs(1),
                 timeout: Duration::from_secs(1),
                 response: ResponseSpec::oauth2(),
+                budget: None,
             }),
             request: TokenRequest {
                 url: Arc::new("https://auth.test/token".parse().expect("a URL")),

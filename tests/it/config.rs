@@ -15,6 +15,7 @@ const EXAMPLE_ENV: &[(&str, &str)] = &[
     ("ACME_PAYU_SECRET", "example-payu-secret"),
     ("GLOBEX_PAYU_SECRET", "example-globex-secret"),
     ("TOKEN_SIDECAR_REDIS_URL", "redis://127.0.0.1:6379"),
+    ("TOKEN_SIDECAR_REDIS_PASSWORD", "example-redis-password"),
     (
         "TOKEN_SIDECAR_CACHE_KEY",
         "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=",
@@ -491,6 +492,61 @@ encryption_key = "{}"
     assert!(stdout.starts_with("config OK"));
     assert!(
         stderr.contains("warning: FILE:5: providers.nuapay.revoke_on_shutdown: with [cache.shared] a token is revoked only by the last sidecar"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn production_redis_and_fetch_budget_keys_are_checked_with_their_key_paths() {
+    let key = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
+    let text = VALID.replace(
+        "[[routes]]",
+        &format!(
+            r#"[cache.shared]
+redis_url = "rediss://127.0.0.1:6380"
+sentinels = ["10.0.0.1:26379"]
+cluster_nodes = ["10.0.1.1:6379"]
+encryption_key = "{key}"
+
+[[routes]]"#
+        ),
+    )
+    .replace(
+        "token_url = \"https://uat-accounts.payu.in/oauth/token\"",
+        "token_url = \"https://uat-accounts.payu.in/oauth/token\"\nmax_fetch_rate = \"fast\"\nmax_fetch_burst = 0",
+    );
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2, "{stderr}");
+    for expected in [
+        "cache.shared.cluster_nodes: sentinels and cluster_nodes exclude each other",
+        "providers.payu.max_fetch_rate: `fast` is not a rate such as \"50/s\"",
+    ] {
+        assert!(stderr.contains(expected), "{expected} in: {stderr}");
+    }
+
+    let text = VALID.replace(
+        "[[routes]]",
+        &format!(
+            "[identities.redis]\ncert = \"x\"\nkey = \"y\"\n\n[cache.shared]\nredis_url = \"redis://127.0.0.1:6379\"\nclient_identity = \"redis\"\nsentinel_master = \"tokens\"\nencryption_key = \"{key}\"\n\n[[routes]]"
+        ),
+    );
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("cache.shared.sentinel_master: is used only with sentinels"),
+        "{stderr}"
+    );
+
+    let sentinel = VALID.replace(
+        "[[routes]]",
+        &format!(
+            "[cache.shared]\nredis_url = \"rediss://127.0.0.1:6380\"\nsentinels = [\"10.0.0.1:26379\"]\nsentinel_master = \"tokens\"\nencryption_key = \"{key}\"\n\n[[routes]]"
+        ),
+    );
+    let (code, _, stderr) = check(&sentinel);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("with sentinels, redis_url gives only the scheme and credentials"),
         "{stderr}"
     );
 }

@@ -102,16 +102,25 @@ fn every_relative_link_and_anchor_in_the_readme_and_docs_resolves() {
 fn the_readme_is_a_front_door_and_links_every_docs_page() {
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
     let lines = readme.lines().count();
-    assert!(lines <= 200, "the README has {lines} lines: the reference belongs in docs/");
+    assert!(
+        lines <= 200,
+        "the README has {lines} lines: the reference belongs in docs/"
+    );
     for page in pages().iter().skip(1) {
         let name = page.file_name().unwrap().to_str().unwrap();
-        assert!(readme.contains(&format!("docs/{name}")), "the README links docs/{name}");
+        assert!(
+            readme.contains(&format!("docs/{name}")),
+            "the README links docs/{name}"
+        );
     }
 }
 
 #[test]
 fn anchors_are_made_as_github_makes_them() {
     assert_eq!(anchor_of("On the wire"), "on-the-wire");
-    assert_eq!(anchor_of("Fleet on production Redis (TLS, ACL)"), "fleet-on-production-redis-tls-acl");
+    assert_eq!(
+        anchor_of("Fleet on production Redis (TLS, ACL)"),
+        "fleet-on-production-redis-tls-acl"
+    );
     assert_eq!(anchor_of("`[cache.shared]` keys"), "cacheshared-keys");
 }

@@ -12,6 +12,7 @@ mod docs;
 mod dpop;
 mod egress;
 mod fleet;
+mod fleet_redis;
 mod forwarding;
 mod hardening;
 mod lifecycle;

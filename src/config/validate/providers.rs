@@ -17,6 +17,7 @@ use crate::config::KeyPath;
 use crate::secret::Secret;
 use crate::tls::ClientIdentity;
 use crate::token::assertion::{Assertion, SigningAlg};
+use crate::token::budget::FetchRate;
 use crate::token::dialect::nuapay::OrganisationToken;
 use crate::token::dialect::oauth2::{ClientAuth, OAuth2Client};
 use crate::token::dialect::{
@@ -135,6 +136,7 @@ impl Validator {
         Some(ProviderDraft {
             revoke_on_shutdown: raw.revoke_on_shutdown,
             spec: Arc::new(ProviderSpec {
+                budget: self.fetch_rate(path, raw),
                 name: name.into(),
                 kind,
                 client_identity: self
@@ -146,6 +148,41 @@ impl Validator {
             endpoint,
             scopes: raw.scopes.clone().unwrap_or_default(),
         })
+    }
+
+    /// `max_fetch_rate` and `max_fetch_burst`, when a rate is given.
+    fn fetch_rate(&mut self, path: &KeyPath, raw: &RawProvider) -> Option<FetchRate> {
+        let burst_path = path.key("max_fetch_burst");
+        let Some(text) = &raw.max_fetch_rate else {
+            if raw.max_fetch_burst.is_some() {
+                self.problem(&burst_path, "is used only with max_fetch_rate");
+            }
+            return None;
+        };
+        let rate_path = path.key("max_fetch_rate");
+        let parsed = text.split_once('/').and_then(|(count, per)| {
+            let count: u32 = count.trim().parse().ok().filter(|count| *count > 0)?;
+            let period = match per.trim() {
+                "s" => Duration::from_secs(1),
+                "m" => Duration::from_secs(60),
+                "h" => Duration::from_secs(3600),
+                _ => return None,
+            };
+            Some(period / count)
+        });
+        let Some(interval) = parsed.filter(|interval| !interval.is_zero()) else {
+            self.problem(
+                &rate_path,
+                format!("`{text}` is not a rate such as \"50/s\", \"3000/m\" or \"100000/h\""),
+            );
+            return None;
+        };
+        let burst = raw.max_fetch_burst.unwrap_or(1);
+        if burst == 0 || burst > 10_000 {
+            self.problem(&burst_path, "must be between 1 and 10000");
+            return None;
+        }
+        Some(FetchRate { interval, burst })
     }
 
     pub(super) fn reject_keys_of_other_kind(

@@ -161,6 +161,7 @@ impl Validator {
             key_prefix: prefix,
             timeout,
             lock_ttl,
+            replicas_hint: raw.replicas_hint.unwrap_or(1).max(1),
         })
     }
 
@@ -192,7 +193,10 @@ impl Validator {
         let identity_path = path.key("client_identity");
         let client_identity = self.identity_ref(&identity_path, raw.client_identity.as_deref());
         if client_identity.is_some() && !tls {
-            self.problem(&identity_path, "a client certificate needs TLS: redis_url = \"rediss://…\"");
+            self.problem(
+                &identity_path,
+                "a client certificate needs TLS: redis_url = \"rediss://…\"",
+            );
             return None;
         }
         let db = match url.as_ref().map(|url| url.path().trim_start_matches('/')) {
@@ -215,10 +219,15 @@ impl Validator {
         })
     }
 
-    /// `redis://` or `rediss://`, else a problem.
+    /// `redis://` or `rediss://`, else a problem. Credentials with no host
+    /// (`rediss://user:password@`, for Sentinel or a Cluster) are read as having none.
     fn redis_url(&mut self, path: &KeyPath, raw: &RawSecret) -> Option<url::Url> {
         let text = self.secret(path, raw)?;
-        match url::Url::parse(text.expose()) {
+        let parsed = match text.expose().strip_suffix('@') {
+            Some(credentials) => url::Url::parse(&format!("{credentials}@{NO_HOST}")),
+            None => url::Url::parse(text.expose()),
+        };
+        match parsed {
             Ok(url) if matches!(url.scheme(), "redis" | "rediss") => Some(url),
             Ok(_) => {
                 self.problem(path, "must be a redis:// or rediss:// (TLS) URL");
@@ -232,20 +241,31 @@ impl Validator {
     }
 
     fn topology(&mut self, path: &KeyPath, raw: &RawSharedCache, url: Option<&url::Url>) -> Option<Topology> {
-        let host = url.and_then(|url| url.host_str()).filter(|host| !host.is_empty());
+        let host = url
+            .and_then(|url| url.host_str())
+            .filter(|host| !host.is_empty() && *host != NO_HOST);
         let url_path = path.key("redis_url");
         match (&raw.sentinels, &raw.cluster_nodes) {
             (Some(_), Some(_)) => {
-                self.problem(&path.key("cluster_nodes"), "sentinels and cluster_nodes exclude each other");
+                self.problem(
+                    &path.key("cluster_nodes"),
+                    "sentinels and cluster_nodes exclude each other",
+                );
                 None
             }
             (Some(sentinels), None) => {
                 if host.is_some() {
-                    self.problem(&url_path, "with sentinels, redis_url gives only the scheme and credentials, e.g. \"rediss://\"");
+                    self.problem(
+                        &url_path,
+                        "with sentinels, redis_url gives only the scheme and credentials, e.g. \"rediss://\"",
+                    );
                 }
                 let sentinels = self.nodes(&path.key("sentinels"), sentinels)?;
                 let Some(master) = raw.sentinel_master.clone() else {
-                    self.problem(&path.key("sentinel_master"), "missing: the master's name the sentinels know");
+                    self.problem(
+                        &path.key("sentinel_master"),
+                        "missing: the master's name the sentinels know",
+                    );
                     return None;
                 };
                 let password = match &raw.sentinel_password {
@@ -303,7 +323,12 @@ impl Validator {
         for (i, node) in raw.iter().enumerate() {
             let parsed = node
                 .rsplit_once(':')
-                .and_then(|(host, port)| Some((host.trim_start_matches('[').trim_end_matches(']'), port.parse().ok()?)))
+                .and_then(|(host, port)| {
+                    Some((
+                        host.trim_start_matches('[').trim_end_matches(']'),
+                        port.parse().ok()?,
+                    ))
+                })
                 .filter(|(host, _)| !host.is_empty());
             match parsed {
                 Some((host, port)) => nodes.push((host.to_owned(), port)),
@@ -559,6 +584,9 @@ impl Validator {
         ok.then_some(settings)
     }
 }
+
+/// The host a Redis URL of credentials only is read with: it names no host.
+const NO_HOST: &str = "no-host.invalid";
 
 fn percent_decode(text: &str) -> String {
     percent_encoding::percent_decode_str(text)

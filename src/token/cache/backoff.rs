@@ -58,7 +58,7 @@ pub fn retry_gap(error: &FetchError, attempt: u32) -> Option<Duration> {
     let doubling = FIRST_RETRY_GAP.saturating_mul(1u32 << attempt.saturating_sub(1).min(10));
     let jittered = doubling.mul_f64(rand::thread_rng().gen_range(0.8..1.2));
     match error {
-        FetchError::Rejected { .. } | FetchError::Unsendable { .. } => None,
+        FetchError::Rejected { .. } | FetchError::Unsendable { .. } | FetchError::Throttled { .. } => None,
         FetchError::Status { status, .. } if *status < 500 => None,
         // The fleet already waits; its time left is the answer.
         FetchError::FleetBackoff { .. } => None,

@@ -14,6 +14,7 @@ use rand::Rng;
 use super::backoff::{backoff, retry_gap, Backoff, MAX_ATTEMPTS};
 use super::registry::{CredentialState, FetchStatus};
 use super::{lock, satisfies, CachedToken, TokenCache, TokenError, Want};
+use crate::token::budget::{self, Share};
 use crate::token::dialect::{Identity, IssuedToken};
 use crate::token::error::FetchError;
 use crate::token::lifetime::Freshness;
@@ -250,9 +251,15 @@ impl TokenCache {
 }
 
 /// How long a flight may take in all: a safety net behind the provider's `timeout` on each
-/// attempt and `retry_budget` on the retries (a fleet's lock wait comes on top of one attempt).
+/// attempt and `retry_budget` on the retries (a fleet's lock wait comes on top of one attempt),
+/// and the wait for a slot of a fetch budget.
 fn flight_deadline(spec: &CredentialSpec, settings: &CacheSettings) -> Duration {
-    settings.retry_budget + spec.provider.timeout.saturating_mul(MAX_ATTEMPTS + 1)
+    let budget_wait = if spec.provider.budget.is_some() {
+        budget::MAX_WAIT
+    } else {
+        Duration::ZERO
+    };
+    settings.retry_budget + spec.provider.timeout.saturating_mul(MAX_ATTEMPTS + 1) + budget_wait
 }
 
 /// Frees the identity's flight slot when its flight's task ends, however it ends.
@@ -269,5 +276,6 @@ fn context(want: Want, respect_backoff: bool) -> FetchContext {
     FetchContext {
         forced: !respect_backoff,
         waiting: want == Want::Usable,
+        share: Share::Whole,
     }
 }

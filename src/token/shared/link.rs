@@ -24,8 +24,8 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
 use redis::{
-    Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisFuture, RedisResult, TlsCertificates,
-    TlsMode,
+    Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisFuture, RedisResult,
+    TlsCertificates, TlsMode,
 };
 use rustls::pki_types::CertificateDer;
 use tokio::time::Instant;
@@ -50,7 +50,8 @@ pub enum Failure {
 
 impl Failure {
     pub fn of(err: redis::RedisError) -> Self {
-        let wrong_type = err.code() == Some("WRONGTYPE") || err.kind() == redis::ErrorKind::UnexpectedReturnType;
+        let wrong_type =
+            err.code() == Some("WRONGTYPE") || err.kind() == redis::ErrorKind::UnexpectedReturnType;
         if wrong_type {
             Self::Key(err)
         } else {
@@ -156,7 +157,7 @@ impl Link {
         if self.resting() {
             return None;
         }
-        match tokio::time::timeout(self.timeout * 4, self.connect()).await {
+        match tokio::time::timeout(self.connect_timeout(), self.connect()).await {
             Ok(Ok(connected)) => {
                 *connection = Some(connected.clone());
                 Some(connected)
@@ -192,6 +193,34 @@ impl Link {
         }
     }
 
+    /// Asks Redis whether it answers (a `PING`), connecting first if there is no connection —
+    /// at most once a second, as any attempt. Run every [`RETRY`], it keeps the link's state
+    /// true while no request needs Redis: a dead connection is dropped, and one to a restarted
+    /// server (or a new Sentinel master) made, before the next request needs it.
+    pub async fn check(&self) {
+        let Some(mut connection) = self.connection().await else {
+            return;
+        };
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(self.timeout, ping.query_async::<()>(&mut connection)).await {
+            Ok(Ok(())) => self.succeeded(),
+            Ok(Err(err)) => {
+                if let Failure::Link(err) = Failure::of(err) {
+                    self.failed(&err).await;
+                }
+            }
+            Err(_) => {
+                let mut connection = self.connection.lock().await;
+                self.rest(&mut connection, &"PING timed out");
+            }
+        }
+    }
+
+    /// How long a connection (or a subscription) may take to be made.
+    pub fn connect_timeout(&self) -> Duration {
+        self.timeout * 4
+    }
+
     /// A command succeeded: Redis is back if it was away.
     pub fn succeeded(&self) {
         if self.degraded.swap(false, Ordering::AcqRel) {
@@ -209,7 +238,9 @@ impl Link {
                     .set_connection_timeout(Some(self.timeout))
                     .set_response_timeout(Some(self.timeout))
                     .set_number_of_retries(0);
-                Ok(Connection::Single(client.get_connection_manager_with_config(config).await?))
+                Ok(Connection::Single(
+                    client.get_connection_manager_with_config(config).await?,
+                ))
             }
             Topology::Cluster { nodes } => {
                 let nodes = nodes
@@ -229,7 +260,9 @@ impl Link {
                 if self.redis.tls {
                     builder = builder.tls(TlsMode::Secure).certs(self.certificates());
                 }
-                Ok(Connection::Cluster(builder.build()?.get_async_connection().await?))
+                Ok(Connection::Cluster(
+                    builder.build()?.get_async_connection().await?,
+                ))
             }
         }
     }
@@ -284,7 +317,9 @@ impl Link {
     /// Logs and counts a master other than the last one Sentinel named: a failover followed.
     fn note_master(&self, addr: &ConnectionAddr) {
         let now = match addr {
-            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port}"),
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                format!("{host}:{port}")
+            }
             other => format!("{other:?}"),
         };
         let before = lock(&self.master).replace(now.clone());
@@ -312,7 +347,10 @@ impl Link {
         if let Some(password) = self.redis.current_password() {
             settings = settings.set_password(password.expose());
         }
-        Ok(self.address(host, port).into_connection_info()?.set_redis_settings(settings))
+        Ok(self
+            .address(host, port)
+            .into_connection_info()?
+            .set_redis_settings(settings))
     }
 
     fn address(&self, host: &str, port: u16) -> ConnectionAddr {

@@ -143,6 +143,14 @@ impl Sealer {
         hex::encode(&mac.finalize().into_bytes()[..16])
     }
 
+    /// The fleet's name for `what` (an endpoint): an HMAC, the same on every member.
+    pub fn name_of(&self, what: &str) -> String {
+        let mut mac = hmac(&self.keys[0]);
+        mac.update(b"token-sidecar name\0");
+        mac.update(what.as_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..16])
+    }
+
     /// A fresh lock holder for `lock_key`: a nonce and its HMAC, so that a waiter can tell a
     /// sidecar's lock from one written by anyone else.
     pub fn holder(&self, lock_key: &str) -> String {

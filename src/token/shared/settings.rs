@@ -20,6 +20,9 @@ pub struct SharedCacheSettings {
     pub timeout: Duration,
     /// How long one sidecar may hold a credential's fleet-wide fetch lock.
     pub lock_ttl: Duration,
+    /// How many sidecars to assume the fleet has until Redis has said (for the share of a
+    /// fetch budget each keeps while Redis is away).
+    pub replicas_hint: u32,
 }
 
 /// How to reach the fleet's Redis.
