@@ -6,8 +6,8 @@
 //!    [`proxy`] picks its credential (or 404/400);
 //! 2. [`token::cache`] hands out that credential's token, fetching it once however many requests
 //!    wait (from a [`token::source::TokenSource`]: the endpoint, [`token::fetch`], behind the
-//!    fleet's [`token::shared`] tier on Redis when configured) and refreshing it ahead of expiry
-//!    by the [`token::lifetime`] policy;
+//!    fleet's [`token::shared`] tier on Redis when configured, within each provider's
+//!    [`token::budget`]) and refreshing it ahead of expiry by the [`token::lifetime`] policy;
 //! 3. [`forward`] rewrites the URI, cleans the headers, injects the token (a DPoP-bound one with
 //!    a fresh proof, [`token::dpop`]) and streams the request to the route's upstream over
 //!    rustls, and the response back; [`proxy::client_body`] reads the client's body under its
