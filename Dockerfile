@@ -15,7 +15,10 @@ RUN mkdir -p src benches \
     && cargo build --release --locked \
     && rm -rf src target/release/token-sidecar target/release/deps/token_sidecar-* target/release/deps/libtoken_sidecar-* target/release/.fingerprint/token-sidecar-*
 COPY src ./src
-RUN cargo build --release --locked
+# The image ships without the line tables the release profile keeps for profiling: 50 MB of
+# the 60 MB image (symbols stay, so a backtrace still names its functions).
+RUN cargo build --release --locked \
+    && strip --strip-debug target/release/token-sidecar
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/token-sidecar /usr/local/bin/token-sidecar
