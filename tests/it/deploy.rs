@@ -49,6 +49,10 @@ fn check_config(text: &str, origin: &str) {
             std::fs::write(&file, "example-secret\n").unwrap();
         }
     }
+    if text.contains("ca_file = \"ca.pem\"") {
+        let pki = token_sidecar::dev::certs::TestPki::new().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), pki.ca_pem()).unwrap();
+    }
     let config = dir.path().join("sidecar.toml");
     std::fs::write(&config, text).unwrap();
     let (code, stdout, stderr) = run_binary(&["check", "--config", config.to_str().unwrap()], &[]);
@@ -155,7 +159,10 @@ fn the_dockerfile_runs_the_binary_as_non_root_with_the_documented_config_path() 
         "STOPSIGNAL SIGTERM",
         "ENTRYPOINT [\"/usr/local/bin/token-sidecar\"]",
     ] {
-        assert!(text.lines().any(|l| l.trim() == line), "missing `{line}`");
+        let found = text
+            .lines()
+            .any(|l| l.trim() == line || l.trim().strip_suffix(" \\").is_some_and(|l| l.starts_with(line)));
+        assert!(found, "missing `{line}`");
     }
     let ci = std::fs::read_to_string(repo_root().join(".ci/run")).unwrap();
     assert!(
