@@ -35,6 +35,9 @@ pub fn backoff(settings: &CacheSettings, failures: u32, error: &FetchError) -> B
             let wait = settings.max_failure_backoff.max(asked.unwrap_or_default());
             (wait, wait)
         }
+        // The fleet's back-off: as long as it says, but a waiting request may still ask the
+        // fleet again within the probe interval (where the fleet's own probe time is kept).
+        (FetchError::FleetBackoff { .. }, Some(asked)) => (asked, asked.min(settings.max_probe_interval)),
         (_, Some(asked)) => (asked, asked),
         (_, None) => {
             let wait = doubling(settings, failures);
@@ -102,6 +105,17 @@ mod tests {
             .map(|n| backoff(&settings(), n, &err).probe.as_secs())
             .collect();
         assert_eq!(probes, [1, 2, 4, 5, 5, 5, 5, 5]);
+    }
+
+    #[test]
+    fn a_fleets_long_back_off_still_lets_waiting_requests_ask_again_within_the_probe_interval() {
+        let err = FetchError::FleetBackoff {
+            failure: crate::token::error::FleetFailure::Status(503),
+            retry_after: Some(Duration::from_secs(32)),
+        };
+        let backoff = backoff(&settings(), 6, &err);
+        assert_eq!(backoff.wait, Duration::from_secs(32));
+        assert_eq!(backoff.probe, Duration::from_secs(5));
     }
 
     #[test]

@@ -40,13 +40,22 @@ impl TokenCache {
     ) -> Result<Arc<CachedToken>, TokenError> {
         loop {
             let seen = lock(&state.fetch.status).successes;
-            if let Some(cached) = self.store.get(&state.spec.identity).await {
-                if satisfies(&cached, want, self.clock.now()) {
-                    return Ok(cached);
+            let cached = self.store.get(&state.spec.identity).await;
+            let now = self.clock.now();
+            if let Some(cached) = &cached {
+                if satisfies(cached, want, now) {
+                    return Ok(cached.clone());
                 }
             }
+            // Requests wait on this flight, whoever starts it, when there is no token to send.
+            let waited_for = want == Want::Usable || !cached.is_some_and(|c| satisfies(&c, Want::Usable, now));
+            let context = FetchContext {
+                forced: !respect_backoff,
+                waiting: waited_for,
+                share: Share::Whole,
+            };
             // `None`: a fetch finished since we looked, and its token may be what we need.
-            if let Some(flight) = self.join_or_start(state, seen, want, respect_backoff)? {
+            if let Some(flight) = self.join_or_start(state, seen, want, context)? {
                 return flight.await;
             }
         }
@@ -59,7 +68,7 @@ impl TokenCache {
         state: &Arc<CredentialState>,
         seen: u64,
         want: Want,
-        respect_backoff: bool,
+        context: FetchContext,
     ) -> Result<Option<Flight>, TokenError> {
         let status = lock(&state.fetch.status);
         let mut flights = lock(&self.flights.0);
@@ -69,10 +78,10 @@ impl TokenCache {
         if status.successes != seen {
             return Ok(None);
         }
-        if respect_backoff {
+        if !context.forced {
             self.check_backoff(state, &status, want, self.clock.now())?;
         }
-        let flight = self.start_flight(state, context(want, respect_backoff));
+        let flight = self.start_flight(state, context);
         flights.insert(state.spec.identity, flight.clone());
         Ok(Some(flight))
     }
@@ -268,14 +277,5 @@ struct Landing(Arc<TokenCache>, Identity);
 impl Drop for Landing {
     fn drop(&mut self) {
         lock(&self.0.flights.0).remove(&self.1);
-    }
-}
-
-/// The context of a fetch for a caller that wants `want` (and respects the back-off or not).
-fn context(want: Want, respect_backoff: bool) -> FetchContext {
-    FetchContext {
-        forced: !respect_backoff,
-        waiting: want == Want::Usable,
-        share: Share::Whole,
     }
 }
