@@ -6,10 +6,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing_subscriber::EnvFilter;
+use std::time::Duration;
+
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::clock::SystemClock;
 use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::telemetry;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -78,7 +84,6 @@ fn runtime_builder() -> tokio::runtime::Builder {
 /// Parses arguments, runs the command, and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     let runtime = match runtime_builder().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -87,9 +92,18 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Dev(args)) => runtime_result(runtime.block_on(crate::dev::run(args))),
-        Some(Command::Probe(args)) => runtime.block_on(crate::probe::run(args)),
-        Some(Command::Check(arg)) => check(arg.config.or(cli.config.config)),
+        Some(Command::Dev(args)) => {
+            init_logging(cli.log_format, None);
+            runtime_result(runtime.block_on(crate::dev::run(args)))
+        }
+        Some(Command::Probe(args)) => {
+            init_logging(cli.log_format, None);
+            runtime.block_on(crate::probe::run(args))
+        }
+        Some(Command::Check(arg)) => {
+            init_logging(cli.log_format, None);
+            check(arg.config.or(cli.config.config))
+        }
         command @ (Some(Command::Run(_)) | None) => {
             let own = match command {
                 Some(Command::Run(arg)) => arg.config,
@@ -99,13 +113,24 @@ pub fn main() -> ExitCode {
             let Some((config, path)) = load(path.clone()).zip(path) else {
                 return ExitCode::from(EXIT_CONFIG);
             };
-            runtime_result(
-                runtime
-                    .block_on(crate::server::run(config, path, Arc::new(SystemClock)))
-                    .map_err(Into::into),
-            )
+            runtime_result(runtime.block_on(run(config, path, cli.log_format)))
         }
     }
+}
+
+/// `run`: traces (when configured) and logging, then the sidecar until it is told to stop.
+async fn run(config: Config, path: PathBuf, format: LogFormat) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let tracing = telemetry::start(&config.telemetry, &config.extra_roots, metrics.clone())?;
+    init_logging(format, tracing.as_ref());
+    if tracing.is_some() {
+        tracing::info!("exporting traces over OTLP");
+    }
+    let served = crate::server::run(config, path, Arc::new(SystemClock), metrics).await;
+    if let Some(tracing) = tracing {
+        tracing.shutdown(Duration::from_secs(3)).await;
+    }
+    Ok(served?)
 }
 
 fn check(path: Option<PathBuf>) -> ExitCode {
@@ -145,29 +170,35 @@ fn runtime_result(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// The log on stderr, as `TOKEN_SIDECAR_LOG` filters it, and beside it the trace exporter's
+/// layer (which sees only the spans made for export, and the log never sees those).
+fn init_logging(format: LogFormat, traces: Option<&telemetry::Tracing>) {
     let wanted = std::env::var("TOKEN_SIDECAR_LOG").unwrap_or_else(|_| "info".to_owned());
-    let filter = EnvFilter::try_new(log_filter(&wanted)).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_new(log_filter(&wanted)).unwrap_or_else(|_| EnvFilter::new(log_filter("info")));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let log = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let log = match format {
+        LogFormat::Text => log.boxed(),
+        LogFormat::Json => log.json().boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(log.with_filter(filter))
+        .with(traces.map(telemetry::Tracing::layer))
+        .try_init();
 }
 
-/// The filter for `TOKEN_SIDECAR_LOG`, with the file watcher's library held at `debug` unless
-/// named: at `trace` it logs every file event, and a log file in a watched directory then
-/// feeds itself (40 MB in 3 s).
+/// The filter for `TOKEN_SIDECAR_LOG`: the spans made for trace export are never logged, and
+/// the file watcher's library is held at `debug` unless named (at `trace` it logs every file
+/// event, and a log file in a watched directory then feeds itself: 40 MB in 3 s).
 fn log_filter(wanted: &str) -> String {
-    if wanted.contains("notify") {
-        wanted.to_owned()
-    } else {
-        format!("{wanted},notify=debug")
+    let mut filter = format!("{wanted},{}=off", telemetry::TARGET);
+    if !wanted.contains("notify") {
+        filter.push_str(",notify=debug");
     }
+    filter
 }
 
 #[cfg(test)]
@@ -176,7 +207,10 @@ mod tests {
 
     #[test]
     fn the_watchers_library_never_traces_unless_asked() {
-        assert_eq!(log_filter("trace"), "trace,notify=debug");
-        assert_eq!(log_filter("info,notify=trace"), "info,notify=trace");
+        assert_eq!(log_filter("trace"), "trace,token_sidecar::otel=off,notify=debug");
+        assert_eq!(
+            log_filter("info,notify=trace"),
+            "info,notify=trace,token_sidecar::otel=off"
+        );
     }
 }

@@ -53,5 +53,6 @@ pub mod running;
 pub mod secret;
 pub mod server;
 pub mod sync;
+pub mod telemetry;
 pub mod tls;
 pub mod token;

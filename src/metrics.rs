@@ -79,6 +79,7 @@ pub struct Metrics {
     config_info: Family<VersionLabels, Gauge>,
     shared_cache: Family<EventLabels, Counter>,
     fetches_throttled: Family<ProviderLabels, Counter>,
+    trace_spans_dropped: Counter,
     /// No series until a shared tier sets it: absent without `[cache.shared]`.
     shared_cache_up: Family<Vec<(String, String)>, Gauge>,
 }
@@ -100,6 +101,12 @@ impl Metrics {
         let shared_cache = Family::<EventLabels, Counter>::default();
         let shared_cache_up = Family::<Vec<(String, String)>, Gauge>::default();
         let fetches_throttled = Family::<ProviderLabels, Counter>::default();
+        let trace_spans_dropped = Counter::default();
+        registry.register(
+            "token_sidecar_trace_spans_dropped",
+            "Trace spans not exported: the queue was full, or the collector failed or was slow",
+            trace_spans_dropped.clone(),
+        );
         registry.register(
             "token_sidecar_token_fetches_throttled",
             "Token requests that waited for (or were refused) a slot of their provider's max_fetch_rate",
@@ -174,7 +181,12 @@ impl Metrics {
             shared_cache,
             shared_cache_up,
             fetches_throttled,
+            trace_spans_dropped,
         }
+    }
+
+    pub fn trace_spans_dropped(&self, count: u64) {
+        self.trace_spans_dropped.inc_by(count);
     }
 
     pub fn fetch_throttled(&self, provider: &Arc<str>) {

@@ -16,6 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::Body;
 use subtle::ConstantTimeEq;
 use tower::Service;
+use tracing::Instrument;
 
 use crate::body::{full_body, ProxyBody};
 use crate::config::{CredentialChoice, CredentialSpec, HeaderChoice, RouteSpec, ServerSettings};
@@ -28,6 +29,7 @@ use crate::forward::{
 use crate::metrics::Metrics;
 use crate::route::{check_path, request_host, Router};
 use crate::secret::Secret;
+use crate::telemetry;
 use crate::token::cache::{CachedToken, Credentials, TokenCache};
 use crate::token::dpop::{self, Nonces};
 use access_log::Exchange;
@@ -137,6 +139,14 @@ impl Proxy {
 
     /// Handles one request from the application; never fails, errors are JSON answers.
     pub async fn handle(self: Arc<Self>, request: Request<ProxyBody>) -> Response<ProxyBody> {
+        if !telemetry::on() {
+            return self.serve(request).await;
+        }
+        let span = telemetry::server_span(request.method(), request.uri().path(), request.headers());
+        self.serve(request).instrument(span).await
+    }
+
+    async fn serve(self: Arc<Self>, request: Request<ProxyBody>) -> Response<ProxyBody> {
         let snapshot = self.snapshot.load_full();
         let mut exchange = Exchange::new(&request);
         let result = self.route_and_forward(&snapshot, request, &mut exchange).await;
@@ -154,6 +164,9 @@ impl Proxy {
         let status = response.status().as_u16();
         self.metrics
             .request(exchange.route_label(), status, exchange.started.elapsed());
+        if telemetry::on() {
+            record_in_trace(&tracing::Span::current(), &exchange, status);
+        }
         if !snapshot.access_log || !access_log::enabled() {
             return response;
         }
@@ -285,6 +298,18 @@ impl Proxy {
     }
 }
 
+/// What the request's trace span says of how it went: its route and credential (names, never
+/// a token), its status and the sidecar's error code.
+fn record_in_trace(span: &tracing::Span, exchange: &Exchange, status: u16) {
+    if let Some(route) = &exchange.route {
+        telemetry::record_route(span, &exchange.method, &route.name);
+    }
+    if let Some(credential) = &exchange.credential {
+        span.record("token_sidecar.credential", &**credential);
+    }
+    telemetry::record_outcome(span, status, exchange.error);
+}
+
 /// An upstream's refusal of a token, and what a replay needs.
 struct Refused<'a> {
     credentials: &'a Credentials,
@@ -341,11 +366,39 @@ struct Attempt<'a> {
 
 impl Attempt<'_> {
     async fn send(&self, body: ProxyBody, token: &CachedToken) -> Result<Response<ProxyBody>, ProxyError> {
+        if !telemetry::on() {
+            return self.send_once(body, token, None).await;
+        }
+        let span = telemetry::upstream_span(&self.outgoing.method, &self.outgoing.uri);
+        let sent = self
+            .send_once(body, token, Some(&span))
+            .instrument(span.clone())
+            .await;
+        match &sent {
+            Ok(response) => telemetry::record_outcome(&span, response.status().as_u16(), None),
+            Err(err) => {
+                let class = err.class();
+                telemetry::record_outcome(&span, class.status.as_u16(), Some(class.code));
+            }
+        }
+        sent
+    }
+
+    /// One request to the upstream; with `span`, it carries that span as its `traceparent`.
+    async fn send_once(
+        &self,
+        body: ProxyBody,
+        token: &CachedToken,
+        span: Option<&tracing::Span>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let (route, outgoing) = (self.route, self.outgoing);
         let mut request = Request::new(body);
         *request.method_mut() = outgoing.method.clone();
         *request.uri_mut() = outgoing.uri.clone();
         *request.headers_mut() = outgoing.headers.clone();
+        if let Some(span) = span {
+            telemetry::propagate(span, request.headers_mut());
+        }
         self.authorize(request.headers_mut(), token)?;
         // hyper's client and the tests' `service_fn`s are always ready: no `poll_ready` wait.
         let sent = self.upstream.clone().call(request);

@@ -172,6 +172,7 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
             old.cache.max_concurrent_fetches != new.cache.max_concurrent_fetches,
         ),
         ("cache.shared", old.shared != new.shared),
+        ("telemetry", old.telemetry != new.telemetry),
     ];
     for (key, changed) in changes {
         if changed {

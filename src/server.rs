@@ -122,7 +122,17 @@ pub async fn start_from(
     path: Option<PathBuf>,
     clock: SharedClock,
 ) -> Result<RunningSidecar, StartError> {
-    let metrics = Metrics::new();
+    start_with(config, path, clock, Metrics::new()).await
+}
+
+/// [`start_from`], counting into `metrics` (which the trace exporter, started before it,
+/// counts its dropped spans into too).
+pub async fn start_with(
+    config: Config,
+    path: Option<PathBuf>,
+    clock: SharedClock,
+    metrics: Metrics,
+) -> Result<RunningSidecar, StartError> {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -222,9 +232,14 @@ async fn listen(
 
 /// Serves the config read from `path` until SIGINT or SIGTERM, then shuts down gracefully;
 /// SIGHUP reloads it.
-pub async fn run(config: Config, path: PathBuf, clock: SharedClock) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    path: PathBuf,
+    clock: SharedClock,
+    metrics: Metrics,
+) -> Result<(), StartError> {
     let mut signals = Signals::install().map_err(StartError::Signals)?;
-    let running = start_from(config, Some(path), clock).await?;
+    let running = start_with(config, Some(path), clock, metrics).await?;
     while signals.next().await == Signal::Reload {
         let _ = running.reloader.reload().await;
     }

@@ -1,5 +1,6 @@
-//! The whole integration scenario at `trace` level: no secret and no token may appear in any
-//! log line (ours or our dependencies'), error body, `/tokens` or `/metrics`.
+//! The whole integration scenario at `trace` level, with traces exported to a collector: no
+//! secret and no token may appear in any log line (ours or our dependencies'), error body,
+//! `/tokens`, `/metrics` or exported span.
 //!
 //! A test binary of its own, so that its global log capture sees only this scenario.
 
@@ -12,6 +13,12 @@ use std::sync::{Arc, Mutex};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use token_sidecar::dev::providers::Failure;
+use token_sidecar::metrics::Metrics;
+use token_sidecar::secret::Secret;
+use token_sidecar::telemetry::TelemetrySettings;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use support::Harness;
 
@@ -33,10 +40,23 @@ impl Write for Capture {
 async fn no_secret_or_token_appears_anywhere_at_trace_level() {
     let capture = Capture::default();
     let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("trace")
+    let collector = support::otlp::Collector::start().await;
+    let export_key = "otlp-export-key-never-logged-9c2f";
+    let telemetry = TelemetrySettings {
+        endpoint: Some(collector.endpoint()),
+        headers: vec![("x-otlp-key".into(), Secret::new(export_key.to_owned()))],
+        ..TelemetrySettings::default()
+    };
+    let traces = token_sidecar::telemetry::start(&telemetry, &[], Metrics::new())
+        .unwrap()
+        .expect("traces are on");
+    let log = tracing_subscriber::fmt::layer()
         .with_ansi(false)
         .with_writer(move || writer.clone())
+        .with_filter(EnvFilter::new("trace"));
+    tracing_subscriber::registry()
+        .with(log)
+        .with(traces.layer())
         .init();
 
     let h = Harness::start().await;
@@ -168,6 +188,20 @@ client_identity = "acme-qwac"
     } = h;
     sidecar.shutdown().await;
     bank.sidecar.shutdown().await;
+    traces.shutdown(std::time::Duration::from_secs(5)).await;
+    let received = collector.received.lock().unwrap();
+    assert!(
+        received.spans.len() > 20,
+        "spans were exported: {}",
+        received.spans.len()
+    );
+    for export in &received.raw {
+        seen.push_str(&String::from_utf8_lossy(export));
+    }
+    for span in &received.spans {
+        seen.push_str(&format!("{span:?}"));
+    }
+    drop(received);
 
     let logs = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
     assert!(logs.contains("fetched token"), "the capture works");
@@ -187,6 +221,7 @@ client_identity = "acme-qwac"
     .map(|s| s.to_string())
     .collect();
     forbidden.push(STANDARD.encode("dev-nuapay-api-key:"));
+    forbidden.push(export_key.to_owned());
     if redis.is_some() {
         forbidden.push(redis_password.to_owned());
         forbidden.push(wrong_password.to_owned());

@@ -23,6 +23,7 @@ use crate::secret::Secret;
 use crate::tls::ClientIdentity;
 
 pub use crate::egress::Egress;
+pub use crate::telemetry::TelemetrySettings;
 pub use crate::token::shared::settings::SharedCacheSettings;
 pub use crate::token::spec::{CacheSettings, CredentialSpec, ProviderKind, ProviderSpec};
 
@@ -40,6 +41,8 @@ pub struct Config {
     pub providers: Vec<Arc<ProviderSpec>>,
     pub credentials: Vec<Arc<CredentialSpec>>,
     pub routes: Vec<Arc<RouteSpec>>,
+    /// `[telemetry]`: trace export. Read at start-up only; a reload that changes it warns.
+    pub telemetry: TelemetrySettings,
     /// Every file the config read (itself, `ca_file`, `{ file }` references): a change to any
     /// of them reloads it.
     pub files: Vec<PathBuf>,

@@ -28,6 +28,21 @@ pub struct RawConfig {
     pub credentials: BTreeMap<String, RawCredential>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
+}
+
+/// `[telemetry]`: OpenTelemetry trace export (the `OTEL_*` variables say the same).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub endpoint: Option<String>,
+    pub protocol: Option<String>,
+    pub headers: Option<BTreeMap<String, RawSecret>>,
+    pub service_name: Option<String>,
+    pub sampler: Option<String>,
+    pub sampler_arg: Option<f64>,
+    pub resource_attributes: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

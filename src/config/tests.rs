@@ -280,3 +280,45 @@ fn a_deeply_nested_value_is_a_problem_not_a_crash() {
     let found = problems(&text);
     assert!(found.iter().any(|p| p.contains("recursion limit")), "{found:?}");
 }
+
+#[test]
+fn the_telemetry_table_is_read_with_its_secrets_kept_secret() {
+    let config = load(&format!(
+        "{PAYU}\n[telemetry]\nendpoint = \"https://otel.example:4318/\"\nprotocol = \"grpc\"\n\
+         headers = {{ \"X-Api-Key\" = \"collector-key-1\" }}\nservice_name = \"checkout\"\n\
+         sampler = \"parentbased_traceidratio\"\nsampler_arg = 0.25\n\
+         resource_attributes = {{ \"deployment.environment\" = \"prod\" }}\n"
+    ))
+    .unwrap();
+    let telemetry = &config.telemetry;
+    assert_eq!(telemetry.endpoint.as_deref(), Some("https://otel.example:4318"));
+    assert_eq!(telemetry.protocol, Some(crate::telemetry::OtlpProtocol::Grpc));
+    assert_eq!(telemetry.headers[0].0, "x-api-key");
+    assert_eq!(telemetry.headers[0].1.expose(), "collector-key-1");
+    assert_eq!(
+        telemetry.sampler,
+        Some(crate::telemetry::SamplerSetting::ParentBasedTraceIdRatio(0.25))
+    );
+    assert!(!format!("{config:?}").contains("collector-key-1"));
+}
+
+#[test]
+fn telemetry_problems_are_all_reported_at_once() {
+    let found = problems(&format!(
+        "{PAYU}\n[telemetry]\nendpoint = \"otel:4318\"\nprotocol = \"http/json\"\n\
+         sampler = \"sometimes\"\nsampler_arg = 2.0\n"
+    ));
+    let text = found.join("\n");
+    for key in [
+        "telemetry.endpoint",
+        "telemetry.protocol",
+        "telemetry.sampler_arg",
+    ] {
+        assert!(text.contains(key), "{key} in {text}");
+    }
+    let found = problems(&format!("{PAYU}\n[telemetry]\nsampler = \"sometimes\"\n"));
+    assert!(
+        found[0].contains("telemetry.sampler: `sometimes` is not a sampler"),
+        "{found:?}"
+    );
+}

@@ -15,6 +15,7 @@ use crate::token::spec::CredentialSpec;
 mod providers;
 mod routes;
 mod settings;
+mod telemetry;
 mod values;
 
 use providers::ProviderDraft;
@@ -103,6 +104,7 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<(Config, Vec<Pro
         })
         .collect();
     let routes = v.routes(&root.key("routes"), &raw.routes, &credentials);
+    let telemetry = v.telemetry(&root.key("telemetry"), &raw.telemetry);
 
     if !v.problems.is_empty() {
         return Err(v.problems);
@@ -124,6 +126,7 @@ pub(super) fn validate(source: &str, base_dir: &Path) -> Result<(Config, Vec<Pro
             .collect(),
         credentials: credentials.into_values().flatten().collect(),
         routes,
+        telemetry,
         version: version(source, v.read),
         files: v.files,
         warnings: Vec::new(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, StatusCode};
+use tracing::Instrument;
 
 use super::budget::{Budget, Share};
 use super::dialect::{parse_response, IssuedToken, MAX_RESPONSE_BYTES};
@@ -18,6 +19,7 @@ use crate::egress::Egress;
 use crate::failure::{Chain, Transport};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
+use crate::telemetry;
 use crate::token::spec::{CredentialSpec, ProviderSpec};
 use rustls::pki_types::CertificateDer;
 
@@ -135,7 +137,7 @@ impl TokenFetcher {
                     .map_err(|_| FetchError::malformed("the DPoP proof could not be signed"))?;
                 builder = builder.header(dpop::DPOP, proof);
             }
-            let response = builder.send().await.map_err(transport_error)?;
+            let response = send(builder, &request.url).await?;
             let status = response.status();
             let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
             let offered = request
@@ -264,6 +266,29 @@ fn provider_client(
         .timeout(provider.timeout)
         .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
         .build()
+}
+
+/// Sends a token request, in a trace span of its own while telemetry is on.
+async fn send(builder: reqwest::RequestBuilder, url: &reqwest::Url) -> Result<reqwest::Response, FetchError> {
+    if !telemetry::on() {
+        return builder.send().await.map_err(transport_error);
+    }
+    let span = telemetry::endpoint_span(url);
+    let sent = builder.send().instrument(span.clone()).await;
+    match &sent {
+        Ok(response) => {
+            telemetry::record_status(&span, &tracing::Span::current(), response.status().as_u16())
+        }
+        Err(err) => telemetry::record_error(
+            &span,
+            if err.is_timeout() {
+                "timeout"
+            } else {
+                "unreachable"
+            },
+        ),
+    }
+    sent.map_err(transport_error)
 }
 
 fn classify(

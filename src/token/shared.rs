@@ -36,6 +36,7 @@ use redis::AsyncCommands;
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
+use tracing::Instrument;
 
 use super::budget::{self, Share};
 use super::cache::{backoff, Backoff};
@@ -48,6 +49,7 @@ use crate::clock::{from_unix_millis, unix_millis, SharedClock};
 use crate::metrics::Metrics;
 use crate::secret::AccessToken;
 use crate::sync::lock;
+use crate::telemetry;
 use link::{Connection, Failure, Link};
 use sealed::{Sealer, SharedToken};
 use settings::SharedCacheSettings;
@@ -252,18 +254,30 @@ impl SharedTier {
         ask: &Ask<'_>,
     ) -> Result<Result<IssuedToken, FetchError>, Failure> {
         let (fleet, keys, context) = (&self.fleet, &ask.keys, ask.context);
-        if let Some(token) = self.fresh_token(redis, keys).await? {
+        if let Some(token) = self
+            .fresh_token(redis, keys)
+            .instrument(telemetry::shared_span("read token"))
+            .await?
+        {
             fleet.metrics.shared_cache("hit");
             return Ok(Ok(token));
         }
         fleet.metrics.shared_cache("miss");
         if !context.forced {
-            if let Some(failure) = self.fleet_backoff(redis, keys, context.waiting).await? {
+            if let Some(failure) = self
+                .fleet_backoff(redis, keys, context.waiting)
+                .instrument(telemetry::shared_span("read back-off"))
+                .await?
+            {
                 return Ok(Err(failure));
             }
         }
         let holder = fleet.sealer.holder(&keys.lock);
-        if fleet.take_lock(redis, keys, &holder).await? {
+        if fleet
+            .take_lock(redis, keys, &holder)
+            .instrument(telemetry::shared_span("take lock"))
+            .await?
+        {
             return self.fetch_holding(redis, ask, &holder).await;
         }
         fleet.metrics.shared_cache("lock_wait");
@@ -281,7 +295,11 @@ impl SharedTier {
         let (fleet, keys) = (&self.fleet, &ask.keys);
         // Checked again under the lock: the previous holder may have stored its token between
         // our first look and our taking the lock.
-        match self.fresh_token(redis, keys).await {
+        match self
+            .fresh_token(redis, keys)
+            .instrument(telemetry::shared_span("read token"))
+            .await
+        {
             Ok(None) => {}
             stored => {
                 fleet.release(redis, keys, holder).await;
@@ -291,7 +309,11 @@ impl SharedTier {
                 }
             }
         }
-        let outcome = match self.fleet_slot(redis, ask, holder).await {
+        let outcome = match self
+            .fleet_slot(redis, ask, holder)
+            .instrument(telemetry::shared_span("fleet budget"))
+            .await
+        {
             Ok(share) => {
                 let context = FetchContext { share, ..ask.context };
                 self.inner.fetch(ask.credential, context).await
@@ -300,7 +322,11 @@ impl SharedTier {
         };
         // Storing and releasing are best effort: if Redis fails now, the fleet misses this
         // outcome (and the lock expires), but the token in hand is not fetched again.
-        if let Err(err) = self.record(redis, keys, &outcome).await {
+        if let Err(err) = self
+            .record(redis, keys, &outcome)
+            .instrument(telemetry::shared_span("store outcome"))
+            .await
+        {
             if let Failure::Link(err) = Failure::of(err) {
                 fleet.link.failed(&err).await;
             }
@@ -319,21 +345,40 @@ impl SharedTier {
     ) -> Result<Result<IssuedToken, FetchError>, Failure> {
         let (fleet, keys) = (&self.fleet, &ask.keys);
         let deadline = tokio::time::Instant::now() + fleet.longest_lock(ask.credential);
+        let waiting = telemetry::shared_span("lock wait");
         while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(POLL).await;
+            let polled = async {
+                tokio::time::sleep(POLL).await;
+                fleet.lock_state(redis, keys).await
+            };
             // Look after the lock: a holder stores its outcome before it lets go.
-            let lock = fleet.lock_state(redis, keys).await?;
-            if let Some(token) = self.fresh_token(redis, keys).await? {
+            let lock = polled.instrument(waiting.clone()).await?;
+            if let Some(token) = self
+                .fresh_token(redis, keys)
+                .instrument(telemetry::shared_span("read token"))
+                .await?
+            {
                 fleet.metrics.shared_cache("hit");
                 return Ok(Ok(token));
             }
-            if let Some(failure) = self.fleet_backoff(redis, keys, ask.context.waiting).await? {
+            if let Some(failure) = self
+                .fleet_backoff(redis, keys, ask.context.waiting)
+                .instrument(telemetry::shared_span("read back-off"))
+                .await?
+            {
                 return Ok(Err(failure));
             }
-            if lock != LockState::Held && fleet.take_lock(redis, keys, holder).await? {
+            if lock != LockState::Held
+                && fleet
+                    .take_lock(redis, keys, holder)
+                    .instrument(telemetry::shared_span("take lock"))
+                    .await?
+            {
+                drop(waiting);
                 return self.fetch_holding(redis, ask, holder).await;
             }
         }
+        drop(waiting);
         fleet.metrics.shared_cache("lock_timeout");
         let alone = FetchContext {
             share: Share::OneOf(fleet.members.load(Ordering::Relaxed)),

@@ -23,3 +23,4 @@ mod reload;
 mod routing;
 mod security;
 mod support;
+mod telemetry;

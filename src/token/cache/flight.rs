@@ -9,11 +9,14 @@ use std::time::{Duration, SystemTime};
 use foldhash::HashMap;
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
+use opentelemetry::trace::SpanContext;
 use rand::Rng;
+use tracing::Instrument;
 
 use super::backoff::{backoff, retry_gap, Backoff, MAX_ATTEMPTS};
 use super::registry::{CredentialState, FetchStatus};
 use super::{lock, satisfies, CachedToken, TokenCache, TokenError, Want};
+use crate::telemetry;
 use crate::token::budget::{self, Share};
 use crate::token::dialect::{Identity, IssuedToken};
 use crate::token::error::FetchError;
@@ -25,9 +28,16 @@ use crate::token::spec::{CacheSettings, CredentialSpec};
 /// own task whether or not anyone still does.
 pub(super) type Flight = Shared<BoxFuture<'static, Result<Arc<CachedToken>, TokenError>>>;
 
+/// A flight and its trace span's context (while telemetry is on), for waiters to link to.
+#[derive(Clone)]
+pub(super) struct InFlight {
+    flight: Flight,
+    span: Option<SpanContext>,
+}
+
 /// The flights in the air, by identity.
 #[derive(Default)]
-pub(super) struct Flights(Mutex<HashMap<Identity, Flight>>);
+pub(super) struct Flights(Mutex<HashMap<Identity, InFlight>>);
 
 impl TokenCache {
     /// A token that satisfies `want`: the cached one, else the outcome of the credential's
@@ -48,15 +58,19 @@ impl TokenCache {
                 }
             }
             // Requests wait on this flight, whoever starts it, when there is no token to send.
-            let waited_for = want == Want::Usable || !cached.is_some_and(|c| satisfies(&c, Want::Usable, now));
+            let waited_for =
+                want == Want::Usable || !cached.is_some_and(|c| satisfies(&c, Want::Usable, now));
             let context = FetchContext {
                 forced: !respect_backoff,
                 waiting: waited_for,
                 share: Share::Whole,
             };
             // `None`: a fetch finished since we looked, and its token may be what we need.
-            if let Some(flight) = self.join_or_start(state, seen, want, context)? {
-                return flight.await;
+            if let Some(joined) = self.join_or_start(state, seen, want, context)? {
+                if let Some(span) = &joined.span {
+                    telemetry::link_current(span);
+                }
+                return joined.flight.await;
             }
         }
     }
@@ -69,11 +83,11 @@ impl TokenCache {
         seen: u64,
         want: Want,
         context: FetchContext,
-    ) -> Result<Option<Flight>, TokenError> {
+    ) -> Result<Option<InFlight>, TokenError> {
         let status = lock(&state.fetch.status);
         let mut flights = lock(&self.flights.0);
-        if let Some(flight) = flights.get(&state.spec.identity) {
-            return Ok(Some(flight.clone()));
+        if let Some(joined) = flights.get(&state.spec.identity) {
+            return Ok(Some(joined.clone()));
         }
         if status.successes != seen {
             return Ok(None);
@@ -88,23 +102,29 @@ impl TokenCache {
 
     /// Spawns the fetch of `state`'s token: it runs to its end under its own deadline, stores
     /// the token, and then leaves the credential's flight slot free.
-    fn start_flight(self: &Arc<Self>, state: &Arc<CredentialState>, context: FetchContext) -> Flight {
+    fn start_flight(self: &Arc<Self>, state: &Arc<CredentialState>, context: FetchContext) -> InFlight {
         let (cache, flying) = (self.clone(), state.clone());
         let deadline = flight_deadline(&state.spec, &self.settings.load());
-        let task = tokio::spawn(async move {
+        let span = fetch_span(state);
+        let span_context = telemetry::span_context(&span);
+        let fetching = async move {
             let _landed = Landing(cache.clone(), flying.spec.identity);
             let outcome =
                 match tokio::time::timeout(deadline, cache.fetch_with_retries(&flying, context)).await {
                     Ok(outcome) => outcome,
-                    Err(_) => Err(cache.failed(&flying, FetchError::Timeout, 1)),
+                    Err(_) => {
+                        telemetry::record_fetch(&tracing::Span::current(), 1, "timeout");
+                        Err(cache.failed(&flying, FetchError::Timeout, 1))
+                    }
                 };
             if let Ok(token) = &outcome {
                 cache.store.insert(flying.spec.identity, token.clone()).await;
             }
             outcome
-        });
+        };
+        let task = tokio::spawn(fetching.instrument(span));
         let (cache, state) = (self.clone(), state.clone());
-        async move {
+        let flight = async move {
             match task.await {
                 Ok(outcome) => outcome,
                 // Only a panic ends the task early (it is never aborted).
@@ -112,7 +132,11 @@ impl TokenCache {
             }
         }
         .boxed()
-        .shared()
+        .shared();
+        InFlight {
+            flight,
+            span: span_context,
+        }
     }
 
     /// The credential's back-off, as it applies to a caller wanting `want`: a request with no
@@ -158,7 +182,10 @@ impl TokenCache {
                 source.fetch(&state.spec, context).await
             };
             let error = match result.and_then(|issued| self.usable_on_arrival(issued)) {
-                Ok(token) => return Ok(self.record_success(state, token)),
+                Ok(token) => {
+                    telemetry::record_fetch(&tracing::Span::current(), attempt, "ok");
+                    return Ok(self.record_success(state, token));
+                }
                 Err(error) => error,
             };
             self.metrics.token_fetch(credential, error.outcome());
@@ -167,6 +194,7 @@ impl TokenCache {
             let retry =
                 gap.filter(|gap| attempt < max_attempts && tokio::time::Instant::now() + *gap < deadline);
             let Some(gap) = retry else {
+                telemetry::record_fetch(&tracing::Span::current(), attempt, error.outcome());
                 return Err(self.failed(state, error, attempt));
             };
             tracing::info!(credential = %credential, error = %error, attempt, retry_in_ms = gap.as_millis() as u64, "token fetch failed; retrying");
@@ -257,6 +285,20 @@ impl TokenCache {
             retry_after,
         }
     }
+}
+
+/// The trace span of a fetch of `state`'s token: none while telemetry is off.
+fn fetch_span(state: &CredentialState) -> tracing::Span {
+    if !telemetry::on() {
+        return tracing::Span::none();
+    }
+    let spec = &state.spec;
+    telemetry::fetch_span(
+        &spec.provider.name,
+        &spec.name,
+        spec.provider.kind.as_str(),
+        state.endpoint(),
+    )
 }
 
 /// How long a flight may take in all: a safety net behind the provider's `timeout` on each

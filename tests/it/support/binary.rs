@@ -25,6 +25,11 @@ pub struct BinarySidecar {
 
 impl BinarySidecar {
     pub fn start(stand_ins: &StandIns, config: &str) -> Self {
+        Self::start_with_env(stand_ins, config, &[])
+    }
+
+    /// [`Self::start`] with these environment variables set for the process.
+    pub fn start_with_env(stand_ins: &StandIns, config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.pem"), stand_ins.pki.ca_pem()).unwrap();
         std::fs::create_dir(dir.path().join("secrets")).unwrap();
@@ -34,6 +39,7 @@ impl BinarySidecar {
             .args(["run", "--log-format", "json", "--config"])
             .arg(dir.path().join("sidecar.toml"))
             .env("TOKEN_SIDECAR_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

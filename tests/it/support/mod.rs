@@ -5,6 +5,7 @@
 
 pub mod binary;
 pub mod oauth_server;
+pub mod otlp;
 pub mod redis;
 pub mod tinyproxy;
 
