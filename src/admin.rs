@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::body::{full_body, json_response, ProxyBody};
 use crate::config::ServerSettings;
 use crate::error::{error_response, ProxyError, ERROR_HEADER};
-use crate::metrics::Metrics;
+use crate::metrics::{CredentialReading, Metrics};
 use crate::reload::{ReloadError, Reloader};
 use crate::route::{is_loopback_host, request_host};
 use crate::token::cache::{TokenCache, TokenError};
@@ -50,6 +50,26 @@ impl AdminState {
     }
 }
 
+/// The metrics listener (`server.metrics_listen`): `GET /metrics` and `GET /healthz`, for any
+/// host (it changes nothing and shows no token); nothing else.
+pub async fn scrape(state: Arc<AdminState>, request: Request<ProxyBody>) -> Response<ProxyBody> {
+    let path = request.uri().path().trim_end_matches('/');
+    match (request.method(), path) {
+        (&Method::GET, "/metrics") => metrics(&state).await,
+        (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({ "status": "ok" })),
+        (_, "/metrics" | "/healthz") => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "the metrics listener answers GET only",
+        ),
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            "the metrics listener serves /metrics and /healthz only",
+        ),
+    }
+}
+
 pub async fn handle(state: Arc<AdminState>, request: Request<ProxyBody>) -> Response<ProxyBody> {
     match request_host(&request) {
         Ok(Some(host)) if !state.serves(&host) => {
@@ -74,7 +94,7 @@ pub async fn handle(state: Arc<AdminState>, request: Request<ProxyBody>) -> Resp
     match (request.method(), segments.as_slice()) {
         (&Method::GET, ["healthz"]) => json_response(StatusCode::OK, &json!({ "status": "ok" })),
         (&Method::GET, ["readyz"]) => readiness(&state).await,
-        (&Method::GET, ["metrics"]) => metrics(&state),
+        (&Method::GET, ["metrics"]) => metrics(&state).await,
         (&Method::GET, ["tokens"]) => json_response(StatusCode::OK, &json!(state.tokens.snapshots().await)),
         (&Method::POST, ["tokens", credential, "refresh"]) => {
             refresh(&state, credential, forced(request.uri().query())).await
@@ -156,7 +176,18 @@ async fn reload(state: &AdminState) -> Response<ProxyBody> {
     }
 }
 
-fn metrics(state: &AdminState) -> Response<ProxyBody> {
+async fn metrics(state: &AdminState) -> Response<ProxyBody> {
+    let readings = state
+        .tokens
+        .snapshots()
+        .await
+        .into_iter()
+        .map(|snapshot| CredentialReading {
+            credential: snapshot.credential.into(),
+            state: snapshot.state,
+            expires_in_seconds: snapshot.expires_in_ms.map(|ms| ms as f64 / 1000.0),
+        });
+    state.metrics.credentials_now(readings);
     let mut response = Response::new(full_body(state.metrics.render()));
     response.headers_mut().insert(
         CONTENT_TYPE,

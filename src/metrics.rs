@@ -64,6 +64,26 @@ pub struct CredentialLabels {
     pub credential: Name,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub route: Name,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub credential: Name,
+    pub state: &'static str,
+}
+
+/// One credential as a scrape sees it: its state (as `/tokens` names it) and, when it holds a
+/// token, the seconds until that token expires (negative once it has).
+pub struct CredentialReading {
+    pub credential: Arc<str>,
+    pub state: &'static str,
+    pub expires_in_seconds: Option<f64>,
+}
+
 /// Every metric the sidecar records, cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -80,6 +100,10 @@ pub struct Metrics {
     shared_cache: Family<EventLabels, Counter>,
     fetches_throttled: Family<ProviderLabels, Counter>,
     trace_spans_dropped: Counter,
+    errors: Family<ErrorLabels, Counter>,
+    /// Set at each scrape, from the cache: one series per credential.
+    credential_state: Family<StateLabels, Gauge>,
+    token_expires_in: Family<CredentialLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// No series until a shared tier sets it: absent without `[cache.shared]`.
     shared_cache_up: Family<Vec<(String, String)>, Gauge>,
 }
@@ -102,6 +126,36 @@ impl Metrics {
         let shared_cache_up = Family::<Vec<(String, String)>, Gauge>::default();
         let fetches_throttled = Family::<ProviderLabels, Counter>::default();
         let trace_spans_dropped = Counter::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "token_sidecar_errors",
+            "Requests the sidecar answered with its own JSON error, by route and error code",
+            errors.clone(),
+        );
+        let credential_state = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "token_sidecar_credential_state",
+            "1 for each credential's state: fresh, refreshing, failing (backing off), expired or empty",
+            credential_state.clone(),
+        );
+        let token_expires_in =
+            Family::<CredentialLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "token_sidecar_token_expires_in_seconds",
+            "Seconds until each credential's cached token expires (negative once it has; absent with no token)",
+            token_expires_in.clone(),
+        );
+        let start_time = Gauge::<i64>::default();
+        start_time.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs() as i64),
+        );
+        registry.register(
+            "token_sidecar_start_time_seconds",
+            "When this process started, in Unix seconds",
+            start_time,
+        );
         registry.register(
             "token_sidecar_trace_spans_dropped",
             "Trace spans not exported: the queue was full, or the collector failed or was slow",
@@ -182,6 +236,40 @@ impl Metrics {
             shared_cache_up,
             fetches_throttled,
             trace_spans_dropped,
+            errors,
+            credential_state,
+            token_expires_in,
+        }
+    }
+
+    /// A request the sidecar answered itself, with the error `code`.
+    pub fn error(&self, route: &Arc<str>, code: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                route: Name(route.clone()),
+                code,
+            })
+            .inc();
+    }
+
+    /// The credentials as they are now (called before each scrape renders): the series of
+    /// credentials no longer configured, and of states left, go.
+    pub fn credentials_now(&self, readings: impl IntoIterator<Item = CredentialReading>) {
+        self.credential_state.clear();
+        self.token_expires_in.clear();
+        for reading in readings {
+            let credential = Name(reading.credential);
+            self.credential_state
+                .get_or_create(&StateLabels {
+                    credential: credential.clone(),
+                    state: reading.state,
+                })
+                .set(1);
+            if let Some(seconds) = reading.expires_in_seconds {
+                self.token_expires_in
+                    .get_or_create(&CredentialLabels { credential })
+                    .set(seconds);
+            }
         }
     }
 

@@ -159,6 +159,7 @@ impl Proxy {
                 tracing::info!(route, method = %exchange.method, code = class.code, error = %Chain(&err), "request refused");
             }
             exchange.error = Some(class.code);
+            self.metrics.error(exchange.route_label(), class.code);
             err.into_response()
         });
         let status = response.status().as_u16();

@@ -156,6 +156,10 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
             old_server.admin_listen != new_server.admin_listen,
         ),
         (
+            "server.metrics_listen",
+            old_server.metrics_listen != new_server.metrics_listen,
+        ),
+        (
             "server.header_read_timeout",
             old_server.header_read_timeout != new_server.header_read_timeout,
         ),

@@ -90,6 +90,7 @@ pub type BoxedResponse = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send
 pub struct RunningSidecar {
     pub proxy_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
     pub tokens: Arc<TokenCache>,
     pub metrics: Metrics,
     pub reloader: Arc<Reloader>,
@@ -175,17 +176,26 @@ pub async fn start_with(
     if !proxy_addr.ip().is_loopback() {
         tracing::warn!(%proxy_addr, "listening beyond loopback (allow_non_loopback): anyone who reaches this address acts as your merchants");
     }
+    let admin = Arc::new(AdminState::new(
+        tokens.clone(),
+        metrics.clone(),
+        reloader.clone(),
+        &settings,
+    ));
     let admin_addr = match settings.admin_listen {
         Some(addr) => {
-            let state = Arc::new(AdminState::new(
-                tokens.clone(),
-                metrics.clone(),
-                reloader.clone(),
-                &settings,
-            ));
+            let state = admin.clone();
             let admin_handler: Handler =
                 Arc::new(move |request| Box::pin(admin::handle(state.clone(), request)));
             Some(listen(&settings, addr, admin_handler, None, &shutdown_rx, &mut tasks).await?)
+        }
+        None => None,
+    };
+    let metrics_addr = match settings.metrics_listen {
+        Some(addr) => {
+            let scrape_handler: Handler =
+                Arc::new(move |request| Box::pin(admin::scrape(admin.clone(), request)));
+            Some(listen(&settings, addr, scrape_handler, None, &shutdown_rx, &mut tasks).await?)
         }
         None => None,
     };
@@ -194,10 +204,11 @@ pub async fn start_with(
         tasks.push(tokio::spawn(reload::watch::run(reloader.clone(), shutdown_rx)));
     }
     tokens.prefetch();
-    tracing::info!(%proxy_addr, admin_addr = ?admin_addr, routes, "token-sidecar listening");
+    tracing::info!(%proxy_addr, admin_addr = ?admin_addr, metrics_addr = ?metrics_addr, routes, "token-sidecar listening");
     Ok(RunningSidecar {
         proxy_addr,
         admin_addr,
+        metrics_addr,
         tokens,
         metrics,
         reloader,

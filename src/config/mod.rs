@@ -58,6 +58,8 @@ pub struct Config {
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
+    /// `/metrics` and `/healthz` only, on any address: for a scraper outside the pod.
+    pub metrics_listen: Option<SocketAddr>,
     /// A header every proxied request must carry, with this value; stripped before forwarding.
     pub require_header: Option<(HeaderName, Secret)>,
     /// Largest request body accepted (413 above it); `None` for no limit.

@@ -50,6 +50,7 @@ pub struct RawTelemetry {
 pub struct RawServer {
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
+    pub metrics_listen: Option<String>,
     #[serde(default)]
     pub allow_non_loopback: bool,
     pub require_header: Option<RawRequireHeader>,

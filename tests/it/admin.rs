@@ -121,6 +121,74 @@ async fn metrics_cover_requests_fetches_and_cache() {
     }
 }
 
+#[tokio::test]
+async fn metrics_show_each_credentials_state_its_tokens_life_left_and_the_sidecars_own_errors() {
+    let h = Harness::start().await;
+    h.get_json("/acme/payu/x").await;
+    h.stand_ins.providers.set_failing(Some(Failure::status(503)));
+    let refused = h.get("/acme/setu/x").await;
+    assert_eq!(refused.status(), 503);
+    let metrics = h.metrics_text().await;
+    for expected in [
+        "token_sidecar_credential_state{credential=\"acme-payu\",state=\"fresh\"} 1",
+        "token_sidecar_credential_state{credential=\"acme-setu\",state=\"failing\"} 1",
+        "token_sidecar_credential_state{credential=\"acme-booking\",state=\"empty\"} 1",
+        "token_sidecar_errors_total{route=\"/acme/setu\",code=\"token_unavailable\"} 1",
+        "token_sidecar_start_time_seconds ",
+    ] {
+        assert!(metrics.contains(expected), "missing {expected} in\n{metrics}");
+    }
+    let left = h
+        .metric("token_sidecar_token_expires_in_seconds{credential=\"acme-payu\"}")
+        .await;
+    assert!(left > 60.0, "the PayU token has most of its life left: {left}");
+    assert!(!metrics.contains("token_sidecar_token_expires_in_seconds{credential=\"acme-setu\"}"));
+
+    h.stand_ins.providers.set_failing(None);
+    h.advance(std::time::Duration::from_secs(7200));
+    let metrics = h.metrics_text().await;
+    assert!(
+        metrics.contains("token_sidecar_credential_state{credential=\"acme-payu\",state=\"expired\"} 1"),
+        "a scrape shows the state now, not the one before:\n{metrics}"
+    );
+    assert!(!metrics.contains("token_sidecar_credential_state{credential=\"acme-payu\",state=\"fresh\"}"));
+}
+
+#[tokio::test]
+async fn the_metrics_listener_serves_metrics_and_health_to_any_host_and_nothing_else() {
+    let h = Harness::with_config(|s| {
+        s.config_toml(any(), any())
+            .replacen("[server]\n", "[server]\nmetrics_listen = \"0.0.0.0:0\"\n", 1)
+    })
+    .await;
+    let port = h.sidecar.metrics_addr.expect("a metrics listener").port();
+    h.get_json("/acme/payu/x").await;
+    let get = |path: &'static str| {
+        h.client
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .header("host", "sidecar.payments.svc:9090")
+            .send()
+    };
+    let scraped = get("/metrics").await.unwrap();
+    assert_eq!(scraped.status(), 200);
+    assert!(scraped
+        .text()
+        .await
+        .unwrap()
+        .contains("token_sidecar_requests_total"));
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    for path in ["/tokens", "/readyz", "/config/reload"] {
+        assert_eq!(get(path).await.unwrap().status(), 404, "{path}");
+    }
+    let refresh = h
+        .client
+        .post(format!("http://127.0.0.1:{port}/tokens/acme-payu/refresh"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refresh.status(), 404);
+}
+
 fn any() -> std::net::SocketAddr {
     crate::support::ANY_PORT.parse().unwrap()
 }

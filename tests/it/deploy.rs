@@ -171,3 +171,145 @@ fn the_dockerfile_runs_the_binary_as_non_root_with_the_documented_config_path() 
     );
     assert!(ci.contains("hadolint Dockerfile"));
 }
+
+#[test]
+fn the_alert_rules_pass_promtool_check_and_their_unit_tests() {
+    if !crate::support::tool_works("promtool", &["--version"]) {
+        crate::support::skip(
+            "the_alert_rules_pass_promtool_check_and_their_unit_tests",
+            "needs `promtool` (Debian's prometheus package; .ci/run installs it)",
+        );
+        return;
+    }
+    let dir = repo_root().join("deploy/prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let output = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// The alert names in `deploy/prometheus/alerts.yml`.
+fn alert_names() -> Vec<String> {
+    let rules = &documents(&repo_root().join("deploy/prometheus/alerts.yml"))[0];
+    rules["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|group| group["rules"].as_sequence().unwrap().clone())
+        .map(|rule| rule["alert"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn every_alert_has_a_runbook_line_in_the_readmes_troubleshooting_and_a_unit_test() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let troubleshooting = readme
+        .split("\n## Troubleshooting")
+        .nth(1)
+        .expect("a Troubleshooting section")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let tests = std::fs::read_to_string(repo_root().join("deploy/prometheus/alerts.test.yml")).unwrap();
+    let names = alert_names();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        assert!(
+            troubleshooting.contains(&format!("`{name}`")),
+            "no runbook line for {name} in the README"
+        );
+        assert!(
+            tests.contains(&format!("alertname: {name}\n")),
+            "no promtool test of {name}"
+        );
+    }
+}
+
+#[test]
+fn the_kustomize_base_and_its_monitoring_overlay_render_a_podmonitor_that_finds_the_metrics_port() {
+    if !crate::support::tool_works("kubectl", &["kustomize", "--help"]) {
+        crate::support::skip(
+            "the_kustomize_base_and_its_monitoring_overlay_render_a_podmonitor_that_finds_the_metrics_port",
+            "needs `kubectl` (Debian's kubernetes-client; .ci/run installs it)",
+        );
+        return;
+    }
+    let render = |dir: &str| -> Vec<Value> {
+        let output = std::process::Command::new("kubectl")
+            .args(["kustomize", dir])
+            .current_dir(repo_root())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "kubectl kustomize {dir}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout).unwrap();
+        serde_norway::Deserializer::from_str(&text)
+            .map(|doc| Value::deserialize(doc).unwrap())
+            .filter(|doc| !doc.is_null())
+            .collect()
+    };
+    let base = render("deploy/kubernetes");
+    assert!(base.iter().any(|doc| doc["kind"] == "Deployment"));
+    assert!(
+        !base.iter().any(|doc| doc["kind"] == "PodMonitor"),
+        "the base needs no Prometheus Operator"
+    );
+    let monitored = render("deploy/prometheus/kubernetes");
+    let deployment = monitored
+        .iter()
+        .find(|doc| doc["kind"] == "Deployment")
+        .expect("the deployment");
+    let monitor = monitored
+        .iter()
+        .find(|doc| doc["kind"] == "PodMonitor")
+        .expect("a PodMonitor");
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let Value::Mapping(selector) = &monitor["spec"]["selector"]["matchLabels"] else {
+        panic!("the PodMonitor selects by labels");
+    };
+    for (key, value) in selector {
+        assert_eq!(
+            &pod_labels[key.as_str().unwrap()],
+            value,
+            "the PodMonitor selects the deployment's pods"
+        );
+    }
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["path"], "/metrics");
+    let sidecar = &deployment["spec"]["template"]["spec"]["initContainers"][0];
+    let port = sidecar["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|port| port["name"] == endpoint["port"])
+        .expect("the sidecar has the port the PodMonitor scrapes");
+    let config = monitored
+        .iter()
+        .find(|doc| doc["kind"] == "ConfigMap")
+        .and_then(|doc| doc["data"]["sidecar.toml"].as_str())
+        .unwrap();
+    let listen = format!(
+        "metrics_listen = \"0.0.0.0:{}\"",
+        port["containerPort"].as_u64().unwrap()
+    );
+    assert!(
+        config.contains(&listen),
+        "the sidecar's metrics listener is on that port: {listen}"
+    );
+}

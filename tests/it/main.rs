@@ -18,6 +18,7 @@ mod hardening;
 mod lifecycle;
 mod mtls;
 mod oauth_server;
+mod observability;
 mod providers;
 mod reload;
 mod routing;

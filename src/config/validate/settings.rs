@@ -37,6 +37,11 @@ impl Validator {
             Some(text) => Some(self.socket_addr(&path.key("admin_listen"), text, raw.allow_non_loopback)?),
             None => None,
         };
+        // Any address, without allow_non_loopback: it serves nothing but /metrics and /healthz.
+        let metrics_listen = match &raw.metrics_listen {
+            Some(text) => Some(self.socket_addr(&path.key("metrics_listen"), text, true)?),
+            None => None,
+        };
         let require_header = match &raw.require_header {
             Some(required) => {
                 let key = path.key("require_header");
@@ -71,6 +76,7 @@ impl Validator {
         Some(ServerSettings {
             listen,
             admin_listen,
+            metrics_listen,
             require_header,
             max_request_body: raw.max_request_body,
             max_header_bytes,

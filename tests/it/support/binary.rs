@@ -19,6 +19,8 @@ pub struct BinarySidecar {
     pub dir: tempfile::TempDir,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// `server.metrics_listen`'s address, when the config has one.
+    pub metrics: Option<SocketAddr>,
     pub logs: Arc<Mutex<Vec<String>>>,
     pub client: reqwest::Client,
 }
@@ -67,9 +69,14 @@ impl BinarySidecar {
                 .parse()
                 .unwrap()
         };
+        let metrics = line["fields"]["metrics_addr"]
+            .as_str()
+            .filter(|text| *text != "None")
+            .map(|_| address("metrics_addr"));
         Self {
             proxy: address("proxy_addr"),
             admin: address("admin_addr"),
+            metrics,
             child,
             dir,
             logs,

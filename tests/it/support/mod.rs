@@ -6,6 +6,7 @@
 pub mod binary;
 pub mod oauth_server;
 pub mod otlp;
+pub mod prometheus;
 pub mod redis;
 pub mod tinyproxy;
 
