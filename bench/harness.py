@@ -20,7 +20,9 @@ burst of 1,000 concurrent requests over 100 cold credentials (token fetches coun
 
 Instructions: the user-space instructions nginx and the sidecar spend per request of the
 plain-upstream job, each under valgrind's callgrind: a figure that does not move with the
-machine's noise, for comparing two commits or the two proxies' own code.
+machine's noise, for comparing two commits or the two proxies' own code. Also the sidecar
+with traces exported (100% sampled, to a collector here), and, with
+TOKEN_SIDECAR_BASELINE_BINARY set, another build of it measured in the same run.
 
 Output: a Markdown table on stdout, and raw JSON plus the table in bench/results/.
 """
@@ -347,9 +349,48 @@ def instructions(work):
     config = f"{work.dir}/sidecar-callgrind.toml"
     with open(config, "w") as f:
         f.write(work.config().replace("LISTEN", f"127.0.0.1:{sidecar_port}").replace("ADMIN", f"127.0.0.1:{admin}"))
-    sidecar = callgrind_instructions(work, [BINARY, "run", "--config", config], sidecar_port, "/plain/p",
-                                     env=dict(os.environ, TOKEN_SIDECAR_LOG="warn"))
-    return {"nginx plain": nginx, "sidecar plain": sidecar}
+    quiet = dict(os.environ, TOKEN_SIDECAR_LOG="warn")
+    rows = {"nginx plain": nginx}
+    baseline = os.environ.get("TOKEN_SIDECAR_BASELINE_BINARY")
+    if baseline:
+        rows["sidecar plain, baseline build"] = callgrind_instructions(
+            work, [baseline, "run", "--config", config], sidecar_port, "/plain/p", env=quiet)
+    rows["sidecar plain"] = callgrind_instructions(work, [BINARY, "run", "--config", config], sidecar_port,
+                                                   "/plain/p", env=quiet)
+    with OtlpSink() as collector:
+        traced = dict(quiet, OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, OTEL_TRACES_SAMPLER="always_on")
+        rows["sidecar plain, traced (100% sampled)"] = callgrind_instructions(
+            work, [BINARY, "run", "--config", config], sidecar_port, "/plain/p", env=traced)
+        rows["sidecar plain, traced (100% sampled)"]["exported_bytes"] = collector.received
+    return rows
+
+
+class OtlpSink:
+    """A trace collector that takes every OTLP/HTTP export and keeps only its size."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                sink.received += len(self.rfile.read(int(self.headers.get("content-length", 0))))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.received = 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
 
 
 def latency_svg(rows, path):
@@ -510,9 +551,16 @@ def instructions_table(rows, out):
     table_header(out, "job (under callgrind)", "requests", "user-space instructions per request", gap=True)
     for name, row in rows.items():
         out.append(f"| {name} | {row['requests']} | {row['instructions_per_request']:.0f} |")
-    ratio = rows["sidecar plain"]["instructions_per_request"] / rows["nginx plain"]["instructions_per_request"]
+    plain = rows["sidecar plain"]["instructions_per_request"]
+    ratio = plain / rows["nginx plain"]["instructions_per_request"]
     out.append(f"\nsidecar/nginx user-space instructions per request: **{ratio:.2f}×** (the kernel's half of the "
                "CPU is not counted: see CPU-s per 10k above)")
+    for name, label in [("sidecar plain, baseline build", "this build vs the baseline build, tracing off"),
+                        ("sidecar plain, traced (100% sampled)", "tracing on (100% sampled) vs off")]:
+        if name in rows:
+            other = rows[name]["instructions_per_request"]
+            change = (plain / other - 1) if "baseline" in name else (other / plain - 1)
+            out.append(f"\n{label}: **{change * 100:+.1f}%** instructions per request")
 
 
 def memory_table(rows, out):

@@ -26,7 +26,9 @@
 //! connection's watchdog in `server::connection`), [`admin`] (health, readiness, metrics, token
 //! admin, reload), [`error`] (the sidecar's JSON errors, one [`error::ProxyError::class`]),
 //! [`probe`] (the image's health check), [`dev`] (the self-contained demo and the test doubles it
-//! shares with the tests). On the ground floor, importing nothing of ours: [`body`] (the one
+//! shares with the tests), [`telemetry`] (OpenTelemetry traces over OTLP, off unless an endpoint
+//! is configured: the request's server and upstream spans in [`proxy`], the fetch's in
+//! `token::cache`'s flights and [`token::fetch`], the fleet's in [`token::shared`]). On the ground floor, importing nothing of ours: [`body`] (the one
 //! boxed body type), [`failure`] (error chains and the one transport-failure classifier),
 //! [`egress`] (the CONNECT proxy), [`tls`], [`secret`], [`clock`], [`metrics`], [`allocator`]
 //! (the binary's mimalloc: no transparent huge pages, freed pages given back at once while

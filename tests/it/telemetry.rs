@@ -9,7 +9,7 @@ use token_sidecar::clock::ManualClock;
 use token_sidecar::dev::{dev_accounts, StandIns};
 
 use crate::support::binary::{eventually, BinarySidecar};
-use crate::support::otlp::{attribute, Collector};
+use crate::support::otlp::{attribute, Collector, GrpcCollector};
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
@@ -258,4 +258,37 @@ async fn a_dead_or_hanging_collector_holds_no_request_up_and_its_spans_are_count
         })
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traces_go_over_grpc_when_the_protocol_says_so() {
+    let s = StandIns::start(ManualClock::new(), dev_accounts()).await.unwrap();
+    let collector = GrpcCollector::start().await;
+    let sidecar = BinarySidecar::start_with_env(
+        &s,
+        &config(&s),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", &format!("x-otlp-key={EXPORT_KEY}")),
+        ],
+    );
+    assert_eq!(sidecar.get("/api/payments").await.status(), 200);
+    eventually("the spans arrive over gRPC", async || {
+        let spans = collector.spans();
+        !named(&spans, "GET /api").is_empty() && !named(&spans, "token fetch").is_empty()
+    })
+    .await;
+    let received = collector.received.lock().unwrap();
+    assert!(received
+        .resource
+        .contains(&("service.name".into(), "token-sidecar".into())));
+    assert!(
+        received
+            .headers
+            .iter()
+            .any(|h| h == &format!("x-otlp-key: {EXPORT_KEY}")),
+        "the headers go as gRPC metadata: {:?}",
+        received.headers
+    );
 }

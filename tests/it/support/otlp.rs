@@ -125,3 +125,66 @@ pub fn attribute(span: &Span, key: &str) -> Option<String> {
         .map(flat)
         .find_map(|(k, v)| (k == key).then_some(v))
 }
+
+/// An OTLP/gRPC trace receiver: the collector's `TraceService`, served by tonic.
+pub struct GrpcCollector {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Received>>,
+}
+
+struct TraceSink(Arc<Mutex<Received>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for TraceSink {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in request.metadata().clone().into_headers() {
+            if let Some(name) = name {
+                headers.insert(name, value);
+            }
+        }
+        let bytes = request.get_ref().encode_to_vec();
+        keep(&self.0, &headers, &bytes);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+impl GrpcCollector {
+    pub async fn start() -> Self {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let received = Arc::new(Mutex::new(Received::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = TraceServiceServer::new(TraceSink(received.clone()));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream_of(listener)),
+        );
+        Self { addr, received }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn spans(&self) -> Vec<Span> {
+        self.received.lock().unwrap().spans.clone()
+    }
+}
+
+/// The listener's connections as the stream tonic serves.
+fn tokio_stream_of(
+    listener: tokio::net::TcpListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures_util::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    })
+}
