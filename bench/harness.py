@@ -21,7 +21,7 @@ burst of 1,000 concurrent requests over 100 cold credentials (token fetches coun
 Instructions: the user-space instructions nginx and the sidecar spend per request of the
 plain-upstream job, each under valgrind's callgrind: a figure that does not move with the
 machine's noise, for comparing two commits or the two proxies' own code. Also the sidecar
-with traces exported (100% sampled, to a collector here), and, with
+with traces exported (100% and 10% sampled, to a collector here), and, with
 TOKEN_SIDECAR_BASELINE_BINARY set, another build of it measured in the same run.
 
 Output: a Markdown table on stdout, and raw JSON plus the table in bench/results/.
@@ -357,11 +357,14 @@ def instructions(work):
             work, [baseline, "run", "--config", config], sidecar_port, "/plain/p", env=quiet)
     rows["sidecar plain"] = callgrind_instructions(work, [BINARY, "run", "--config", config], sidecar_port,
                                                    "/plain/p", env=quiet)
-    with OtlpSink() as collector:
-        traced = dict(quiet, OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, OTEL_TRACES_SAMPLER="always_on")
-        rows["sidecar plain, traced (100% sampled)"] = callgrind_instructions(
-            work, [BINARY, "run", "--config", config], sidecar_port, "/plain/p", env=traced)
-        rows["sidecar plain, traced (100% sampled)"]["exported_bytes"] = collector.received
+    for label, sampler, ratio in [("100% sampled", "always_on", "1"), ("10% sampled", "traceidratio", "0.1")]:
+        with OtlpSink() as collector:
+            traced = dict(quiet, OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, OTEL_TRACES_SAMPLER=sampler,
+                          OTEL_TRACES_SAMPLER_ARG=ratio)
+            row = callgrind_instructions(work, [BINARY, "run", "--config", config], sidecar_port, "/plain/p",
+                                         env=traced)
+            row["exported_bytes"] = collector.received
+            rows[f"sidecar plain, traced ({label})"] = row
     return rows
 
 
@@ -556,7 +559,8 @@ def instructions_table(rows, out):
     out.append(f"\nsidecar/nginx user-space instructions per request: **{ratio:.2f}×** (the kernel's half of the "
                "CPU is not counted: see CPU-s per 10k above)")
     for name, label in [("sidecar plain, baseline build", "this build vs the baseline build, tracing off"),
-                        ("sidecar plain, traced (100% sampled)", "tracing on (100% sampled) vs off")]:
+                        ("sidecar plain, traced (100% sampled)", "tracing on (100% sampled) vs off"),
+                        ("sidecar plain, traced (10% sampled)", "tracing on (10% sampled) vs off")]:
         if name in rows:
             other = rows[name]["instructions_per_request"]
             change = (plain / other - 1) if "baseline" in name else (other / plain - 1)

@@ -171,12 +171,24 @@ fn runtime_result(result: anyhow::Result<()>) -> ExitCode {
 }
 
 /// The log on stderr, as `TOKEN_SIDECAR_LOG` filters it, and beside it the trace exporter's
-/// layer (which sees only the spans made for export, and the log never sees those).
+/// layer (which sees only the spans made for export, and the log never sees those). Without
+/// traces, one global filter: per-layer filtering costs every disabled event a little more.
 fn init_logging(format: LogFormat, traces: Option<&telemetry::Tracing>) {
     let wanted = std::env::var("TOKEN_SIDECAR_LOG").unwrap_or_else(|_| "info".to_owned());
     let filter =
         EnvFilter::try_new(log_filter(&wanted)).unwrap_or_else(|_| EnvFilter::new(log_filter("info")));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let Some(traces) = traces else {
+        let log = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr);
+        let _ = match format {
+            LogFormat::Text => log.try_init(),
+            LogFormat::Json => log.json().try_init(),
+        };
+        return;
+    };
     let log = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
@@ -186,7 +198,7 @@ fn init_logging(format: LogFormat, traces: Option<&telemetry::Tracing>) {
     };
     let _ = tracing_subscriber::registry()
         .with(log.with_filter(filter))
-        .with(traces.map(telemetry::Tracing::layer))
+        .with(traces.layer())
         .try_init();
 }
 

@@ -5,11 +5,13 @@
 pub mod access_log;
 pub mod client_body;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -138,12 +140,16 @@ impl Proxy {
     }
 
     /// Handles one request from the application; never fails, errors are JSON answers.
-    pub async fn handle(self: Arc<Self>, request: Request<ProxyBody>) -> Response<ProxyBody> {
+    pub fn handle(
+        self: Arc<Self>,
+        request: Request<ProxyBody>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
+        // Not an `async fn`: with traces off, the request's future is `serve`'s own.
         if !telemetry::on() {
-            return self.serve(request).await;
+            return Either::Left(self.serve(request));
         }
         let span = telemetry::server_span(request.method(), request.uri().path(), request.headers());
-        self.serve(request).instrument(span).await
+        Either::Right(self.serve(request).instrument(span))
     }
 
     async fn serve(self: Arc<Self>, request: Request<ProxyBody>) -> Response<ProxyBody> {
@@ -165,7 +171,7 @@ impl Proxy {
         let status = response.status().as_u16();
         self.metrics
             .request(exchange.route_label(), status, exchange.started.elapsed());
-        if telemetry::on() {
+        if telemetry::traced() {
             record_in_trace(&tracing::Span::current(), &exchange, status);
         }
         if !snapshot.access_log || !access_log::enabled() {
@@ -366,10 +372,24 @@ struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    async fn send(&self, body: ProxyBody, token: &CachedToken) -> Result<Response<ProxyBody>, ProxyError> {
-        if !telemetry::on() {
-            return self.send_once(body, token, None).await;
+    fn send<'s>(
+        &'s self,
+        body: ProxyBody,
+        token: &'s CachedToken,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 's {
+        // Not an `async fn`: with traces off, this is `send_once`'s own future.
+        if !telemetry::traced() {
+            return Either::Left(self.send_once(body, token, None));
         }
+        Either::Right(Box::pin(self.send_traced(body, token)))
+    }
+
+    /// [`Self::send_once`] in a client span of its own, recorded with how it ended.
+    async fn send_traced(
+        &self,
+        body: ProxyBody,
+        token: &CachedToken,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let span = telemetry::upstream_span(&self.outgoing.method, &self.outgoing.uri);
         let sent = self
             .send_once(body, token, Some(&span))

@@ -6,8 +6,10 @@
 //! `_ARG`, `OTEL_RESOURCE_ATTRIBUTES`); the `[telemetry]` table wins where it says something.
 //!
 //! The spans are `tracing` spans of the target [`TARGET`], turned into OpenTelemetry spans by
-//! `tracing-opentelemetry`; each is made only while telemetry is on, so with it off the request
-//! path costs what it did. A server span per proxied request, a child of the client's
+//! `tracing-opentelemetry`; each is made only while telemetry is on and its request (or fetch)
+//! is sampled, so with it off the request path costs what it did, and an unsampled request
+//! little more. The sampler (`[telemetry] sampler` or `OTEL_TRACES_SAMPLER`) is applied here,
+//! before any span is made, and the SDK records every span it is given. A server span per proxied request, a child of the client's
 //! `traceparent`; a client span per upstream request, sent on as its `traceparent` (the
 //! client's `tracestate` and `baggage` go on untouched); a span per token fetch, linked from
 //! every request that waited for it; spans for the fleet's Redis round trips and lock waits.
@@ -103,18 +105,45 @@ impl SamplerSetting {
         })
     }
 
-    fn sampler(self) -> Sampler {
-        match self {
-            Self::AlwaysOn => Sampler::AlwaysOn,
-            Self::AlwaysOff => Sampler::AlwaysOff,
-            Self::TraceIdRatio(ratio) => Sampler::TraceIdRatioBased(ratio),
-            Self::ParentBasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
-            Self::ParentBasedAlwaysOff => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
-            Self::ParentBasedTraceIdRatio(ratio) => {
-                Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
-            }
+    /// The sampler the environment names (`OTEL_TRACES_SAMPLER`, `…_ARG`), if it names one.
+    fn from_env() -> Option<Self> {
+        let name = std::env::var("OTEL_TRACES_SAMPLER").ok()?;
+        let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG")
+            .ok()
+            .and_then(|arg| arg.trim().parse().ok());
+        Self::parse(name.trim(), arg)
+    }
+
+    /// Whether a span with this parent (`None` for a root) is recorded: the decision every
+    /// span of the request then follows.
+    fn samples(self, parent: Option<&SpanContext>) -> bool {
+        let ratio = |ratio: f64| rand::random::<f64>() < ratio;
+        match (self, parent) {
+            (Self::AlwaysOn, _) => true,
+            (Self::AlwaysOff, _) => false,
+            (Self::TraceIdRatio(r), _) => ratio(r),
+            (
+                Self::ParentBasedAlwaysOn | Self::ParentBasedAlwaysOff | Self::ParentBasedTraceIdRatio(_),
+                Some(parent),
+            ) => parent.is_sampled(),
+            (Self::ParentBasedAlwaysOn, None) => true,
+            (Self::ParentBasedAlwaysOff, None) => false,
+            (Self::ParentBasedTraceIdRatio(r), None) => ratio(r),
         }
     }
+}
+
+/// How spans are sampled, decided before a span is made: a request that is not sampled makes no
+/// span at all (an unsampled `tracing` span would still cost most of a sampled one), and its
+/// client's `traceparent` goes upstream untouched. The SDK then records every span it is given.
+static SAMPLING: std::sync::OnceLock<SamplerSetting> = std::sync::OnceLock::new();
+
+fn samples(parent: Option<&SpanContext>) -> bool {
+    SAMPLING
+        .get()
+        .copied()
+        .unwrap_or(SamplerSetting::ParentBasedAlwaysOn)
+        .samples(parent)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,17 +226,18 @@ pub fn start(
             .map(|(key, value)| opentelemetry::KeyValue::new(key.clone(), value.clone())),
     );
     let (processor, exporting) = QueueProcessor::start(exporter, metrics);
-    let mut provider = SdkTracerProvider::builder()
+    let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
-        .with_resource(resource.build());
-    if let Some(sampler) = settings.sampler {
-        provider = provider.with_sampler(sampler.sampler());
-    }
+        .with_resource(resource.build())
+        .with_sampler(Sampler::AlwaysOn)
+        .build();
+    let sampling = settings
+        .sampler
+        .or_else(SamplerSetting::from_env)
+        .unwrap_or(SamplerSetting::ParentBasedAlwaysOn);
+    let _ = SAMPLING.set(sampling);
     ON.store(true, Ordering::Relaxed);
-    Ok(Some(Tracing {
-        provider: provider.build(),
-        exporting,
-    }))
+    Ok(Some(Tracing { provider, exporting }))
 }
 
 /// The collector's client for OTLP/HTTP: rustls, trusting the web PKI and `[tls] ca_file`.
@@ -414,6 +444,12 @@ async fn export(
 
 /// The span of one proxied request: a child of the client's `traceparent`, if it sent one.
 pub fn server_span(method: &http::Method, path: &str, headers: &http::HeaderMap) -> tracing::Span {
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let parent_span = parent.span().span_context().clone();
+    let parent_span = parent_span.is_valid().then_some(parent_span);
+    if !samples(parent_span.as_ref()) {
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!(
         target: TARGET,
         "request",
@@ -427,11 +463,15 @@ pub fn server_span(method: &http::Method, path: &str, headers: &http::HeaderMap)
         error.type = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
-    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-    if parent.span().span_context().is_valid() {
+    if parent_span.is_some() {
         let _ = span.set_parent(parent);
     }
     span
+}
+
+/// Whether this request is traced: telemetry is on and it was sampled (its span is current).
+pub fn traced() -> bool {
+    on() && !tracing::Span::current().is_none()
 }
 
 /// The route a request matched (the span's name becomes `METHOD route`).
@@ -458,6 +498,9 @@ pub fn record_outcome(span: &tracing::Span, status: u16, error: Option<&str>) {
 
 /// The span of one request to an upstream, a child of the request's.
 pub fn upstream_span(method: &http::Method, uri: &http::Uri) -> tracing::Span {
+    if !traced() {
+        return tracing::Span::none();
+    }
     tracing::info_span!(
         target: TARGET,
         "upstream",
@@ -493,6 +536,9 @@ pub fn propagate(span: &tracing::Span, headers: &mut http::HeaderMap) {
 
 /// The span of one token fetch: a trace of its own (it serves many requests; each links it).
 pub fn fetch_span(provider: &str, credential: &str, dialect: &str, endpoint: &str) -> tracing::Span {
+    if !on() || !samples(None) {
+        return tracing::Span::none();
+    }
     tracing::info_span!(
         target: TARGET,
         parent: None,
@@ -512,7 +558,7 @@ pub fn fetch_span(provider: &str, credential: &str, dialect: &str, endpoint: &st
 
 /// The span of one request to a token endpoint, a child of its fetch's.
 pub fn endpoint_span(url: &reqwest::Url) -> tracing::Span {
-    if !on() {
+    if !traced() {
         return tracing::Span::none();
     }
     tracing::info_span!(
@@ -570,7 +616,7 @@ pub fn link_current(fetch: &SpanContext) {
 
 /// A span of the fleet's shared tier: a Redis round trip or a lock wait (none while off).
 pub fn shared_span(name: &'static str) -> tracing::Span {
-    if !on() {
+    if !traced() {
         return tracing::Span::none();
     }
     tracing::info_span!(
@@ -592,5 +638,53 @@ impl Extractor for HeaderExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanId, TraceFlags, TraceId, TraceState};
+
+    use super::*;
+
+    fn parent(sampled: bool) -> SpanContext {
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        SpanContext::new(
+            TraceId::from(7),
+            SpanId::from(9),
+            flags,
+            true,
+            TraceState::default(),
+        )
+    }
+
+    #[test]
+    fn parent_based_samplers_follow_the_clients_decision_and_the_others_their_own() {
+        for sampler in [
+            SamplerSetting::ParentBasedAlwaysOn,
+            SamplerSetting::ParentBasedAlwaysOff,
+            SamplerSetting::ParentBasedTraceIdRatio(0.0),
+        ] {
+            assert!(sampler.samples(Some(&parent(true))), "{sampler:?}");
+            assert!(!sampler.samples(Some(&parent(false))), "{sampler:?}");
+        }
+        assert!(SamplerSetting::ParentBasedAlwaysOn.samples(None));
+        assert!(!SamplerSetting::ParentBasedAlwaysOff.samples(None));
+        assert!(SamplerSetting::AlwaysOn.samples(Some(&parent(false))));
+        assert!(!SamplerSetting::AlwaysOff.samples(Some(&parent(true))));
+        assert!(!SamplerSetting::TraceIdRatio(0.0).samples(Some(&parent(true))));
+        assert!(SamplerSetting::TraceIdRatio(1.0).samples(None));
+    }
+
+    #[test]
+    fn a_ratio_sampler_samples_about_its_ratio_of_root_requests() {
+        let sampled = (0..10_000)
+            .filter(|_| SamplerSetting::ParentBasedTraceIdRatio(0.1).samples(None))
+            .count();
+        assert!((800..1200).contains(&sampled), "{sampled} of 10,000");
     }
 }

@@ -292,3 +292,38 @@ async fn traces_go_over_grpc_when_the_protocol_says_so() {
         received.headers
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_its_client_did_not_sample_makes_no_span_and_keeps_the_clients_traceparent() {
+    let s = StandIns::start(ManualClock::new(), dev_accounts()).await.unwrap();
+    let collector = Collector::start().await;
+    let sidecar = traced_sidecar(&s, &collector.endpoint()).await;
+    let unsampled = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-00");
+    let answer = sidecar
+        .client
+        .get(format!("http://{}/api/payments", sidecar.proxy))
+        .header("traceparent", &unsampled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let echoed: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(
+        echoed["headers"]["traceparent"],
+        unsampled.as_str(),
+        "passed on untouched"
+    );
+    // The token fetch is a trace of its own, sampled as a root: it arrives, the request's spans
+    // do not.
+    eventually("the fetch's span arrives", async || {
+        !named(&collector.spans(), "token fetch").is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let spans = collector.spans();
+    assert!(
+        spans.iter().all(|span| hex(&span.trace_id) != CLIENT_TRACE),
+        "no span in the client's unsampled trace: {:?}",
+        spans.iter().map(|span| &span.name).collect::<Vec<_>>()
+    );
+}

@@ -286,8 +286,10 @@ impl TokenCache {
 
     /// The upstream refused `used` (a 401): drops it from the cache, unless a newer token
     /// already replaced it, and says whether a replay may fetch a fresh one. When freshly
-    /// fetched tokens are refused too, refusals are passed back for a back-off period instead
-    /// (the upstream, not the token, is the problem).
+    /// fetched tokens are refused too — twice running: one may be a token fetched just before
+    /// a revocation, or handed back by the fleet before another sidecar's purge landed —
+    /// refusals are passed back for a back-off period instead (the upstream, not the token, is
+    /// the problem).
     pub async fn purge_refused(
         &self,
         credentials: &Credentials,
@@ -326,9 +328,14 @@ impl TokenCache {
             refusals.purged_generation = refusals.purged_generation.max(used.generation);
             return true;
         }
-        // A token fetched after the last purge was refused as well.
+        // A token fetched after the last purge was refused as well: once is a race with a
+        // revocation (purged like any other), twice running is the upstream.
         let streak = state.fetch.refused_streak.fetch_add(1, Ordering::AcqRel) + 1;
-        let wait = doubling(&self.settings.load(), streak);
+        if streak == 1 {
+            refusals.purged_generation = used.generation;
+            return true;
+        }
+        let wait = doubling(&self.settings.load(), streak - 1);
         refusals.purged_generation = used.generation;
         refusals.suppressed_until = Some(now + wait);
         tracing::warn!(credential = %state.spec.name, refusals = streak, pause_ms = wait.as_millis() as u64, "the upstream refused a freshly fetched token too; passing its 401s back without fetching for a while");

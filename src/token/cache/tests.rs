@@ -290,3 +290,33 @@ fn credentials_are_found_by_name_and_listed_in_name_order() {
     assert!(by_name.get("merchant").is_none());
     assert!(!by_name.contains_key("merchant-d"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_fresh_token_refused_once_is_purged_and_refetched_but_twice_running_passes_401s_back() {
+    let clock = ManualClock::new();
+    let source = source(&clock);
+    let spec = credential("acme", "acme-identity");
+    let cache = cache(std::slice::from_ref(&spec), source.clone(), clock.clone());
+    let credentials = cache.credentials();
+    let first = token(&cache, &spec).await.unwrap();
+    assert!(
+        cache.purge_refused(&credentials, &spec, &first).await,
+        "a refused token is purged"
+    );
+    // Fetched just before a revocation, say: refused as well, and still purged once more.
+    let raced = token(&cache, &spec).await.unwrap();
+    assert_ne!(raced.token, first.token);
+    assert!(
+        cache.purge_refused(&credentials, &spec, &raced).await,
+        "one fresh refusal is a race"
+    );
+    let third = token(&cache, &spec).await.unwrap();
+    assert_ne!(third.token, raced.token);
+    assert!(
+        !cache.purge_refused(&credentials, &spec, &third).await,
+        "two fresh refusals running: the upstream refuses everything; its 401s go back"
+    );
+    assert_eq!(source.calls.load(Ordering::SeqCst), 3);
+    // An accepted token starts the count afresh.
+    cache.upstream_accepted(&credentials, &spec);
+}
