@@ -544,6 +544,10 @@ class Timeline:
         return None
 
 
+COMMIT_AT_START = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip()
+
+
 def run(args):
     if shutil.which("redis-server") is None:
         print("SKIPPED bench/soak.py: redis-server is not installed (apt-get install redis-server)")
@@ -794,8 +798,8 @@ def summarize(results, timeline, world, sidecars, merchants, started, duration, 
     return {
         "command": "python3 bench/soak.py" + (" --minutes %d" % args.minutes if args.minutes else ""),
         "binary": os.path.relpath(BINARY, ROOT),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip(),
+        # HEAD when the soak started (the binary may be another build: TOKEN_SIDECAR_BINARY).
+        "commit": COMMIT_AT_START,
         "seconds": duration,
         "rate": args.rate,
         "credentials": len(merchants),

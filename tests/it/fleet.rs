@@ -100,20 +100,6 @@ async fn burst(sidecars: &[Arc<BinarySidecar>], path: &'static str, count: usize
         .collect()
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            line.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
-}
-
-async fn shared_event(sidecar: &BinarySidecar, event: &str) -> f64 {
-    let series = format!("token_sidecar_shared_cache_events_total{{event=\"{event}\"}}");
-    metric(&sidecar.metrics().await, &series)
-}
-
 #[tokio::test]
 async fn three_sidecars_sharing_redis_make_one_fetch_for_300_cold_requests() {
     let Some(redis) = RedisServer::start("three_sidecars_sharing_redis_make_one_fetch_for_300_cold_requests")
@@ -206,8 +192,8 @@ async fn redis_down_changes_nothing_for_requests_and_sharing_resumes_when_it_is_
         .await
         .unwrap();
     assert_eq!(forced.status(), 200);
-    assert!(shared_event(&sidecars[0], "fallback").await >= 1.0);
-    assert!(shared_event(&sidecars[0], "redis_error").await >= 1.0);
+    assert!(sidecars[0].event("fallback").await >= 1.0);
+    assert!(sidecars[0].event("redis_error").await >= 1.0);
 
     redis.restart().unwrap();
     let refresh = |i: usize| {
@@ -218,18 +204,18 @@ async fn redis_down_changes_nothing_for_requests_and_sharing_resumes_when_it_is_
         }
     };
     // Once its pause after the failures is over, a sidecar stores its fetch in Redis again…
-    let misses = shared_event(&sidecars[0], "miss").await;
+    let misses = sidecars[0].event("miss").await;
     eventually("sidecar 0 uses Redis again", async || {
         assert_eq!(refresh(0).await, 200);
-        shared_event(&sidecars[0], "miss").await > misses
+        sidecars[0].event("miss").await > misses
     })
     .await;
     // …and another takes it from there instead of fetching.
     let fetches = s.providers.token_requests(Shape::PayU);
-    let hits = shared_event(&sidecars[1], "hit").await;
+    let hits = sidecars[1].event("hit").await;
     eventually("sidecar 1 takes the shared token", async || {
         assert_eq!(refresh(1).await, 200);
-        shared_event(&sidecars[1], "hit").await > hits
+        sidecars[1].event("hit").await > hits
     })
     .await;
     assert!(
@@ -445,7 +431,7 @@ async fn forged_or_broken_control_keys_in_redis_change_nothing_for_requests() {
     assert!(fetches.0 <= 2 && fetches.1 <= 3, "{fetches:?}");
     for sidecar in &sidecars {
         assert_eq!(
-            shared_event(sidecar, "redis_error").await,
+            sidecar.event("redis_error").await,
             0.0,
             "a bad key is not Redis down"
         );

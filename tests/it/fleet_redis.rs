@@ -14,6 +14,7 @@ use token_sidecar::dev::providers::{Accounts, Shape};
 use token_sidecar::dev::StandIns;
 
 use crate::support::binary::{eventually, BinarySidecar};
+use crate::support::metric_in as metric;
 use crate::support::redis::{write_file, Cluster, RedisServer, Sentinels};
 
 const USER: &str = "token-sidecar";
@@ -134,20 +135,6 @@ async fn cold_burst(sidecars: &[Arc<BinarySidecar>], merchants: std::ops::Range<
         .collect()
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            line.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
-}
-
-async fn event(sidecar: &BinarySidecar, event: &str) -> f64 {
-    let series = format!("token_sidecar_shared_cache_events_total{{event=\"{event}\"}}");
-    metric(&sidecar.metrics().await, &series)
-}
-
 /// A `[cache.shared]` body for a TLS server with the ACL user, the password in a file.
 fn tls_shared(redis: &RedisServer, password_file: &std::path::Path) -> String {
     format!(
@@ -184,7 +171,7 @@ async fn three_sidecars_over_tls_with_an_acl_user_make_one_fetch_for_300_cold_re
             metric(&sidecar.metrics().await, "token_sidecar_shared_cache_up{}"),
             1.0
         );
-        assert_eq!(event(sidecar, "redis_error").await, 0.0);
+        assert_eq!(sidecar.event("redis_error").await, 0.0);
     }
     assert!(
         redis.keys().iter().any(|key| key.ends_with(":token")),
@@ -195,7 +182,7 @@ async fn three_sidecars_over_tls_with_an_acl_user_make_one_fetch_for_300_cold_re
     std::fs::write(&password, "rotated-redis-password\n").unwrap();
     redis.command(&["ACL", "SETUSER", USER, "resetpass", ">rotated-redis-password"]);
     redis.command(&["CLIENT", "KILL", "USER", USER]);
-    let hits = event(&fleet[1], "hit").await;
+    let hits = fleet[1].event("hit").await;
     eventually("sharing goes on with the rotated password", async || {
         let forced = fleet[0]
             .client
@@ -206,7 +193,7 @@ async fn three_sidecars_over_tls_with_an_acl_user_make_one_fetch_for_300_cold_re
         assert_eq!(forced.status(), 200);
         let url = format!("http://{}/tokens/m0/refresh?force=true", fleet[1].admin);
         fleet[1].client.post(url).send().await.unwrap();
-        event(&fleet[1], "hit").await > hits
+        fleet[1].event("hit").await > hits
     })
     .await;
 }
@@ -234,10 +221,7 @@ async fn an_untrusted_redis_certificate_or_a_wrong_password_fails_no_request() {
             assert_eq!(pay(&sidecar, 0).await, 200, "{what}");
         }
         assert_eq!(sidecar.get("/acme/nuapay/x").await.status(), 200, "{what}");
-        assert!(
-            event(&sidecar, "fallback").await >= 1.0,
-            "{what}: fallback counted"
-        );
+        assert!(sidecar.event("fallback").await >= 1.0, "{what}: fallback counted");
         assert_eq!(
             metric(&sidecar.metrics().await, "token_sidecar_shared_cache_up{}"),
             0.0
@@ -322,7 +306,7 @@ async fn a_sentinel_failover_fails_no_request_and_sharing_follows_the_new_master
     assert!(cold_burst(&fleet, 1..2).await.iter().all(|s| *s == 200));
     let after = s.providers.token_requests(Shape::PayU) - before;
     let followed =
-        futures_util::future::join_all(fleet.iter().map(|sidecar| event(sidecar, "failover"))).await;
+        futures_util::future::join_all(fleet.iter().map(|sidecar| sidecar.event("failover"))).await;
     eprintln!(
         "Sentinel failover under traffic: {served} requests, {} failed; a cold burst after the promotion made {after} fetch(es); failovers followed per sidecar: {followed:?}",
         failed.load(Ordering::Relaxed)

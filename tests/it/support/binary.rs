@@ -129,6 +129,12 @@ impl BinarySidecar {
         self.client.get(url).send().await.unwrap().text().await.unwrap()
     }
 
+    /// A shared-cache event's count, from `/metrics`.
+    pub async fn event(&self, event: &str) -> f64 {
+        let series = format!("token_sidecar_shared_cache_events_total{{event=\"{event}\"}}");
+        super::metric_in(&self.metrics().await, &series)
+    }
+
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
         assert!(Command::new("kill")

@@ -153,13 +153,7 @@ impl Harness {
 
     /// A counter's value from `/metrics` (0 when absent).
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = self.metrics_text().await;
-        text.lines()
-            .find_map(|line| {
-                line.strip_prefix(series)
-                    .and_then(|rest| rest.trim().parse().ok())
-            })
-            .unwrap_or(0.0)
+        metric_in(&self.metrics_text().await, series)
     }
 
     pub fn advance(&self, by: Duration) {
@@ -402,6 +396,16 @@ upstream = "{upstream}"
 credential = "c"
 "#
     )
+}
+
+/// The value of `series` (a metric name with its labels) in a Prometheus text, 0 when absent.
+pub fn metric_in(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
 }
 
 /// Whether `program args…` runs and exits 0: for tests that need a tool beyond cargo.
