@@ -453,9 +453,9 @@ pub fn server_span(method: &http::Method, path: &str, headers: &http::HeaderMap)
     let span = tracing::info_span!(
         target: TARGET,
         "request",
-        otel.name = %method,
+        otel.name = method.as_str(),
         otel.kind = "server",
-        http.request.method = %method,
+        http.request.method = method.as_str(),
         url.path = path,
         http.route = tracing::field::Empty,
         token_sidecar.credential = tracing::field::Empty,
@@ -504,9 +504,9 @@ pub fn upstream_span(method: &http::Method, uri: &http::Uri) -> tracing::Span {
     tracing::info_span!(
         target: TARGET,
         "upstream",
-        otel.name = %method,
+        otel.name = method.as_str(),
         otel.kind = "client",
-        http.request.method = %method,
+        http.request.method = method.as_str(),
         server.address = uri.host().unwrap_or_default(),
         server.port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("http") { 80 } else { 443 }),
         url.path = uri.path(),
