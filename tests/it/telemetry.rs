@@ -10,6 +10,7 @@ use token_sidecar::dev::{dev_accounts, StandIns};
 
 use crate::support::binary::{eventually, BinarySidecar};
 use crate::support::otlp::{attribute, Collector, GrpcCollector};
+use crate::support::redis::RedisServer;
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
@@ -326,4 +327,43 @@ async fn a_request_its_client_did_not_sample_makes_no_span_and_keeps_the_clients
         "no span in the client's unsampled trace: {:?}",
         spans.iter().map(|span| &span.name).collect::<Vec<_>>()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fleets_redis_round_trips_are_spans_of_the_fetch_they_serve() {
+    let Some(redis) = RedisServer::start("the_fleets_redis_round_trips_are_spans_of_the_fetch_they_serve")
+    else {
+        return;
+    };
+    let s = StandIns::start(ManualClock::new(), dev_accounts()).await.unwrap();
+    let collector = Collector::start().await;
+    let shared = format!(
+        "[cache.shared]\nredis_url = \"{}\"\nencryption_key = \"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\"\n",
+        redis.url()
+    );
+    let config = config(&s).replace("[providers.payu]", &format!("{shared}\n[providers.payu]"));
+    let sidecar = BinarySidecar::start_with_env(
+        &s,
+        &config,
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint())],
+    );
+    assert_eq!(sidecar.get("/api/payments").await.status(), 200);
+    eventually("the fetch's spans arrive", async || {
+        let spans = collector.spans();
+        ["token fetch", "read token", "take lock", "store outcome"]
+            .iter()
+            .all(|name| !named(&spans, name).is_empty())
+    })
+    .await;
+    let spans = collector.spans();
+    let fetch = named(&spans, "token fetch")[0];
+    for name in ["read token", "take lock", "store outcome"] {
+        let span = named(&spans, name)[0];
+        assert_eq!(span.parent_span_id, fetch.span_id, "{name} is the fetch's child");
+        assert_eq!(attribute(span, "db.system.name").as_deref(), Some("redis"));
+    }
+    let endpoint = named(&spans, "POST")[0];
+    assert_eq!(endpoint.parent_span_id, fetch.span_id, "the endpoint request too");
+    let raw = collector.received.lock().unwrap().raw.concat();
+    assert!(!contains(&raw, b"BwcHBwcH"), "no encryption key in the export");
 }
