@@ -244,9 +244,10 @@ async fn a_dead_or_hanging_collector_holds_no_request_up_and_its_spans_are_count
             all_ok,
             "every request answered 200 with the collector at {collector}"
         );
-        // An export waits up to 10 s; a request that waited on one would take that long.
+        // An export waits up to 10 s; a request that waited on one would take that long (the
+        // bound leaves room for a loaded CI machine).
         assert!(
-            slowest < Duration::from_secs(2),
+            slowest < Duration::from_secs(5),
             "slowest request {slowest:?} with the collector at {collector}"
         );
         eventually("dropped spans are counted", async || {
