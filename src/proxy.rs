@@ -149,7 +149,14 @@ impl Proxy {
             return Either::Left(self.serve(request));
         }
         let span = telemetry::server_span(request.method(), request.uri().path(), request.headers());
-        Either::Right(self.serve(request).instrument(span))
+        if span.is_none() {
+            // Not sampled: no span, and nothing else to do.
+            return Either::Left(self.serve(request));
+        }
+        Either::Right(async move {
+            let response = self.serve(request).instrument(span.clone()).await;
+            telemetry::until_sent(span, response)
+        })
     }
 
     async fn serve(self: Arc<Self>, request: Request<ProxyBody>) -> Response<ProxyBody> {

@@ -7,7 +7,14 @@ use opentelemetry::trace::{SpanContext, TraceContextExt};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
 use super::{on, samples, TARGET};
+use crate::body::{boxed, BoxError, ProxyBody};
 
 /// The span of one proxied request: a child of the client's `traceparent`, if it sent one.
 pub fn server_span(method: &http::Method, path: &str, headers: &http::HeaderMap) -> tracing::Span {
@@ -205,5 +212,36 @@ impl Extractor for HeaderExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// `response` with `span` held until its body has been sent (or dropped): a request's span
+/// covers the whole response, not only its head.
+pub fn until_sent(span: tracing::Span, response: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
+    response.map(|body| boxed(UntilSent { body, _span: span }))
+}
+
+struct UntilSent {
+    body: ProxyBody,
+    _span: tracing::Span,
+}
+
+impl Body for UntilSent {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

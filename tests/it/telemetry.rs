@@ -135,6 +135,10 @@ async fn a_request_through_a_cold_credential_is_traced_from_the_client_to_the_pr
         .iter()
         .find(|span| span.kind == SpanKind::Client as i32 && hex(&span.span_id) == parts[2])
         .expect("the upstream's traceparent names an exported client span");
+    assert!(
+        server.end_time_unix_nano >= upstream.end_time_unix_nano,
+        "the request's span lasts until its response has been sent"
+    );
     assert_eq!(hex(&upstream.trace_id), CLIENT_TRACE);
     assert_eq!(upstream.parent_span_id, server.span_id);
     assert_eq!(
