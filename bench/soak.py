@@ -609,73 +609,59 @@ def run(args):
                 except OSError:
                     status = 0
                 reloads["%s:%d" % (step, status)] += 1
-            if step == "invalid":  # the next one is valid again
-                pass
             n += 1
 
-    def redis_faults():
+    def periodic(first, period, length, fault):
+        """Runs `fault(t, k)` at `first + k * period` s while a `length` s fault still fits the run."""
         k = 0
         while True:
-            kill = at(30 + 180 * k)
-            if kill + 20 > until or not sleep_until(kill):
+            t = at(first + period * k)
+            if t + length > until or not sleep_until(t):
                 return
-            redis.kill()
-            sleep_until(kill + 20)
-            redis.start()
-            timeline.add(kill, now(), "redis", None)
+            fault(t, k)
             k += 1
 
-    def endpoint_faults():
-        k = 0
-        while True:
-            start = at(15 + 60 * k)
-            if start + 15 > until or not sleep_until(start):
-                return
-            kinds = {shape: FAULT_KINDS[(k + j) % len(FAULT_KINDS)] for j, shape in enumerate(SHAPES)}
-            with world.lock:
-                world.faults.update(kinds)
-            sleep_until(start + 15)
-            with world.lock:
-                world.faults.clear()
-            for shape, kind in kinds.items():
-                timeline.add(start, now(), "endpoint", (shape, kind))
-            k += 1
+    def redis_fault(kill, _):
+        redis.kill()
+        sleep_until(kill + 20)
+        redis.start()
+        timeline.add(kill, now(), "redis", None)
 
-    def revocations():
-        k = 0
-        while True:
-            t = at(100 + 120 * k)
-            if t > until - 10 or not sleep_until(t):
-                return
-            victims = random.sample(sorted(merchants), 10)
-            world.revoke(victims)
-            timeline.add(t, t, "revoke", tuple(victims))
-            k += 1
+    def endpoint_fault(start, k):
+        kinds = {shape: FAULT_KINDS[(k + j) % len(FAULT_KINDS)] for j, shape in enumerate(SHAPES)}
+        with world.lock:
+            world.faults.update(kinds)
+        sleep_until(start + 15)
+        with world.lock:
+            world.faults.clear()
+        for shape, kind in kinds.items():
+            timeline.add(start, now(), "endpoint", (shape, kind))
 
-    def stops():
-        k = 0
-        while True:
-            t = at(110 + 300 * k)
-            if t + 5 > until or not sleep_until(t):
-                return
-            target = sidecars[1]
-            target.process.send_signal(signal.SIGSTOP)
-            sleep_until(t + 5)
-            target.process.send_signal(signal.SIGCONT)
-            timeline.add(t, now(), "sigstop", 1)
-            k += 1
+    def revocation(t, _):
+        victims = random.sample(sorted(merchants), 10)
+        world.revoke(victims)
+        timeline.add(t, t, "revoke", tuple(victims))
 
-    def restarts():
-        k = 0
-        while True:
-            t = at(140 + 420 * k)
-            if t + 10 > until or not sleep_until(t):
-                return
-            target = sidecars[2]
-            target.stop()
-            target.start()
-            timeline.add(t, now(), "restart", 2)
-            k += 1
+    def sigstop(t, _):
+        target = sidecars[1]
+        target.process.send_signal(signal.SIGSTOP)
+        sleep_until(t + 5)
+        target.process.send_signal(signal.SIGCONT)
+        timeline.add(t, now(), "sigstop", 1)
+
+    def restart(t, _):
+        target = sidecars[2]
+        target.stop()
+        target.start()
+        timeline.add(t, now(), "restart", 2)
+
+    faults = [
+        lambda: periodic(30, 180, 20, redis_fault),
+        lambda: periodic(15, 60, 15, endpoint_fault),
+        lambda: periodic(100, 120, 10, revocation),
+        lambda: periodic(110, 300, 5, sigstop),
+        lambda: periodic(140, 420, 10, restart),
+    ]
 
     def sampling():
         while sleep_until(now() + 5):
@@ -683,7 +669,7 @@ def run(args):
                 sidecar.sample()
 
     threads = [threading.Thread(target=f, daemon=True)
-               for f in (reloading, redis_faults, endpoint_faults, revocations, stops, restarts, sampling)]
+               for f in [reloading, sampling, *faults]]
     for thread in threads:
         thread.start()
     load = Load(args.rate, sidecars, merchants)
