@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 use tower::Service;
 use tracing::Instrument;
 
-use crate::body::{full_body, ProxyBody};
+use crate::body::{full_body, BoxError, ProxyBody};
 use crate::config::{CredentialChoice, CredentialSpec, HeaderChoice, RouteSpec, ServerSettings};
 use crate::error::{BodyFault, InternalError, ProxyError, ERROR_HEADER};
 use crate::failure::{Chain, Transport};
@@ -144,7 +144,8 @@ impl Proxy {
         self: Arc<Self>,
         request: Request<ProxyBody>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send {
-        // Not an `async fn`: with traces off, the request's future is `serve`'s own.
+        // Not an `async fn`, and the traced future boxed: with traces off, the request's
+        // future is `serve`'s own, not one the size of `serve` and a span.
         if !telemetry::on() {
             return Either::Left(self.serve(request));
         }
@@ -153,10 +154,10 @@ impl Proxy {
             // Not sampled: no span, and nothing else to do.
             return Either::Left(self.serve(request));
         }
-        Either::Right(async move {
+        Either::Right(Box::pin(async move {
             let response = self.serve(request).instrument(span.clone()).await;
             telemetry::until_sent(span, response)
-        })
+        }))
     }
 
     async fn serve(self: Arc<Self>, request: Request<ProxyBody>) -> Response<ProxyBody> {
@@ -324,6 +325,18 @@ fn record_in_trace(span: &tracing::Span, exchange: &Exchange, status: u16) {
     telemetry::record_outcome(span, status, exchange.error);
 }
 
+/// What an upstream request's span says of how it ended: the status, and the sidecar's error
+/// code when there was no answer to pass on.
+fn record_sent(span: &tracing::Span, sent: &Result<Response<ProxyBody>, ProxyError>) {
+    match sent {
+        Ok(response) => telemetry::record_outcome(span, response.status().as_u16(), None),
+        Err(err) => {
+            let class = err.class();
+            telemetry::record_outcome(span, class.status.as_u16(), Some(class.code));
+        }
+    }
+}
+
 /// An upstream's refusal of a token, and what a replay needs.
 struct Refused<'a> {
     credentials: &'a Credentials,
@@ -379,47 +392,40 @@ struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    fn send<'s>(
-        &'s self,
-        body: ProxyBody,
-        token: &'s CachedToken,
-    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 's {
-        // Not an `async fn`: with traces off, this is `send_once`'s own future.
-        if !telemetry::traced() {
-            return Either::Left(self.send_once(body, token, None));
-        }
-        Either::Right(Box::pin(self.send_traced(body, token)))
-    }
-
-    /// [`Self::send_once`] in a client span of its own, recorded with how it ended.
-    async fn send_traced(
-        &self,
-        body: ProxyBody,
-        token: &CachedToken,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let span = telemetry::upstream_span(&self.outgoing.method, &self.outgoing.uri);
-        let sent = self
-            .send_once(body, token, Some(&span))
-            .instrument(span.clone())
-            .await;
-        match &sent {
-            Ok(response) => telemetry::record_outcome(&span, response.status().as_u16(), None),
-            Err(err) => {
-                let class = err.class();
-                telemetry::record_outcome(&span, class.status.as_u16(), Some(class.code));
+    /// One request to the upstream. Traced, it goes in a client span of its own, which it
+    /// carries as its `traceparent` and which records how it ended. One `async fn` with no
+    /// futures of ours inside: with traces off, the request's future stays as small as it was.
+    async fn send(&self, body: ProxyBody, token: &CachedToken) -> Result<Response<ProxyBody>, ProxyError> {
+        let span =
+            telemetry::traced().then(|| telemetry::upstream_span(&self.outgoing.method, &self.outgoing.uri));
+        let sent = match self.request(body, token, span.as_ref()) {
+            Err(err) => Err(err),
+            Ok(request) => {
+                // hyper's client and the tests' `service_fn`s are always ready: no `poll_ready` wait.
+                let call =
+                    tokio::time::timeout(self.route.options.timeout, self.upstream.clone().call(request));
+                let answer = match &span {
+                    None => call.await,
+                    Some(span) => call.instrument(span.clone()).await,
+                };
+                self.received(answer, token)
             }
+        };
+        if let Some(span) = &span {
+            record_sent(span, &sent);
         }
         sent
     }
 
-    /// One request to the upstream; with `span`, it carries that span as its `traceparent`.
-    async fn send_once(
+    /// The request for the upstream: the outgoing one with `body`, the token in, and with
+    /// `span`, that span as its `traceparent`.
+    fn request(
         &self,
         body: ProxyBody,
         token: &CachedToken,
         span: Option<&tracing::Span>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let (route, outgoing) = (self.route, self.outgoing);
+    ) -> Result<Request<ProxyBody>, ProxyError> {
+        let outgoing = self.outgoing;
         let mut request = Request::new(body);
         *request.method_mut() = outgoing.method.clone();
         *request.uri_mut() = outgoing.uri.clone();
@@ -428,9 +434,17 @@ impl Attempt<'_> {
             telemetry::propagate(span, request.headers_mut());
         }
         self.authorize(request.headers_mut(), token)?;
-        // hyper's client and the tests' `service_fn`s are always ready: no `poll_ready` wait.
-        let sent = self.upstream.clone().call(request);
-        let response = match tokio::time::timeout(route.options.timeout, sent).await {
+        Ok(request)
+    }
+
+    /// The upstream's answer, or why there is none, as the client will see it.
+    fn received(
+        &self,
+        answer: Result<Result<Response<ProxyBody>, BoxError>, tokio::time::error::Elapsed>,
+        token: &CachedToken,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let route = self.route;
+        let response = match answer {
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout {
                     upstream: route.upstream.to_string(),
