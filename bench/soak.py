@@ -720,6 +720,15 @@ def percentile(values, p):
     return values[min(len(values) - 1, int(len(values) * p))]
 
 
+def peaks_by_minute(samples, started, duration):
+    """The largest RSS (MB) sampled in each minute of the run; None for a minute with no sample."""
+    peaks = []
+    for minute in range(int(duration // 60)):
+        rss = [s[1] for s in samples if started + 60 * minute <= s[0] < started + 60 * (minute + 1)]
+        peaks.append(round(max(rss) / 1024, 1) if rss else None)
+    return peaks
+
+
 def summarize(results, timeline, world, sidecars, merchants, started, duration, reloads, args):
     minutes = collections.defaultdict(lambda: {"requests": 0, "latency": [], "failures": collections.Counter()})
     failures = collections.Counter()
@@ -769,7 +778,10 @@ def summarize(results, timeline, world, sidecars, merchants, started, duration, 
         flat &= ok
         footprint["sidecar %d" % sidecar.index] = {
             "rss_mb_first_minute": round(rss_first, 1), "rss_mb_last_minute": round(rss_last, 1),
-            "fds_first_minute": round(fds_first, 1), "fds_last_minute": round(fds_last, 1), "flat": ok}
+            "fds_first_minute": round(fds_first, 1), "fds_last_minute": round(fds_last, 1), "flat": ok,
+            # A leak climbs minute after minute; a high-water mark (a burst's buffers kept by the
+            # allocator) steps up at a fault and stays.
+            "rss_mb_peak_by_minute": peaks_by_minute(sidecar.samples, started, duration)}
     sent = dict(world.sent)
     invariants = {
         "expired_tokens_sent": sent.get("expired", 0),
@@ -828,6 +840,7 @@ def print_report(report):
     for name, figures in report["footprint"].items():
         print("  %s: RSS %s → %s MB, fds %s → %s" % (name, figures["rss_mb_first_minute"], figures["rss_mb_last_minute"],
                                                      figures["fds_first_minute"], figures["fds_last_minute"]))
+        print("    peak RSS by minute, MB: %s" % " ".join(str(p) for p in figures["rss_mb_peak_by_minute"]))
     print("invariants: %s" % json.dumps(report["invariants"]))
 
 
