@@ -396,8 +396,7 @@ impl Attempt<'_> {
     /// carries as its `traceparent` and which records how it ended. One `async fn` with no
     /// futures of ours inside: with traces off, the request's future stays as small as it was.
     async fn send(&self, body: ProxyBody, token: &CachedToken) -> Result<Response<ProxyBody>, ProxyError> {
-        let span =
-            telemetry::traced().then(|| telemetry::upstream_span(&self.outgoing.method, &self.outgoing.uri));
+        let span = telemetry::upstream_span(&self.outgoing.method, &self.outgoing.uri);
         let sent = match self.request(body, token, span.as_ref()) {
             Err(err) => Err(err),
             Ok(request) => {

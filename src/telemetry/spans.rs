@@ -70,12 +70,13 @@ pub fn record_outcome(span: &tracing::Span, status: u16, error: Option<&str>) {
     }
 }
 
-/// The span of one request to an upstream, a child of the request's.
-pub fn upstream_span(method: &http::Method, uri: &http::Uri) -> tracing::Span {
+/// The span of one request to an upstream, a child of the request's; none when the request
+/// is not traced.
+pub fn upstream_span(method: &http::Method, uri: &http::Uri) -> Option<tracing::Span> {
     if !traced() {
-        return tracing::Span::none();
+        return None;
     }
-    tracing::info_span!(
+    Some(tracing::info_span!(
         target: TARGET,
         "upstream",
         otel.name = method.as_str(),
@@ -87,7 +88,7 @@ pub fn upstream_span(method: &http::Method, uri: &http::Uri) -> tracing::Span {
         http.response.status_code = tracing::field::Empty,
         error.type = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
-    )
+    ))
 }
 
 /// Sets `traceparent` to `span`'s context (the client's `tracestate` is left as it came).

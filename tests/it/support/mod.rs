@@ -213,7 +213,12 @@ pub async fn spawn_tls_server(
     handler: token_sidecar::server::Handler,
 ) -> SocketAddr {
     let acceptor = pki.acceptor(&["127.0.0.1", "localhost"]).expect("acceptor");
-    serve_tls(acceptor, handler).await
+    serve(Some(acceptor), handler).await
+}
+
+/// Serves `handler` in plain HTTP on a fresh 127.0.0.1 port.
+pub async fn spawn_plain_server(handler: token_sidecar::server::Handler) -> SocketAddr {
+    serve(None, handler).await
 }
 
 /// Serves `handler` over TLS and requires a client certificate signed by `pki`'s CA (mutual
@@ -223,11 +228,11 @@ pub async fn spawn_mtls_server(
     handler: token_sidecar::server::Handler,
 ) -> SocketAddr {
     let acceptor = pki.mtls_acceptor(&["127.0.0.1", "localhost"]).expect("acceptor");
-    serve_tls(acceptor, handler).await
+    serve(Some(acceptor), handler).await
 }
 
-async fn serve_tls(
-    acceptor: tokio_rustls::TlsAcceptor,
+async fn serve(
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     handler: token_sidecar::server::Handler,
 ) -> SocketAddr {
     let listener = server::bind(any()).await.expect("bind");
@@ -236,7 +241,7 @@ async fn serve_tls(
     tokio::spawn(async move {
         server::serve(
             listener,
-            Some(acceptor),
+            acceptor,
             handler,
             shutdown,
             server::ConnectionLimits::default(),

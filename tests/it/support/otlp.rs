@@ -60,21 +60,7 @@ impl Collector {
                 response
             })
         });
-        let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (keep_open, shutdown) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            server::serve(
-                listener,
-                None,
-                handler,
-                shutdown,
-                server::ConnectionLimits::default(),
-                None,
-            )
-            .await;
-            drop(keep_open);
-        });
+        let addr = super::spawn_plain_server(handler).await;
         Self { addr, received }
     }
 
