@@ -245,6 +245,7 @@ impl Proxy {
             credential: &credential,
             dpop_nonces: &self.dpop_nonces,
         };
+        let sent_at = self.tokens.now();
         let mut response = match attempt.send(first_body, &token).await {
             Ok(response) => response,
             // A client body that failed mid-stream is the client's error, whatever the
@@ -271,6 +272,7 @@ impl Proxy {
         let refused = Refused {
             credentials: &snapshot.credentials,
             token: &token,
+            sent_at,
             response,
             replay_body,
         };
@@ -296,7 +298,7 @@ impl Proxy {
         self.metrics.upstream_401_retry(&route.name);
         let fresh = self
             .tokens
-            .token(credentials, credential, route.options.timeout)
+            .replacement(credentials, credential, refused.sent_at, route.options.timeout)
             .await?;
         let status = refused.response.status().as_u16();
         tracing::info!(route = %route.name, credential = %credential.name, status, "upstream refused the token; resending once with a fresh one");
@@ -341,6 +343,8 @@ fn record_sent(span: &tracing::Span, sent: &Result<Response<ProxyBody>, ProxyErr
 struct Refused<'a> {
     credentials: &'a Credentials,
     token: &'a CachedToken,
+    /// When the refused request was sent: the replay's token is one issued since.
+    sent_at: SystemTime,
     response: Response<ProxyBody>,
     replay_body: Option<Bytes>,
 }

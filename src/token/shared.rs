@@ -255,7 +255,7 @@ impl SharedTier {
     ) -> Result<Result<IssuedToken, FetchError>, Failure> {
         let (fleet, keys, context) = (&self.fleet, &ask.keys, ask.context);
         if let Some(token) = self
-            .fresh_token(redis, keys)
+            .fresh_token(redis, ask)
             .instrument(telemetry::shared_span("read token"))
             .await?
         {
@@ -296,7 +296,7 @@ impl SharedTier {
         // Checked again under the lock: the previous holder may have stored its token between
         // our first look and our taking the lock.
         match self
-            .fresh_token(redis, keys)
+            .fresh_token(redis, ask)
             .instrument(telemetry::shared_span("read token"))
             .await
         {
@@ -354,7 +354,7 @@ impl SharedTier {
             // Look after the lock: a holder stores its outcome before it lets go.
             let lock = polled.instrument(waiting.clone()).await?;
             if let Some(token) = self
-                .fresh_token(redis, keys)
+                .fresh_token(redis, ask)
                 .instrument(telemetry::shared_span("read token"))
                 .await?
             {
@@ -433,13 +433,19 @@ impl SharedTier {
         Ok(Share::Granted)
     }
 
-    /// The stored token, if it opens and is still fresh by the refresh policy (one due for
-    /// refresh is about to be replaced: fetching it would only move the refresh here).
-    async fn fresh_token(&self, redis: &mut Connection, keys: &Keys) -> Result<Option<IssuedToken>, Failure> {
-        let Some(value) = get_string(redis, &keys.token).await? else {
+    /// The stored token, if it opens, is still fresh by the refresh policy (one due for
+    /// refresh is about to be replaced: fetching it would only move the refresh here), and was
+    /// issued no earlier than the ask allows (a replay after a refusal).
+    async fn fresh_token(
+        &self,
+        redis: &mut Connection,
+        ask: &Ask<'_>,
+    ) -> Result<Option<IssuedToken>, Failure> {
+        let token_key = &ask.keys.token;
+        let Some(value) = get_string(redis, token_key).await? else {
             return Ok(None);
         };
-        let stored = match self.fleet.sealer.open(&keys.token, &value) {
+        let stored = match self.fleet.sealer.open(token_key, &value) {
             Ok(stored) => stored,
             Err(err) => {
                 self.fleet.metrics.shared_cache("forged");
@@ -453,6 +459,10 @@ impl SharedTier {
         );
         let schedule = self.cache.refresh.schedule(obtained, expires, 0.0);
         if schedule.freshness(self.fleet.clock.now()) != Freshness::Fresh {
+            return Ok(None);
+        }
+        if ask.context.issued_since.is_some_and(|since| obtained < since) {
+            self.fleet.metrics.shared_cache("issued_before_refusal");
             return Ok(None);
         }
         Ok(Some(IssuedToken {

@@ -23,6 +23,9 @@ pub struct FetchContext {
     pub waiting: bool,
     /// Which part of the provider's fetch budget the fetch draws on.
     pub share: super::budget::Share,
+    /// A token issued before this will not do (the replay after a refusal): a source that
+    /// holds tokens (the fleet's) passes older ones over.
+    pub issued_since: Option<std::time::SystemTime>,
 }
 
 /// What a [`TokenSource`] call returns.

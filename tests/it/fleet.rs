@@ -161,6 +161,43 @@ async fn a_refused_token_is_purged_for_the_whole_fleet() {
     assert!(fingerprints.windows(2).all(|w| w[0] == w[1]), "{fingerprints:?}");
 }
 
+/// A revocation refuses every token the provider had issued, the fleet's newer one as well as
+/// the one this sidecar sent: the replay after the 401 does not take the fleet's token issued
+/// before the refused request was sent (it would be refused too, and the client would get the
+/// 401), but fetches one issued after it.
+#[tokio::test]
+async fn a_replay_after_a_revocation_takes_no_token_issued_before_the_refused_request() {
+    let Some(redis) =
+        RedisServer::start("a_replay_after_a_revocation_takes_no_token_issued_before_the_refused_request")
+    else {
+        return;
+    };
+    let (s, sidecars) = fleet(ManualClock::new(), Some(&redis), 2).await;
+    assert_eq!(sidecars[0].get("/acme/payu/x").await.status(), 200);
+    // The fleet's copy goes (as when it expires in Redis first): the second sidecar fetches a
+    // newer token and stores it, while the first still holds its own.
+    let ids = fleet_ids(&redis);
+    assert_eq!(ids.len(), 1, "{:?}", redis.keys());
+    redis.command(&["DEL", &format!("{KEY_PREFIX}{{{}}}:token", ids[0])]);
+    assert_eq!(sidecars[1].get("/acme/payu/x").await.status(), 200);
+    assert_eq!(s.providers.token_requests(Shape::PayU), 2);
+    let (first, second) = (
+        sidecars[0].fingerprint("acme-payu").await,
+        sidecars[1].fingerprint("acme-payu").await,
+    );
+    assert!(first.is_some() && first != second, "{first:?} {second:?}");
+
+    s.issued.revoke_subject("acme-payu-client");
+    let status = sidecars[0].get("/acme/payu/x").await.status();
+    let refusals = s.upstream.refusals().len();
+    assert_eq!(
+        status, 200,
+        "the replay was sent with a token issued after the revocation ({refusals} refusals)"
+    );
+    assert_eq!(refusals, 1, "only the token first sent was refused");
+    assert_eq!(s.providers.token_requests(Shape::PayU), 3);
+}
+
 #[tokio::test]
 async fn redis_down_changes_nothing_for_requests_and_sharing_resumes_when_it_is_back() {
     let Some(mut redis) = RedisServer::start("redis_down_changes_nothing_for_requests") else {

@@ -35,6 +35,12 @@ pub(super) struct InFlight {
     span: Option<SpanContext>,
 }
 
+/// A caller's place on a flight: one already in the air, or one it started.
+enum Boarded {
+    Joined(InFlight),
+    Started(InFlight),
+}
+
 /// The flights in the air, by identity.
 #[derive(Default)]
 pub(super) struct Flights(Mutex<HashMap<Identity, InFlight>>);
@@ -58,20 +64,34 @@ impl TokenCache {
                 }
             }
             // Requests wait on this flight, whoever starts it, when there is no token to send.
-            let waited_for =
-                want == Want::Usable || !cached.is_some_and(|c| satisfies(&c, Want::Usable, now));
+            let waited_for = matches!(want, Want::Usable | Want::IssuedSince(_))
+                || !cached.is_some_and(|c| satisfies(&c, Want::Usable, now));
             let context = FetchContext {
                 forced: !respect_backoff,
                 waiting: waited_for,
                 share: Share::Whole,
+                issued_since: want.issued_since(),
             };
             // `None`: a fetch finished since we looked, and its token may be what we need.
-            if let Some(joined) = self.join_or_start(state, seen, want, context)? {
-                if let Some(span) = &joined.span {
-                    telemetry::link_current(span);
-                }
-                return joined.flight.await;
+            let Some(boarded) = self.join_or_start(state, seen, want, context)? else {
+                continue;
+            };
+            let (in_flight, joined) = match boarded {
+                Boarded::Joined(in_flight) => (in_flight, true),
+                Boarded::Started(in_flight) => (in_flight, false),
+            };
+            if let Some(span) = &in_flight.span {
+                telemetry::link_current(span);
             }
+            let outcome = in_flight.flight.await;
+            // A flight already in the air may bring a token issued before the refusal a replay
+            // answers (it was asked for less): then the replay takes a flight of its own. One
+            // it started itself is taken as it lands (however the provider dates its token).
+            let too_old = |token: &Arc<CachedToken>| !satisfies(token, want, self.clock.now());
+            if joined && matches!(want, Want::IssuedSince(_)) && outcome.as_ref().is_ok_and(too_old) {
+                continue;
+            }
+            return outcome;
         }
     }
 
@@ -83,11 +103,11 @@ impl TokenCache {
         seen: u64,
         want: Want,
         context: FetchContext,
-    ) -> Result<Option<InFlight>, TokenError> {
+    ) -> Result<Option<Boarded>, TokenError> {
         let status = lock(&state.fetch.status);
         let mut flights = lock(&self.flights.0);
         if let Some(joined) = flights.get(&state.spec.identity) {
-            return Ok(Some(joined.clone()));
+            return Ok(Some(Boarded::Joined(joined.clone())));
         }
         if status.successes != seen {
             return Ok(None);
@@ -97,7 +117,7 @@ impl TokenCache {
         }
         let flight = self.start_flight(state, context);
         flights.insert(state.spec.identity, flight.clone());
-        Ok(Some(flight))
+        Ok(Some(Boarded::Started(flight)))
     }
 
     /// Spawns the fetch of `state`'s token: it runs to its end under its own deadline, stores
@@ -149,7 +169,7 @@ impl TokenCache {
         now: SystemTime,
     ) -> Result<(), TokenError> {
         let until = match want {
-            Want::Usable => status.probe_not_before,
+            Want::Usable | Want::IssuedSince(_) => status.probe_not_before,
             Want::Fresh | Want::NewerThan(_) => status.retry_not_before,
         };
         match (until, &status.last_error) {

@@ -113,6 +113,20 @@ pub(super) enum Want {
     /// A token newer than the generation cached when asked (admin refresh): a fetch that
     /// finished meanwhile satisfies it.
     NewerThan(u64),
+    /// A usable token issued at or after this instant (Unix ms): the replay after an upstream
+    /// refused a token sent then. A revocation refuses every token issued before it, so an
+    /// older one (the fleet's, or one a refresh was bringing in) would be refused too.
+    IssuedSince(u64),
+}
+
+impl Want {
+    /// The instant before which a token will not do, for a source that holds tokens too.
+    fn issued_since(self) -> Option<SystemTime> {
+        match self {
+            Self::IssuedSince(ms) => Some(crate::clock::from_unix_millis(ms)),
+            Self::Usable | Self::Fresh | Self::NewerThan(_) => None,
+        }
+    }
 }
 
 pub struct TokenCache {
@@ -239,12 +253,13 @@ impl TokenCache {
             return Err(TokenError::UnknownCredential(spec.name.to_string()));
         };
         let credential = &spec.name;
+        let now = self.clock.now();
         state
             .fetch
             .last_used_ms
-            .store(unix_millis(self.clock.now()), Ordering::Relaxed);
+            .store(unix_millis(now), Ordering::Relaxed);
         if let Some(cached) = self.store.get(&spec.identity).await {
-            match cached.schedule.freshness(self.clock.now()) {
+            match cached.schedule.freshness(now) {
                 Freshness::Fresh => {
                     self.metrics.cache_lookup(credential, true);
                     return Ok(cached);
@@ -258,9 +273,39 @@ impl TokenCache {
             }
         }
         self.metrics.cache_lookup(credential, false);
+        self.wait_for(state, Want::Usable, wait).await
+    }
+
+    /// A token for the replay of a request the upstream refused, which was sent at `sent_at`:
+    /// one issued since then (see [`Want::IssuedSince`]), waiting at most `wait` for a fetch.
+    pub async fn replacement(
+        self: &Arc<Self>,
+        credentials: &Credentials,
+        spec: &Arc<CredentialSpec>,
+        sent_at: SystemTime,
+        wait: Duration,
+    ) -> Result<Arc<CachedToken>, TokenError> {
+        let Some(state) = credentials.state(spec) else {
+            return Err(TokenError::UnknownCredential(spec.name.to_string()));
+        };
+        self.wait_for(state, Want::IssuedSince(unix_millis(sent_at)), wait)
+            .await
+    }
+
+    /// Now, on the cache's clock: when a request is sent, for its [`Self::replacement`].
+    pub fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    async fn wait_for(
+        self: &Arc<Self>,
+        state: &Arc<CredentialState>,
+        want: Want,
+        wait: Duration,
+    ) -> Result<Arc<CachedToken>, TokenError> {
         // Boxed: waiting on a flight is rare, and a request with a cached token (the most)
         // would otherwise carry its space, and copy it about, too.
-        let flight = Box::pin(self.fetch_exclusive(state, Want::Usable, true));
+        let flight = Box::pin(self.fetch_exclusive(state, want, true));
         match tokio::time::timeout(wait, flight).await {
             Ok(outcome) => outcome,
             Err(_) => Err(self.unavailable(state, FetchError::Timeout, WAITED_OUT_RETRY)),
@@ -407,5 +452,6 @@ pub(super) fn satisfies(cached: &CachedToken, want: Want, now: SystemTime) -> bo
         Want::Usable => cached.schedule.freshness(now) != Freshness::Unusable,
         Want::Fresh => cached.schedule.freshness(now) == Freshness::Fresh,
         Want::NewerThan(generation) => cached.generation > generation,
+        Want::IssuedSince(ms) => cached.obtained_at_ms >= ms && satisfies(cached, Want::Usable, now),
     }
 }

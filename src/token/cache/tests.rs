@@ -7,7 +7,8 @@ use crate::clock::{Clock, ManualClock};
 use crate::token::dialect::IssuedToken;
 use crate::token::source::{FetchContext, Revocation, SourceFuture};
 
-/// Counts its calls; each answers after `delay` (tokio time) with a token of `lifetime`.
+/// Counts its calls; each answers after `delay` (tokio time) with a token of `lifetime`, issued
+/// when it was asked for (as lifetimes count from the request).
 struct CountingSource {
     calls: AtomicUsize,
     /// Fetches running now, and the most that ever ran at once.
@@ -22,13 +23,14 @@ impl TokenSource for CountingSource {
     fn fetch<'a>(&'a self, _: &'a CredentialSpec, _: FetchContext) -> SourceFuture<'a, IssuedToken> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let issued_at = self.clock.now();
             let running = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             self.peak_in_flight.fetch_max(running, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             Ok(IssuedToken {
                 token: AccessToken::new(format!("token-{n}")),
-                expires_at: self.clock.now() + self.lifetime,
+                expires_at: issued_at + self.lifetime,
                 lifetime: self.lifetime,
                 token_id: None,
                 dpop: false,
@@ -182,6 +184,44 @@ async fn a_fetch_outlives_the_requests_that_gave_up_on_it_and_its_token_is_cache
             .iter()
             .all(|token| token.as_deref() == Some("token-1")),
         "{outcomes:?}"
+    );
+}
+
+/// The replay after a refusal takes neither the refused token's cached peers nor the token of
+/// a flight that was asked for before the refused request was sent: a revocation refuses those
+/// too. It takes a flight of its own.
+#[tokio::test(start_paused = true)]
+async fn a_replay_takes_no_token_issued_before_the_refused_request_was_sent() {
+    let clock = ManualClock::new();
+    let source = source(&clock);
+    let spec = credential("acme", "identity-a");
+    let cache = cache(std::slice::from_ref(&spec), source.clone(), clock.clone());
+    assert_eq!(token(&cache, &spec).await.unwrap().token.expose(), "token-1");
+    // A refresh is in the air, asked for now…
+    let refreshing = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.refresh_now("acme", true).await })
+    };
+    tokio::task::yield_now().await;
+    // …when a request is sent, and refused: a revocation at the provider.
+    clock.advance(Duration::from_secs(1));
+    let sent_at = cache.now();
+    let replacement = cache
+        .replacement(&cache.credentials(), &spec, sent_at, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let refreshed = refreshing.await.unwrap().unwrap();
+    assert_eq!(refreshed.token.expose(), "token-2", "the refresh landed");
+    assert_eq!(
+        replacement.token.expose(),
+        "token-3",
+        "the replay took a flight of its own"
+    );
+    assert_eq!(source.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        token(&cache, &spec).await.unwrap().token.expose(),
+        "token-3",
+        "and its token is the one cached"
     );
 }
 
