@@ -76,23 +76,30 @@ impl TokenCache {
             let Some(boarded) = self.join_or_start(state, seen, want, context)? else {
                 continue;
             };
-            let (in_flight, joined) = match boarded {
-                Boarded::Joined(in_flight) => (in_flight, true),
-                Boarded::Started(in_flight) => (in_flight, false),
-            };
-            if let Some(span) = &in_flight.span {
-                telemetry::link_current(span);
+            if let Some(outcome) = self.ride(boarded, want).await {
+                return outcome;
             }
-            let outcome = in_flight.flight.await;
-            // A flight already in the air may bring a token issued before the refusal a replay
-            // answers (it was asked for less): then the replay takes a flight of its own. One
-            // it started itself is taken as it lands (however the provider dates its token).
-            let too_old = |token: &Arc<CachedToken>| !satisfies(token, want, self.clock.now());
-            if joined && matches!(want, Want::IssuedSince(_)) && outcome.as_ref().is_ok_and(too_old) {
-                continue;
-            }
-            return outcome;
         }
+    }
+
+    /// The outcome of the flight boarded — or `None` when it was one already in the air and
+    /// brought a token issued before the refusal a replay answers (it was asked for less): the
+    /// replay then takes a flight of its own. One it started itself is taken as it lands,
+    /// however the provider dates its token.
+    async fn ride(&self, boarded: Boarded, want: Want) -> Option<Result<Arc<CachedToken>, TokenError>> {
+        let (in_flight, joined) = match boarded {
+            Boarded::Joined(in_flight) => (in_flight, true),
+            Boarded::Started(in_flight) => (in_flight, false),
+        };
+        if let Some(span) = &in_flight.span {
+            telemetry::link_current(span);
+        }
+        let outcome = in_flight.flight.await;
+        let too_old = |token: &Arc<CachedToken>| !satisfies(token, want, self.clock.now());
+        if joined && matches!(want, Want::IssuedSince(_)) && outcome.as_ref().is_ok_and(too_old) {
+            return None;
+        }
+        Some(outcome)
     }
 
     /// The credential's flight: the one in the air, or a new one — unless a fetch succeeded
