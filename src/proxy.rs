@@ -245,7 +245,6 @@ impl Proxy {
             credential: &credential,
             dpop_nonces: &self.dpop_nonces,
         };
-        let sent_at = self.tokens.now();
         let mut response = match attempt.send(first_body, &token).await {
             Ok(response) => response,
             // A client body that failed mid-stream is the client's error, whatever the
@@ -272,7 +271,6 @@ impl Proxy {
         let refused = Refused {
             credentials: &snapshot.credentials,
             token: &token,
-            sent_at,
             response,
             replay_body,
         };
@@ -288,17 +286,17 @@ impl Proxy {
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (route, credential, credentials) = (attempt.route, attempt.credential, refused.credentials);
-        let replay = self
+        let since = self
             .tokens
             .purge_refused(credentials, credential, refused.token)
             .await;
-        let Some(bytes) = refused.replay_body.filter(|_| replay) else {
+        let (Some(since), Some(bytes)) = (since, refused.replay_body) else {
             return Ok(refused.response);
         };
         self.metrics.upstream_401_retry(&route.name);
         let fresh = self
             .tokens
-            .replacement(credentials, credential, refused.sent_at, route.options.timeout)
+            .replacement(credentials, credential, since, route.options.timeout)
             .await?;
         let status = refused.response.status().as_u16();
         tracing::info!(route = %route.name, credential = %credential.name, status, "upstream refused the token; resending once with a fresh one");
@@ -343,8 +341,6 @@ fn record_sent(span: &tracing::Span, sent: &Result<Response<ProxyBody>, ProxyErr
 struct Refused<'a> {
     credentials: &'a Credentials,
     token: &'a CachedToken,
-    /// When the refused request was sent: the replay's token is one issued since.
-    sent_at: SystemTime,
     response: Response<ProxyBody>,
     replay_body: Option<Bytes>,
 }

@@ -45,7 +45,7 @@ use super::dialect::Identity;
 use super::error::FetchError;
 use super::lifetime::{Freshness, Schedule};
 use super::source::{Revocation, TokenSource};
-use crate::clock::{unix_millis, SharedClock};
+use crate::clock::{from_unix_millis, unix_millis, SharedClock};
 use crate::metrics::Metrics;
 use crate::secret::AccessToken;
 use crate::token::spec::{CacheSettings, CredentialSpec};
@@ -76,7 +76,7 @@ pub struct CachedToken {
 impl CachedToken {
     /// From when it was issued until it expires.
     pub fn lifetime(&self) -> Duration {
-        let obtained_at = crate::clock::from_unix_millis(self.obtained_at_ms);
+        let obtained_at = from_unix_millis(self.obtained_at_ms);
         self.schedule
             .expires_at
             .duration_since(obtained_at)
@@ -113,9 +113,9 @@ pub(super) enum Want {
     /// A token newer than the generation cached when asked (admin refresh): a fetch that
     /// finished meanwhile satisfies it.
     NewerThan(u64),
-    /// A usable token issued at or after this instant (Unix ms): the replay after an upstream
-    /// refused a token sent then. A revocation refuses every token issued before it, so an
-    /// older one (the fleet's, or one a refresh was bringing in) would be refused too.
+    /// A usable token asked for at or after this instant (Unix ms): the replay after an
+    /// upstream refusal first seen then. A revocation refuses every token issued before it, so
+    /// an older one (the fleet's, or one a refresh was bringing in) would be refused too.
     IssuedSince(u64),
 }
 
@@ -123,7 +123,7 @@ impl Want {
     /// The instant before which a token will not do, for a source that holds tokens too.
     fn issued_since(self) -> Option<SystemTime> {
         match self {
-            Self::IssuedSince(ms) => Some(crate::clock::from_unix_millis(ms)),
+            Self::IssuedSince(ms) => Some(from_unix_millis(ms)),
             Self::Usable | Self::Fresh | Self::NewerThan(_) => None,
         }
     }
@@ -276,25 +276,21 @@ impl TokenCache {
         self.wait_for(state, Want::Usable, wait).await
     }
 
-    /// A token for the replay of a request the upstream refused, which was sent at `sent_at`:
-    /// one issued since then (see [`Want::IssuedSince`]), waiting at most `wait` for a fetch.
+    /// A token for the replay of a request the upstream refused: one issued at or after
+    /// `since`, as [`Self::purge_refused`] gave it (see [`Want::IssuedSince`]), waiting at most
+    /// `wait` for a fetch.
     pub async fn replacement(
         self: &Arc<Self>,
         credentials: &Credentials,
         spec: &Arc<CredentialSpec>,
-        sent_at: SystemTime,
+        since: SystemTime,
         wait: Duration,
     ) -> Result<Arc<CachedToken>, TokenError> {
         let Some(state) = credentials.state(spec) else {
             return Err(TokenError::UnknownCredential(spec.name.to_string()));
         };
-        self.wait_for(state, Want::IssuedSince(unix_millis(sent_at)), wait)
+        self.wait_for(state, Want::IssuedSince(unix_millis(since)), wait)
             .await
-    }
-
-    /// Now, on the cache's clock: when a request is sent, for its [`Self::replacement`].
-    pub fn now(&self) -> SystemTime {
-        self.clock.now()
     }
 
     async fn wait_for(
@@ -330,23 +326,20 @@ impl TokenCache {
     }
 
     /// The upstream refused `used` (a 401): drops it from the cache, unless a newer token
-    /// already replaced it, and says whether a replay may fetch a fresh one. When freshly
-    /// fetched tokens are refused too — twice running: one may be a token fetched just before
-    /// a revocation, or handed back by the fleet before another sidecar's purge landed —
-    /// refusals are passed back for a back-off period instead (the upstream, not the token, is
-    /// the problem).
+    /// already replaced it, and says whether a replay may fetch a fresh one: `Some(since)`, the
+    /// instant the replay's token must be issued at or after (see [`Self::replacement`]). When
+    /// freshly fetched tokens are refused too — twice running: one may be a token fetched just
+    /// before a revocation, or handed back by the fleet before another sidecar's purge landed —
+    /// refusals are passed back for a back-off period instead (`None`: the upstream, not the
+    /// token, is the problem).
     pub async fn purge_refused(
         &self,
         credentials: &Credentials,
         spec: &Arc<CredentialSpec>,
         used: &CachedToken,
-    ) -> bool {
-        let Some(state) = credentials.state(spec) else {
-            return false;
-        };
-        if !self.may_purge(state, used) {
-            return false;
-        }
+    ) -> Option<SystemTime> {
+        let state = credentials.state(spec)?;
+        let since = self.may_purge(state, used)?;
         self.store
             .entry(spec.identity)
             .and_compute_with(|current| async move {
@@ -361,30 +354,39 @@ impl TokenCache {
         if let Err(err) = credentials.source().purge(spec, &used.token).await {
             tracing::debug!(error = %err, "could not purge the refused token from the shared tier");
         }
-        true
+        Some(since)
     }
-    fn may_purge(&self, state: &CredentialState, used: &CachedToken) -> bool {
+
+    /// Whether a refusal of `used` purges it, and since when the replay's token must be issued:
+    /// a revocation's refusals start when its first one is seen, and every later refusal of a
+    /// token as old (a request sent before the purge landed) belongs to it.
+    fn may_purge(&self, state: &CredentialState, used: &CachedToken) -> Option<SystemTime> {
         let now = self.clock.now();
         let mut refusals = lock(&state.fetch.status);
         if refusals.suppressed_until.is_some_and(|until| until > now) {
-            return false;
+            return None;
         }
-        if refusals.purged_generation == 0 || used.generation <= refusals.purged_generation {
-            refusals.purged_generation = refusals.purged_generation.max(used.generation);
-            return true;
+        if refusals.purged_generation != 0 && used.generation <= refusals.purged_generation {
+            return Some(from_unix_millis(refusals.purged_at_ms));
+        }
+        let first = refusals.purged_generation == 0;
+        refusals.purged_generation = used.generation;
+        refusals.purged_at_ms = unix_millis(now);
+        // At the precision it is kept in, so that every refusal of the episode agrees.
+        let since = from_unix_millis(refusals.purged_at_ms);
+        if first {
+            return Some(since);
         }
         // A token fetched after the last purge was refused as well: once is a race with a
         // revocation (purged like any other), twice running is the upstream.
         let streak = state.fetch.refused_streak.fetch_add(1, Ordering::AcqRel) + 1;
         if streak == 1 {
-            refusals.purged_generation = used.generation;
-            return true;
+            return Some(since);
         }
         let wait = doubling(&self.settings.load(), streak - 1);
-        refusals.purged_generation = used.generation;
         refusals.suppressed_until = Some(now + wait);
         tracing::warn!(credential = %state.spec.name, refusals = streak, pause_ms = wait.as_millis() as u64, "the upstream refused a freshly fetched token too; passing its 401s back without fetching for a while");
-        false
+        None
     }
 
     /// The upstream accepted a token of `credential`: refusals start counting afresh.

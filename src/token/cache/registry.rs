@@ -95,6 +95,9 @@ pub(super) struct FetchStatus {
     /// every token does not turn every request into a token fetch: the newest token generation
     /// purged after a refusal,
     pub(super) purged_generation: u64,
+    /// when that generation was first refused (Unix ms): the replays of its refusals take
+    /// tokens issued since (a revocation refuses every token issued before it),
+    pub(super) purged_at_ms: u64,
     /// and while set and in the future, refusals are passed back without purging.
     pub(super) suppressed_until: Option<SystemTime>,
 }

@@ -188,26 +188,31 @@ async fn a_fetch_outlives_the_requests_that_gave_up_on_it_and_its_token_is_cache
 }
 
 /// The replay after a refusal takes neither the refused token's cached peers nor the token of
-/// a flight that was asked for before the refused request was sent: a revocation refuses those
-/// too. It takes a flight of its own.
+/// a flight that was asked for before the revocation's first refusal was seen: a revocation
+/// refuses those too. It takes a flight of its own; the revocation's later refusals share it.
 #[tokio::test(start_paused = true)]
-async fn a_replay_takes_no_token_issued_before_the_refused_request_was_sent() {
+async fn a_replay_takes_no_token_asked_for_before_the_revocation_was_first_seen() {
     let clock = ManualClock::new();
     let source = source(&clock);
     let spec = credential("acme", "identity-a");
     let cache = cache(std::slice::from_ref(&spec), source.clone(), clock.clone());
-    assert_eq!(token(&cache, &spec).await.unwrap().token.expose(), "token-1");
+    let first = token(&cache, &spec).await.unwrap();
+    assert_eq!(first.token.expose(), "token-1");
     // A refresh is in the air, asked for now…
     let refreshing = {
         let cache = cache.clone();
         tokio::spawn(async move { cache.refresh_now("acme", true).await })
     };
     tokio::task::yield_now().await;
-    // …when a request is sent, and refused: a revocation at the provider.
+    // …when the upstream refuses token-1: a revocation at the provider.
     clock.advance(Duration::from_secs(1));
-    let sent_at = cache.now();
+    let credentials = cache.credentials();
+    let refused_at = clock.now();
+    let since = cache.purge_refused(&credentials, &spec, &first).await;
+    let since = since.expect("purged, to be replayed");
+    assert_eq!(unix_millis(since), unix_millis(refused_at), "since the refusal");
     let replacement = cache
-        .replacement(&cache.credentials(), &spec, sent_at, Duration::from_secs(30))
+        .replacement(&credentials, &spec, since, Duration::from_secs(30))
         .await
         .unwrap();
     let refreshed = refreshing.await.unwrap().unwrap();
@@ -223,6 +228,17 @@ async fn a_replay_takes_no_token_issued_before_the_refused_request_was_sent() {
         "token-3",
         "and its token is the one cached"
     );
+    // A request sent with token-1 before the purge is refused later: the same revocation, so
+    // its replay takes token-3 (every request in flight does not fetch one of its own).
+    clock.advance(Duration::from_millis(500));
+    let late = cache.purge_refused(&credentials, &spec, &first).await;
+    assert_eq!(late, Some(since), "the revocation's refusals start at its first");
+    let replayed = cache
+        .replacement(&credentials, &spec, since, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(replayed.token.expose(), "token-3");
+    assert_eq!(source.calls.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test(start_paused = true)]
@@ -340,20 +356,20 @@ async fn a_fresh_token_refused_once_is_purged_and_refetched_but_twice_running_pa
     let credentials = cache.credentials();
     let first = token(&cache, &spec).await.unwrap();
     assert!(
-        cache.purge_refused(&credentials, &spec, &first).await,
+        cache.purge_refused(&credentials, &spec, &first).await.is_some(),
         "a refused token is purged"
     );
     // Fetched just before a revocation, say: refused as well, and still purged once more.
     let raced = token(&cache, &spec).await.unwrap();
     assert_ne!(raced.token, first.token);
     assert!(
-        cache.purge_refused(&credentials, &spec, &raced).await,
+        cache.purge_refused(&credentials, &spec, &raced).await.is_some(),
         "one fresh refusal is a race"
     );
     let third = token(&cache, &spec).await.unwrap();
     assert_ne!(third.token, raced.token);
     assert!(
-        !cache.purge_refused(&credentials, &spec, &third).await,
+        cache.purge_refused(&credentials, &spec, &third).await.is_none(),
         "two fresh refusals running: the upstream refuses everything; its 401s go back"
     );
     assert_eq!(source.calls.load(Ordering::SeqCst), 3);
